@@ -1,0 +1,42 @@
+# iotrace — make install | make test | make demo | make bench
+VENV    := .venv
+PY      := $(VENV)/bin/python
+PIP     := $(VENV)/bin/pip
+STAMP   := $(VENV)/.installed
+
+.PHONY: install test unit demo bench standin clean
+
+install: $(STAMP) standin
+
+# System packages (apt, as root) and the kernel-headers link BCC needs; idempotent.
+.bootstrap-done: scripts/bootstrap-debian.sh
+	bash scripts/bootstrap-debian.sh
+	touch $@
+
+# The venv sees Debian's python3-bpfcc through --system-site-packages (never PyPI's "bcc").
+$(STAMP): .bootstrap-done pyproject.toml
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+standin: $(STAMP)
+	$(MAKE) -s -C probes/standin
+
+test: install
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+unit: install
+	$(PY) -m pytest tests -m "not root and not integration" $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m iotrace demo
+
+bench: install
+	$(PY) bench/xentrace_decode.py
+	$(PY) bench/probe_overhead.py
+	$(PY) bench/exporter_scrape.py
+
+clean:
+	rm -rf $(VENV) .bootstrap-done build *.egg-info
+	-$(MAKE) -s -C probes/standin clean

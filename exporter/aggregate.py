@@ -1,0 +1,164 @@
+"""The one aggregator: counts, bytes and service-time distributions per
+(domid, vcpu, type, dir, named range, address).
+
+Batches (``iotrace.events``) are grouped column-wise with NumPy, so the Python work per batch is
+proportional to the number of distinct keys, not to the number of requests. Pre-aggregated sources
+(the in-kernel BPF maps of the live probes) add whole cells with ``add_cell``.
+
+Service times are kept as log2 histograms with the same slots as the BPF side: slot ``k`` holds
+durations ``d`` (ns) with ``d.bit_length() == k``, i.e. slot 0 is 0 ns and slot k covers
+[2^(k-1), 2^k) ns. p50/p95 are read off the histogram by linear interpolation inside a slot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, NamedTuple
+
+import numpy as np
+
+from .addrmap import AddressMap
+from .events import request_bytes
+
+N_SLOTS = 64
+# Upper bound (exclusive) of each slot in ns: slot 0 -> 1 ns, slot k -> 2^k ns.
+SLOT_UPPER_NS = np.array([1] + [2 ** k for k in range(1, N_SLOTS)], dtype=np.float64)
+SLOT_LOWER_NS = np.array([0] + [2 ** (k - 1) for k in range(1, N_SLOTS)], dtype=np.float64)
+
+
+class Key(NamedTuple):
+    domid: int
+    vcpu: int
+    type: int
+    dir: int
+    range: str
+    addr: int
+
+
+@dataclass
+class Cell:
+    count: int = 0                 # requests (ioreqs / trace records)
+    bytes: int = 0                 # size x count, summed where the size is known
+    service_n: int = 0             # requests with a known service time
+    service_sum_ns: int = 0
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(N_SLOTS, dtype=np.int64))
+
+    def add(self, other: "Cell") -> None:
+        self.count += other.count
+        self.bytes += other.bytes
+        self.service_n += other.service_n
+        self.service_sum_ns += other.service_sum_ns
+        self.hist += other.hist
+
+    def service_avg_seconds(self) -> float | None:
+        return self.service_sum_ns / self.service_n / 1e9 if self.service_n else None
+
+    def service_quantile_seconds(self, q: float) -> float | None:
+        return hist_quantile_ns(self.hist, q) / 1e9 if self.service_n else None
+
+
+def log2_slots(ns: np.ndarray) -> np.ndarray:
+    """Slot index (bit length) of each duration in ns; negative durations go to slot 0."""
+    ns = np.asarray(ns, dtype=np.int64)
+    out = np.zeros(ns.shape, dtype=np.int64)
+    pos = ns > 0
+    if pos.any():
+        # frexp gives exponent e with 2^(e-1) <= x < 2^e, which is bit_length for integers below
+        # 2^53; durations above 2^53 ns (104 days) are clipped into the last slot anyway.
+        _, exp = np.frexp(ns[pos].astype(np.float64))
+        out[pos] = np.minimum(exp, N_SLOTS - 1)
+    return out
+
+
+def hist_quantile_ns(hist: np.ndarray, q: float) -> float:
+    """The q-quantile (0..1) of a log2 histogram, interpolating linearly within the slot."""
+    total = int(hist.sum())
+    if total == 0:
+        return float("nan")
+    rank = q * total
+    cum = np.cumsum(hist)
+    k = int(np.searchsorted(cum, rank, side="left"))
+    k = min(k, N_SLOTS - 1)
+    before = int(cum[k - 1]) if k else 0
+    inside = int(hist[k])
+    frac = (rank - before) / inside if inside else 0.0
+    lo, hi = SLOT_LOWER_NS[k], SLOT_UPPER_NS[k]
+    return float(lo + (hi - lo) * min(max(frac, 0.0), 1.0))
+
+
+class Aggregator:
+    """Per-key totals over everything added so far. Not thread-safe: one writer, or lock it."""
+
+    def __init__(self, addrmap: AddressMap | None = None, keep_addr: bool = True):
+        self.addrmap = addrmap or AddressMap.default()
+        self.keep_addr = keep_addr
+        self.cells: dict[Key, Cell] = {}
+        self.events = 0
+
+    def add_batch(self, batch: np.ndarray) -> None:
+        """Fold a batch of ``EVENT_DTYPE`` rows into the totals (column-wise)."""
+        n = len(batch)
+        if n == 0:
+            return
+        self.events += n
+        rng = self.addrmap.lookup(batch["type"], batch["addr"])
+        addr = batch["addr"] if self.keep_addr else np.zeros(n, dtype=np.uint64)
+        keys = np.empty(n, dtype=[("domid", "<i4"), ("vcpu", "<i4"), ("type", "u1"),
+                                  ("dir", "u1"), ("range", "<i4"), ("addr", "<u8")])
+        keys["domid"], keys["vcpu"] = batch["domid"], batch["vcpu"]
+        keys["type"], keys["dir"] = batch["type"], batch["dir"]
+        keys["range"], keys["addr"] = rng, addr
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        m = len(uniq)
+        counts = np.bincount(inverse, minlength=m)
+        nbytes = np.bincount(inverse, weights=request_bytes(batch).astype(np.float64), minlength=m)
+        svc = batch["service_ns"]
+        known = svc >= 0
+        svc_n = np.bincount(inverse[known], minlength=m)
+        svc_sum = np.bincount(inverse[known], weights=svc[known].astype(np.float64), minlength=m)
+        hist = np.bincount(inverse[known] * N_SLOTS + log2_slots(svc[known]),
+                           minlength=m * N_SLOTS).reshape(m, N_SLOTS)
+        names = self.addrmap.names
+        for i, u in enumerate(uniq.tolist()):
+            key = Key(u[0], u[1], u[2], u[3], names[u[4]], u[5])
+            cell = self.cells.get(key)
+            if cell is None:
+                cell = self.cells[key] = Cell()
+            cell.count += int(counts[i])
+            cell.bytes += int(round(nbytes[i]))
+            cell.service_n += int(svc_n[i])
+            cell.service_sum_ns += int(round(svc_sum[i]))
+            cell.hist += hist[i]
+
+    def add_cell(self, key: Key, cell: Cell) -> None:
+        """Add pre-aggregated totals (e.g. one BPF map entry) under ``key``."""
+        if not self.keep_addr and key.addr:
+            key = key._replace(addr=0)
+        mine = self.cells.get(key)
+        if mine is None:
+            mine = self.cells[key] = Cell()
+        mine.add(cell)
+        self.events += cell.count
+
+    def merge(self, other: "Aggregator") -> None:
+        for key, cell in other.cells.items():
+            self.add_cell(key, cell)
+
+    def rows(self) -> list[tuple[Key, Cell]]:
+        return sorted(self.cells.items(), key=lambda kv: kv[0])
+
+    def rollup(self, fields: Iterable[str]) -> dict[tuple, Cell]:
+        """Totals grouped by a subset of the key fields, e.g. ("domid", "vcpu", "range")."""
+        fields = tuple(fields)
+        out: dict[tuple, Cell] = {}
+        for key, cell in self.cells.items():
+            k = tuple(getattr(key, f) for f in fields)
+            acc = out.get(k)
+            if acc is None:
+                acc = out[k] = Cell()
+            acc.add(cell)
+        return out
+
+    def drop_domain(self, domid: int) -> None:
+        for key in [k for k in self.cells if k.domid == domid]:
+            del self.cells[key]
