@@ -1,0 +1,174 @@
+/* iotrace: uprobe (and optional return probe) on QEMU's
+ *     static void handle_ioreq(XenIOState *state, ioreq_t *req)
+ * (hw/i386/xen/xen-hvm.c up to QEMU 8.0, hw/xen/xen-hvm-common.c from 8.1).
+ *
+ * Build-time parameters (cflags from probes/loader.py, per binary):
+ *   SEND_VCPU_OFF   offsetof(XenIOState, send_vcpu): 0x50 in QEMU 7.2, 0x48 from 8.1. cpu_get_ioreq
+ *                   sets it before cpu_handle_ioreq calls handle_ioreq(state, &copy) on a stack
+ *                   copy, so the vCPU cannot be derived from req's address.
+ *   HAVE_BUF, BUF_LO, BUF_HI   return addresses (as deltas from handle_ioreq's own address, so the
+ *                   PIE load base cancels) that belong to handle_buffered_iopage: its requests are a
+ *                   zeroed local ioreq_t with no vCPU (send_vcpu is stale) -> vcpu -1.
+ *   EVENT_MODE      1: one ring buffer record per request; 0: in-kernel aggregation only.
+ *   TIMING          1: a return probe measures the service time (a second trap per request).
+ *   STATS_ENTRIES, HIST_ENTRIES, RINGBUF_PAGES   map sizes.
+ *
+ * Hot path in metrics mode without timing: one user read of the ioreq_t (+ send_vcpu), one
+ * lookup-or-init and two atomic adds. No per-request wake-up of user space.
+ */
+#include <uapi/linux/ptrace.h>
+#include "iotrace_bpf.h"
+
+BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
+
+#if EVENT_MODE
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+#else
+BPF_HASH(stats, struct ioreq_key, struct ioreq_stats, STATS_ENTRIES);
+#if TIMING
+BPF_F_TABLE("hash", struct hist_key, u64, hist, HIST_ENTRIES, BPF_F_NO_PREALLOC);
+#endif
+#endif
+
+#if TIMING
+BPF_HASH(inflight, u32, struct inflight, 4096);
+#endif
+
+static __always_inline void count(int idx)
+{
+    u64 *c = counters.lookup(&idx);
+    if (c)
+        (*c)++;
+}
+
+/* Bit length of ns: the slot of iotrace.aggregate.log2_slots (0 ns -> slot 0). */
+static __always_inline u32 slot_of(u64 v)
+{
+    u32 r = 0;
+    if (v >> 32) { v >>= 32; r += 32; }
+    if (v >> 16) { v >>= 16; r += 16; }
+    if (v >> 8)  { v >>= 8;  r += 8; }
+    if (v >> 4)  { v >>= 4;  r += 4; }
+    if (v >> 2)  { v >>= 2;  r += 2; }
+    if (v >> 1)  { v >>= 1;  r += 1; }
+    return r + (u32)v;
+}
+
+#if EVENT_MODE
+static __always_inline void emit(u64 ts, u64 pid_tgid, struct ioreq_key *k, u64 data, u32 cnt,
+                                 u8 data_is_ptr, u8 df, s64 service_ns)
+{
+    struct ioreq_event ev = {};
+    ev.ts_ns = ts;
+    ev.tgid = pid_tgid >> 32;
+    ev.tid = (u32)pid_tgid;
+    ev.vcpu = k->vcpu;
+    ev.type = k->type;
+    ev.dir = k->dir;
+    ev.data_is_ptr = data_is_ptr;
+    ev.df = df;
+    ev.size = k->size;
+    ev.count = cnt;
+    ev.addr = k->addr;
+    ev.data = data;
+    ev.service_ns = service_ns;
+    if (events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
+        count(CNT_LOST_EVENTS);
+}
+#endif
+
+int on_entry(struct pt_regs *ctx)
+{
+    struct xen_ioreq req;
+    if (bpf_probe_read_user(&req, sizeof(req), (void *)PT_REGS_PARM2(ctx)) != 0) {
+        count(CNT_READ_ERRORS);
+        return 0;
+    }
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct ioreq_key k = {};
+    k.tgid = pid_tgid >> 32;
+    k.vcpu = -1;
+    k.type = req.type;
+    k.dir = (req.flags & IOREQ_FLAG_DIR_READ) ? 1 : 0;
+    k.size = req.size;
+    k.addr = req.addr;
+
+    int buffered = 0;
+#if HAVE_BUF
+    /* At the first instruction the return address is at [rsp]; the uprobe sets ip to the probed
+     * address (kernel/events/uprobes.c handle_swbp), so ret - ip is a link-time constant. */
+    u64 ret = 0;
+    bpf_probe_read_user(&ret, sizeof(ret), (void *)PT_REGS_SP(ctx));
+    s64 delta = (s64)(ret - PT_REGS_IP(ctx));
+    buffered = delta >= BUF_LO && delta < BUF_HI;
+#endif
+    if (!buffered) {
+        s32 v = -1;
+        if (bpf_probe_read_user(&v, sizeof(v), (void *)(PT_REGS_PARM1(ctx) + SEND_VCPU_OFF)) == 0)
+            k.vcpu = v;
+    }
+
+#if TIMING
+    struct inflight in = {};
+    in.ts_ns = bpf_ktime_get_ns();
+    in.k = k;
+    in.data = req.data;
+    in.count = req.count;
+    in.data_is_ptr = (req.flags & IOREQ_FLAG_DATA_IS_PTR) ? 1 : 0;
+    in.df = (req.flags & IOREQ_FLAG_DF) ? 1 : 0;
+    u32 tid = (u32)pid_tgid;
+    inflight.update(&tid, &in);
+#endif
+
+#if EVENT_MODE
+#if !TIMING
+    emit(bpf_ktime_get_ns(), pid_tgid, &k, req.data, req.count,
+         (req.flags & IOREQ_FLAG_DATA_IS_PTR) ? 1 : 0, (req.flags & IOREQ_FLAG_DF) ? 1 : 0, -1);
+#endif
+#else
+    struct ioreq_stats zero = {};
+    struct ioreq_stats *s = stats.lookup_or_try_init(&k, &zero);
+    if (!s) {
+        count(CNT_STATS_FULL);
+        return 0;
+    }
+    __sync_fetch_and_add(&s->count, 1);
+    __sync_fetch_and_add(&s->bytes, (u64)req.size * req.count);
+#endif
+    return 0;
+}
+
+int on_return(struct pt_regs *ctx)
+{
+#if TIMING
+    u64 now = bpf_ktime_get_ns();
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tid = (u32)pid_tgid;
+    struct inflight *in = inflight.lookup(&tid);
+    if (!in) {
+        count(CNT_NO_ENTRY);
+        return 0;
+    }
+    u64 d = now - in->ts_ns;
+#if EVENT_MODE
+    emit(in->ts_ns, pid_tgid, &in->k, in->data, in->count, in->data_is_ptr, in->df, (s64)d);
+#else
+    struct ioreq_stats *s = stats.lookup(&in->k);
+    if (s) {
+        __sync_fetch_and_add(&s->svc_n, 1);
+        __sync_fetch_and_add(&s->svc_sum_ns, d);
+        struct hist_key hk = {};
+        hk.k = in->k;
+        hk.slot = slot_of(d);
+        u64 zero = 0;
+        u64 *h = hist.lookup_or_try_init(&hk, &zero);
+        if (h)
+            __sync_fetch_and_add(h, 1);
+        else
+            count(CNT_HIST_FULL);
+    }
+#endif
+    inflight.delete(&tid);
+#endif
+    return 0;
+}

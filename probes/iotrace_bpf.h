@@ -1,0 +1,84 @@
+/* Key/value layouts shared by probes/ioreq.bpf.c and their ctypes mirrors in probes/bpf_types.py
+ * (which checks every size against the numbers in the comments: change both together). */
+#ifndef IOTRACE_BPF_H
+#define IOTRACE_BPF_H
+
+/* Xen's ioreq_t, xen/include/public/hvm/ioreq.h (unchanged since 2007, whitespace only since 4.17):
+ * 32 bytes. The bitfield byte @30 is state:4, data_is_ptr:1, dir:1 (1 = read), df:1, pad:1. */
+struct xen_ioreq {
+    u64 addr;           /* @0  physical address, port, or PCI SBDF+reg */
+    u64 data;           /* @8  value, or guest address of a buffer when data_is_ptr */
+    u32 count;          /* @16 repetitions */
+    u32 size;           /* @20 bytes per access */
+    u32 vp_eport;       /* @24 event channel to notify the vCPU */
+    u16 _pad0;          /* @28 */
+    u8 flags;           /* @30 state & 0x0f, data_is_ptr 0x10, dir 0x20, df 0x40 */
+    u8 type;            /* @31 IOREQ_TYPE_* */
+};                      /* 32 */
+
+#define IOREQ_FLAG_DATA_IS_PTR 0x10
+#define IOREQ_FLAG_DIR_READ    0x20
+#define IOREQ_FLAG_DF          0x40
+
+/* Metrics mode: one entry per (device model process, vCPU, type, dir, size, address). */
+struct ioreq_key {
+    u32 tgid;           /* device model process; mapped to a domid in user space */
+    s32 vcpu;           /* -1: buffered request (no vCPU) */
+    u8 type;
+    u8 dir;             /* 0 write, 1 read */
+    u16 _pad;
+    u32 size;
+    u64 addr;
+};                      /* 24 */
+
+struct ioreq_stats {
+    u64 count;          /* requests */
+    u64 bytes;          /* size x count */
+    u64 svc_n;          /* requests with a service time (return probe seen) */
+    u64 svc_sum_ns;
+};                      /* 32 */
+
+/* Service-time histogram: slot = bit length of the duration in ns (iotrace.aggregate's slots). */
+struct hist_key {
+    struct ioreq_key k;
+    u32 slot;
+    u32 _pad;
+};                      /* 32 */
+
+/* Event mode: one record per request through the ring buffer (snoop, record). */
+struct ioreq_event {
+    u64 ts_ns;          /* bpf_ktime_get_ns() at entry (CLOCK_MONOTONIC) */
+    u32 tgid;
+    u32 tid;
+    s32 vcpu;
+    u8 type;
+    u8 dir;
+    u8 data_is_ptr;
+    u8 df;
+    u32 size;
+    u32 count;
+    u64 addr;
+    u64 data;
+    s64 service_ns;     /* -1 when service timing is off */
+};                      /* 56 */
+
+/* What the entry probe leaves for the return probe, per thread. */
+struct inflight {
+    u64 ts_ns;
+    struct ioreq_key k;
+    u64 data;
+    u32 count;
+    u8 data_is_ptr;
+    u8 df;
+    u16 _pad;
+};                      /* 48 */
+
+/* Indices of the per-CPU counters array. */
+#define CNT_LOST_EVENTS   0   /* ring buffer full */
+#define CNT_STATS_FULL    1   /* stats map full: request not counted */
+#define CNT_READ_ERRORS   2   /* ioreq_t could not be read */
+#define CNT_HIST_FULL     3   /* histogram map full: service time not binned */
+#define CNT_NO_ENTRY      4   /* return probe without an entry (attached mid-request) */
+#define N_COUNTERS        5
+
+#endif
