@@ -4,9 +4,9 @@ PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test unit demo bench standin clean
+.PHONY: install test unit demo bench standin xtwalk clean
 
-install: $(STAMP) standin
+install: $(STAMP) standin xtwalk
 
 # System packages (apt, as root) and the kernel-headers link BCC needs; idempotent.
 .bootstrap-done: scripts/bootstrap-debian.sh
@@ -23,6 +23,11 @@ $(STAMP): .bootstrap-done pyproject.toml
 standin: $(STAMP)
 	$(MAKE) -s -C probes/standin
 
+# The xentrace decoder's record-boundary walk (loaded with ctypes; NumPy fallback without it).
+xtwalk: xen-tracepoints/_xtwalk.so
+xen-tracepoints/_xtwalk.so: xen-tracepoints/xtwalk.c
+	$(CC) -O2 -Wall -Wextra -shared -fPIC -o $@ $<
+
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
@@ -38,5 +43,5 @@ bench: install
 	$(PY) bench/exporter_scrape.py
 
 clean:
-	rm -rf $(VENV) .bootstrap-done build *.egg-info
+	rm -rf $(VENV) .bootstrap-done build *.egg-info xen-tracepoints/_xtwalk.so
 	-$(MAKE) -s -C probes/standin clean
