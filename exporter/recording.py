@@ -304,8 +304,9 @@ def read_recording(path: str | os.PathLike) -> Recording:
                 if whole:
                     parts.append(np.frombuffer(payload, fdt, whole))
             rec.lost_events = max(rec.lost_events, lost)
-            rec.warnings.append(f"{p}: truncated at offset {size} in the {KIND_NAMES[kind]} chunk at {off} "
-                                f"(writer killed?): kept {whole} whole record(s) of it")
+            rec.warnings.append(f"{p}: truncated at offset {size} in the {KIND_NAMES[kind]} "
+                                f"chunk at {off} (writer killed?): kept {whole} whole "
+                                "record(s) of it")
             break
         if zlib.crc32(payload) != pcrc:
             raise InputError(f"{p}: offset {pstart}: {KIND_NAMES[kind]} chunk checksum mismatch")
