@@ -85,7 +85,7 @@ _KNOWN_CLASSES = np.array([0x001, 0x002, 0x004, 0x008, 0x010, 0x020, 0x040, 0x08
                           dtype=np.uint32)
 
 _XT_END, _XT_PARTIAL, _XT_FULL, _XT_BAD_WINDOW = 0, 1, 2, 3
-_ST_REMAIN, _ST_CPU, _ST_POS, _ST_STATUS, _ST_ERRORS, _ST_SKIP, _ST_WINDOWS = range(7)
+_ST_REMAIN, _ST_CPU, _ST_POS, _ST_STATUS, _ST_ERRORS, _ST_SKIP, _ST_WINDOWS, _ST_WOUT = range(8)
 
 
 @dataclass
@@ -114,7 +114,8 @@ def _load_walker():
     fn = lib.xt_walk
     fn.restype = ctypes.c_int64
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_int64, ctypes.c_void_p]
+                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_void_p]
     return fn
 
 
@@ -126,20 +127,30 @@ def walker_name() -> str:
 
 
 def _walk_c(w: np.ndarray, st: np.ndarray):
-    n = len(w)
+    n = len(w) - int(st[_ST_POS])
     cap = max(16, n // 2 + 16)
-    offs, cpus = [], []
+    wcap = max(16, n // 8 + 16)
+    offs, cpus, wfs, wcs = [], [], [], []
+    done = 0
     while True:
         off = np.empty(cap, dtype=np.int64)
         cpu = np.empty(cap, dtype=np.int32)
-        k = _C_WALK(w.ctypes.data, n, off.ctypes.data, cpu.ctypes.data, cap, st.ctypes.data)
+        wf = np.empty(wcap, dtype=np.int64)
+        wc = np.empty(wcap, dtype=np.int32)
+        k = _C_WALK(w.ctypes.data, len(w), off.ctypes.data, cpu.ctypes.data, cap,
+                    wf.ctypes.data, wc.ctypes.data, wcap, st.ctypes.data)
+        nwin = int(st[_ST_WOUT])
         offs.append(off[:k])
         cpus.append(cpu[:k])
+        wfs.append(wf[:nwin] + done)
+        wcs.append(wc[:nwin])
+        done += k
         if st[_ST_STATUS] != _XT_FULL:
             break
     if len(offs) == 1:
-        return offs[0], cpus[0]
-    return np.concatenate(offs), np.concatenate(cpus)
+        return offs[0], cpus[0], wfs[0], wcs[0]
+    return (np.concatenate(offs), np.concatenate(cpus), np.concatenate(wfs),
+            np.concatenate(wcs))
 
 
 def _chain(h: np.ndarray) -> tuple[np.ndarray, int]:
@@ -172,7 +183,8 @@ def _walk_numpy(w: np.ndarray, st: np.ndarray):
     """Same contract as xt_walk in xtwalk.c, window by window, with pointer doubling."""
     n = len(w)
     pos, remain, cpu = int(st[_ST_POS]), int(st[_ST_REMAIN]), int(st[_ST_CPU])
-    offs, cpus = [], []
+    offs, cpus, wfs, wcs = [], [], [], []
+    count = 0
     st[_ST_STATUS] = _XT_END
     while pos < n:
         if st[_ST_SKIP]:
@@ -194,12 +206,15 @@ def _walk_numpy(w: np.ndarray, st: np.ndarray):
             remain = nbytes >> 2
             pos += 3
             st[_ST_WINDOWS] += 1
+            wfs.append(count)
+            wcs.append(cpu)
             continue
         seg_end = min(pos + remain, n, pos + _SEG_WORDS)
         starts, stop = _chain(w[pos:seg_end])
         if len(starts):
             offs.append(starts + pos)
             cpus.append(np.full(len(starts), cpu, dtype=np.int32))
+            count += len(starts)
         used = stop
         pos += used
         remain -= used
@@ -215,9 +230,10 @@ def _walk_numpy(w: np.ndarray, st: np.ndarray):
                 break
             # else: only the segment was cut; continue from pos.
     st[_ST_POS], st[_ST_REMAIN], st[_ST_CPU] = pos, remain, cpu
+    wf, wc = np.array(wfs, np.int64), np.array(wcs, np.int32)
     if not offs:
-        return np.zeros(0, np.int64), np.zeros(0, np.int32)
-    return np.concatenate(offs), np.concatenate(cpus)
+        return np.zeros(0, np.int64), np.zeros(0, np.int32), wf, wc
+    return np.concatenate(offs), np.concatenate(cpus), wf, wc
 
 
 def _walk(w: np.ndarray, st: np.ndarray):
@@ -286,9 +302,11 @@ class StreamDecoder:
         self._owner: dict[int, tuple[int, int]] = {}
         # per vCPU key (domid << 16 | vcpu): open exit TSC; events waiting for their VMENTRY
         self._open_exit: dict[int, int] = {}
-        self._held = E.empty(0)
-        self._held_key = np.zeros(0, np.int64)
-        self._held_tsc = np.zeros(0, np.uint64)
+        self._pending = np.zeros(0, _SROW)      # rows waiting for the watermark or a VMENTRY
+        self._feed_no = 0
+        self._wm = 0                            # watermark TSC (see _advance_watermark)
+        self._pass_last: dict[int, int] = {}
+        self._prev_win_cpu: int | None = None
         self._compat = _XenalyzeMachine(self.cpu_hz) if xenalyze_compat else None
         self._finished = False
 
@@ -299,14 +317,18 @@ class StreamDecoder:
         buf = self._tail + bytes(chunk) if self._tail else bytes(chunk)
         nwords = len(buf) // 4
         w = np.frombuffer(buf, dtype="<u4", count=nwords)
-        offs, cpus = [], []
+        offs, cpus, wfs, wcs = [], [], [], []
+        nrec = 0
         st = self._st
         st[_ST_POS] = 0
         while True:
             errs_before = st[_ST_ERRORS]
-            off, cpu = _walk(w, st)
+            off, cpu, wf, wc = _walk(w, st)
             offs.append(off)
             cpus.append(cpu)
+            wfs.append(wf + nrec)
+            wcs.append(wc)
+            nrec += len(off)
             if st[_ST_ERRORS] != errs_before:
                 n_err = int(st[_ST_ERRORS] - errs_before)
                 self.decode_errors += n_err
@@ -339,7 +361,9 @@ class StreamDecoder:
         pos = int(st[_ST_POS])
         off = np.concatenate(offs) if len(offs) > 1 else offs[0]
         cpu = np.concatenate(cpus) if len(cpus) > 1 else cpus[0]
-        out = self._process(w, off, cpu)
+        wf = np.concatenate(wfs) if len(wfs) > 1 else wfs[0]
+        wc = np.concatenate(wcs) if len(wcs) > 1 else wcs[0]
+        out = self._process(w, off, cpu, wf, wc)
         self._tail = buf[pos * 4:]
         self.offset += pos * 4
         return out
@@ -359,11 +383,13 @@ class StreamDecoder:
                     else "a record boundary")
             self._warn(f"capture truncated at byte offset {self.offset} ({what}; the window "
                        f"announced {remain * 4} more bytes); every complete record was decoded")
-        out = E.empty(0)
-        if self._compat is None and len(self._held):
-            out = self._held          # their VMENTRY never came: service unknown
-            self._held = E.empty(0)
-        return out
+        if self._compat is not None:
+            return self._compat.run(np.zeros(0, _CROW), _TSC_INF)
+        z = np.zeros(0, np.int64)
+        zb = np.zeros(0, bool)
+        # every waiting row is now final; I/O whose VMENTRY never came keep service_ns -1
+        return self._service(E.empty(0), z, zb, zb, np.zeros(0, np.int32),
+                             np.zeros(0, np.int32), np.zeros(0, np.uint64), 0, final=True)
 
     # -- internals
     def _warn(self, msg: str) -> None:
@@ -379,9 +405,11 @@ class StreamDecoder:
                 return p
         return None
 
-    def _process(self, w: np.ndarray, off: np.ndarray, cpu: np.ndarray) -> np.ndarray:
+    def _process(self, w: np.ndarray, off: np.ndarray, cpu: np.ndarray, win_first: np.ndarray,
+                 win_cpu: np.ndarray) -> np.ndarray:
         n = len(off)
         if n == 0:
+            self._advance_watermark(win_first, win_cpu, np.zeros(0, np.uint64))
             return E.empty(0)
         self.records += n
         nw = len(w)
@@ -442,6 +470,10 @@ class StreamDecoder:
             dom_s = np.where(si >= 0, dom_s, cd[grp])
             vcpu_s = np.where(si >= 0, vcpu_s, cv[grp])
 
+        tsc_file = np.empty(n, np.uint64)
+        tsc_file[order] = tsc_s
+        self._advance_watermark(win_first, win_cpu, tsc_file)
+
         # carry per-pCPU state to the next feed
         last = np.concatenate([first[1:], [n]]) - 1
         for c, i in zip(ucpu.tolist(), last.tolist()):
@@ -469,14 +501,6 @@ class StreamDecoder:
         bad |= (is_exit & ~exit_ok) | (is_entry & ~entry_ok)
         self.decode_errors += int(bad.sum())
 
-        if self._compat is not None:
-            return self._compat.run(
-                order=order, cpu_s=cpu_s, tsc_s=tsc_s, ev_s=ev_s, nx_s=nx_s, w=w, off_s=off_s,
-                d0_s=d0[order], io_ok=io_ok, io_full=io_full, io_type=io_type, is64=is64,
-                exit_ok=exit_ok, entry_ok=entry_ok, is_change=is_change & sched_ok,
-                is_cont=(ev_s == C.TRC_SCHED_CONTINUE_RUNNING) & sched_ok, w0=w0, w1=w1,
-                lost_ok=lost_ok, hz=self.cpu_hz)
-
         ii = np.flatnonzero(io_ok)
         k = len(ii)
         batch = E.empty(k)
@@ -499,177 +523,224 @@ class StreamDecoder:
             batch["addr"] = addr
             batch["data"] = dl | (dh << np.uint64(32))
 
-        batch = self._service(batch, ii, exit_ok, entry_ok, dom_s, vcpu_s, tsc_s)
-        if len(batch) > 1:
-            batch = batch[np.argsort(batch["ts_ns"], kind="stable")]
-        return batch
+        self._feed_no += 1
+        seq0 = self._feed_no << 32
+        if self._compat is not None:
+            # The rows xenalyze's state machine looks at, with the event each I/O row would give.
+            is_cont = (ev_s == C.TRC_SCHED_CONTINUE_RUNNING) & sched_ok
+            claiming = np.isin(ev_s, np.array(C.XENALYZE_CLAIMING_IDS, np.uint32))
+            kind = np.full(n, -1, np.int8)
+            kind[claiming] = _K_CLAIM
+            kind[is_change & sched_ok] = _K_CHANGE
+            kind[is_cont] = _K_CONT
+            kind[lost_ok] = _K_LOST
+            kind[exit_ok] = _K_EXIT
+            kind[entry_ok] = _K_ENTRY
+            kind[ii] = np.where(io_full[ii], _K_IO, _K_IO_REP)
+            rel = np.flatnonzero(kind >= 0)
+            rows = np.zeros(len(rel), _CROW)
+            rows["cpu"], rows["tsc"], rows["kind"] = cpu_s[rel], tsc_s[rel], kind[rel]
+            rows["ev"], rows["w0"], rows["w1"] = ev_s[rel], w0[rel], w1[rel]
+            rows["seq"] = seq0 + rel
+            evrow = np.full(n, -1, np.int64)
+            evrow[ii] = np.arange(k)
+            r_io = evrow[rel] >= 0
+            rows["io"][r_io] = batch[evrow[rel][r_io]]
+            return self._compat.run(rows, self._watermark())
+        return self._service(batch, ii, exit_ok, entry_ok, dom_s, vcpu_s, tsc_s, seq0)
 
-    def _service(self, batch, ii, exit_ok, entry_ok, dom_s, vcpu_s, tsc_s):
-        """VMEXIT -> VMENTRY TSC of the vCPU's exit that each I/O record belongs to."""
-        known = (dom_s >= 0)
+    def _advance_watermark(self, win_first, win_cpu, tsc_file) -> None:
+        """Move the watermark: the TSC below which every pCPU's records have been read.
+
+        xentrace reads the pCPU buffers in passes, in increasing pCPU order (xentrace.c,
+        monitor_tbufs: ``for ( i = 0; i < num; i++ )``), writing a window for each non-empty
+        one. A window whose pCPU is not above the previous window's starts a new pass; when a
+        pass is complete, every record older than the oldest last-TSC among its windows has been
+        written (a pCPU with no window in the pass had no records before it was read)."""
+        n = len(tsc_file)
+        # records continuing the window left open by the previous feed
+        head = int(win_first[0]) if len(win_first) else n
+        if head > 0 and self._prev_win_cpu is not None:
+            self._pass_last[self._prev_win_cpu] = int(tsc_file[head - 1])
+        ends = np.append(win_first[1:], n)
+        for first, end, c in zip(win_first.tolist(), ends.tolist(), win_cpu.tolist()):
+            if self._prev_win_cpu is not None and c <= self._prev_win_cpu:
+                if self._pass_last:
+                    self._wm = max(self._wm, min(self._pass_last.values()))
+                self._pass_last = {}
+            self._prev_win_cpu = c
+            if end > first:
+                self._pass_last[c] = int(tsc_file[end - 1])
+
+    def _watermark(self) -> int:
+        return self._wm
+
+    def _service(self, batch, ii, exit_ok, entry_ok, dom_s, vcpu_s, tsc_s, seq0,
+                 final: bool = False):
+        """Attach VMEXIT -> VMENTRY TSC of the vCPU's exit each I/O record belongs to.
+
+        Done per vCPU in TSC order across pCPUs (a read can complete on another pCPU than the
+        one that took the exit), over rows below the watermark; later rows wait."""
+        known = dom_s >= 0
         sel = np.flatnonzero((exit_ok | entry_ok) & known)
-        # kinds: 0 exit, 1 entry, 2 io
-        io_known = ii[known[ii]] if len(ii) else ii
-        io_rows = np.flatnonzero(known[ii]) if len(ii) else np.zeros(0, np.int64)
-        rec_idx = np.concatenate([sel, io_known])
-        kind = np.concatenate([np.where(exit_ok[sel], 0, 1), np.full(len(io_known), 2)]).astype(np.int8)
-        key = (dom_s[rec_idx].astype(np.int64) << 16) | vcpu_s[rec_idx].astype(np.int64)
-        tsc = tsc_s[rec_idx]
-        seq = rec_idx.astype(np.int64)          # per-pCPU order, for ties
-        row = np.concatenate([np.full(len(sel), -1), io_rows]).astype(np.int64)
-        phase = np.ones(len(rec_idx), np.int8)
-        # carried state: open exits, held events
-        h = len(self._held)
-        if self._open_exit or h:
-            ok_keys = np.array(list(self._open_exit.keys()), np.int64)
-            ok_tsc = np.array(list(self._open_exit.values()), np.uint64)
-            key = np.concatenate([ok_keys, self._held_key, key])
-            tsc = np.concatenate([ok_tsc, self._held_tsc, tsc])
-            kind = np.concatenate([np.zeros(len(ok_keys), np.int8), np.full(h, 2, np.int8), kind])
-            seq = np.concatenate([np.zeros(len(ok_keys), np.int64), np.arange(1, h + 1), seq])
-            row = np.concatenate([np.full(len(ok_keys), -1), len(batch) + np.arange(h), row])
-            phase = np.concatenate([np.zeros(len(ok_keys) + h, np.int8), phase])
-            batch = np.concatenate([batch, self._held])
-        self._held = E.empty(0)
-        self._held_key = np.zeros(0, np.int64)
-        self._held_tsc = np.zeros(0, np.uint64)
-        if not len(key):
-            return batch
-        o = np.lexsort((seq, tsc, phase, key))
-        key, tsc, kind, row = key[o], tsc[o], kind[o], row[o]
-        gs, ge = _groups(key)
-        lx = _ffill_idx(kind == 0, gs)
-        le = _ffill_idx(kind == 1, gs)
-        ne = _bfill_idx(kind == 1, ge)
-        nxx = _bfill_idx(kind == 0, ge)
-        io = np.flatnonzero(kind == 2)
-        inside = (lx[io] >= 0) & (lx[io] > le[io])
-        done = inside & (ne[io] >= 0) & ((nxx[io] < 0) | (ne[io] < nxx[io]))
-        if done.any():
+        io_known = known[ii]
+        out = [batch[~io_known]]                     # owner unknown: no vCPU, no service time
+        rec = np.concatenate([sel, ii[io_known]])
+        rows = np.zeros(len(rec), _SROW)
+        rows["key"] = (dom_s[rec].astype(np.int64) << 16) | vcpu_s[rec].astype(np.int64)
+        rows["tsc"] = tsc_s[rec]
+        rows["kind"][:len(sel)] = np.where(exit_ok[sel], _K_EXIT, _K_ENTRY)
+        rows["kind"][len(sel):] = _K_IO
+        rows["seq"] = seq0 + rec
+        rows["io"][len(sel):] = batch[io_known]
+        if len(self._pending):
+            rows = np.concatenate([self._pending, rows])
+        wm = _TSC_INF if final else self._watermark()
+        safe = rows["tsc"] < np.uint64(wm) if wm != _TSC_INF else np.ones(len(rows), bool)
+        self._pending = rows[~safe]
+        rows = rows[safe]
+        if self._open_exit:
+            ox = np.zeros(len(self._open_exit), _SROW)
+            ox["key"] = list(self._open_exit.keys())
+            ox["tsc"] = list(self._open_exit.values())
+            ox["kind"] = _K_EXIT
+            ox["seq"] = -1                            # before everything of its vCPU
+            rows = np.concatenate([ox, rows])
+        if len(rows):
+            o = np.lexsort((rows["seq"], rows["tsc"], rows["seq"] >= 0, rows["key"]))
+            rows = rows[o]
+            key, tsc, kind = rows["key"], rows["tsc"], rows["kind"]
+            gs, ge = _groups(key)
+            lx = _ffill_idx(kind == _K_EXIT, gs)
+            le = _ffill_idx(kind == _K_ENTRY, gs)
+            ne = _bfill_idx(kind == _K_ENTRY, ge)
+            nxx = _bfill_idx(kind == _K_EXIT, ge)
+            io = np.flatnonzero(kind == _K_IO)
+            inside = (lx[io] >= 0) & (lx[io] > le[io])
+            done = inside & (ne[io] >= 0) & ((nxx[io] < 0) | (ne[io] < nxx[io]))
+            pending = inside & (ne[io] < 0) & (nxx[io] < 0) & (not final)
+            ev = rows["io"][io]
             a = io[done]
             cyc = tsc[ne[a]].astype(np.int64) - tsc[lx[a]].astype(np.int64)
-            ns = np.where(cyc >= 0, (cyc.astype(np.float64) * (1e9 / self.cpu_hz)).astype(np.int64), -1)
-            batch["service_ns"][row[a]] = ns
-        pending = inside & (ne[io] < 0) & (nxx[io] < 0)
-        hold_rows = row[io[pending]]
-        # open exits at the end of this batch, per key
-        last_in_grp = np.flatnonzero(np.append(key[1:] != key[:-1], True))
-        for i in last_in_grp.tolist():
-            kk = int(key[i])
-            x, e = int(lx[i]), int(le[i])
-            if x >= 0 and x > e:
-                self._open_exit[kk] = int(tsc[x])
-            else:
-                self._open_exit.pop(kk, None)
-        if len(hold_rows):
-            keep = np.ones(len(batch), bool)
-            keep[hold_rows] = False
-            self._held = batch[hold_rows].copy()
-            self._held_key = key[io[pending]]
-            self._held_tsc = tsc[io[pending]]
-            batch = batch[keep]
-        return batch
+            ev["service_ns"][done] = np.where(
+                cyc >= 0, (cyc.astype(np.float64) * (1e9 / self.cpu_hz)).astype(np.int64), -1)
+            out.append(ev[~pending])
+            if pending.any():
+                self._pending = np.concatenate([rows[io[pending]], self._pending])
+            self._open_exit.clear()
+            last_in_grp = np.flatnonzero(np.append(key[1:] != key[:-1], True))
+            for i in last_in_grp.tolist():
+                x, e = int(lx[i]), int(le[i])
+                if x >= 0 and x > e:
+                    self._open_exit[int(key[i])] = int(tsc[x])
+            # keys with pending rows but no safe rows keep their open exit
+        res = E.concat(out)
+        if len(res) > 1:
+            res = res[np.argsort(res["ts_ns"], kind="stable")]
+        return res
+
+
+_TSC_INF = (1 << 64) - 1
+_K_EXIT, _K_ENTRY, _K_IO, _K_IO_REP, _K_CHANGE, _K_CONT, _K_LOST, _K_CLAIM = range(8)
+# per-vCPU service-time rows (default mode)
+_SROW = np.dtype([("key", np.int64), ("tsc", np.uint64), ("kind", np.int8), ("seq", np.int64),
+                  ("io", E.EVENT_DTYPE)])
+# xenalyze state-machine rows (compat mode)
+_CROW = np.dtype([("cpu", np.int32), ("tsc", np.uint64), ("kind", np.int8), ("ev", np.uint32),
+                  ("w0", np.uint32), ("w1", np.uint32), ("seq", np.int64), ("io", E.EVENT_DTYPE)])
 
 
 class _XenalyzeMachine:
-    """Per-vCPU exit state machine reproducing xenalyze's I/O enumeration (see module doc)."""
+    """Per-vCPU exit state machine reproducing xenalyze's I/O enumeration (see module doc).
+
+    A sequential pass in TSC order over the rows that matter to it (runstate, lost, exits,
+    entries, I/O and the handlers that claim the exit's post-process slot)."""
 
     def __init__(self, hz: float):
         self.hz = hz
-        self.cur: dict[int, int | None] = {}       # pCPU -> vCPU key
+        self.cur: dict[int, int | None] = {}        # pCPU -> vCPU key
         self.valid: dict[int, bool] = {}
         self.exit_tsc: dict[int, int] = {}
-        self.claim: dict[int, object] = {}          # None | "other" | event tuple
+        self.claim: dict[int, object] = {}          # None | "other" | event row
         self.seen_runstate: set[int] = set()
+        self.pending = np.zeros(0, _CROW)
 
     def _close(self, key, tsc, out):
         claim = self.claim.get(key)
-        if claim is not None and claim != "other":
+        if claim is not None and not isinstance(claim, str):
             ext = self.exit_tsc.get(key, 0)
-            arc = tsc - ext if ext and ext <= tsc else 0
-            typ, dirn, addr, data, dom, vcpu, ts = claim
-            out.append((ts, dom, vcpu, typ, dirn, addr, data, int(arc * 1e9 / self.hz)))
+            arc = tsc - ext if ext <= tsc else 0      # hvm_close_vmexit: arc_cycles
+            claim["service_ns"] = int(arc * 1e9 / self.hz)
+            out.append(claim)
         self.valid[key] = False
         self.claim[key] = None
 
-    def run(self, *, order, cpu_s, tsc_s, ev_s, nx_s, w, off_s, d0_s, io_ok, io_full, io_type,
-            is64, exit_ok, entry_ok, is_change, is_cont, w0, w1, lost_ok, hz):
-        claiming = np.isin(ev_s, np.array(C.XENALYZE_CLAIMING_IDS, np.uint32))
-        rel = io_ok | exit_ok | entry_ok | is_change | is_cont | lost_ok | claiming
-        idx = np.flatnonzero(rel)
-        # xenalyze merges pCPUs by TSC (records without TSC carry their pCPU's last one)
-        idx = idx[np.lexsort((idx, tsc_s[idx]))]
-        nw = len(w)
+    def run(self, rows: np.ndarray, wm: int) -> np.ndarray:
+        if len(self.pending):
+            rows = np.concatenate([self.pending, rows])
+        if wm != _TSC_INF:
+            safe = rows["tsc"] < np.uint64(wm)
+            self.pending = rows[~safe]
+            rows = rows[safe]
+        else:
+            self.pending = np.zeros(0, _CROW)
+        # xenalyze merges pCPUs by TSC (records without one carry their pCPU's last TSC)
+        rows = rows[np.lexsort((rows["seq"], rows["tsc"]))]
         out = []
         cur, valid, claim = self.cur, self.valid, self.claim
-        for i, c, t, e, a, b, io, ex, en, ch, co, lo, cl in zip(
-                idx.tolist(), cpu_s[idx].tolist(), tsc_s[idx].tolist(), ev_s[idx].tolist(),
-                w0[idx].tolist(), w1[idx].tolist(), io_ok[idx].tolist(), exit_ok[idx].tolist(),
-                entry_ok[idx].tolist(), is_change[idx].tolist(), is_cont[idx].tolist(),
-                lost_ok[idx].tolist(), claiming[idx].tolist()):
-            if ch or co:
+        ios = rows["io"]
+        for i, (c, t, kind, e, a) in enumerate(zip(
+                rows["cpu"].tolist(), rows["tsc"].tolist(), rows["kind"].tolist(),
+                rows["ev"].tolist(), rows["w0"].tolist())):
+            if kind == _K_CHANGE or kind == _K_CONT:
                 key = a                               # domid << 16 | vcpu
-                new = 0 if co else (e >> 4) & 0xF
-                if ch and new == C.RUNSTATE_RUNNABLE and key in self.seen_runstate \
-                        and valid.get(key):
-                    self._close(key, t, out)
+                new = C.RUNSTATE_RUNNING if kind == _K_CONT else (e >> 4) & 0xF
+                if kind == _K_CHANGE and new == C.RUNSTATE_RUNNABLE \
+                        and key in self.seen_runstate and valid.get(key):
+                    self._close(key, t, out)          # sched_runstate_process closes the exit
                 self.seen_runstate.add(key)
                 if new == C.RUNSTATE_RUNNING:
                     cur[c] = key
-                elif ch and ((e >> 8) & 0xF) == C.RUNSTATE_RUNNING and cur.get(c) == key:
+                elif kind == _K_CHANGE and ((e >> 8) & 0xF) == C.RUNSTATE_RUNNING \
+                        and cur.get(c) == key:
                     cur[c] = None
                 continue
             key = cur.get(c)
-            if lo:
-                if key is not None:
+            if kind == _K_LOST:
+                if key is not None:                   # process_lost_records
                     valid[key] = False
                     claim[key] = None
                 cur[c] = None
                 continue
             if key is None:
                 continue                              # xenalyze's default domain: not shown
-            if ex:
+            if kind == _K_EXIT:
                 valid[key] = True
                 claim[key] = None
                 self.exit_tsc[key] = t
-            elif en:
+            elif kind == _K_ENTRY:
                 if valid.get(key):
                     self._close(key, t, out)
             elif not valid.get(key) or claim.get(key) is not None:
-                continue
-            elif cl:
+                continue                              # needs_vmexit / hvm_set_postprocess
+            elif kind == _K_CLAIM:
                 claim[key] = "other"
-            elif io:
-                typ = int(io_type[i])
-                x64 = bool(is64[i])
-                full = bool(io_full[i])
-                d0 = int(d0_s[i])
-                if typ == E.TYPE_PIO and x64:
+            else:
+                io = ios[i].copy()
+                is64 = bool(e & C.TRC_64_FLAG)
+                if io["type"] == E.TYPE_PIO and is64:
                     claim[key] = "other"              # "FATAL: Unexpected 64-bit PIO": dropped
                     continue
-                addr = int(w[d0])
-                if x64:
-                    addr |= int(w[min(d0 + 1, nw - 1)]) << 32
-                data = int(w[min(d0 + (2 if x64 else 1), nw - 1)]) if full else 0
-                if typ == E.TYPE_MMIO and (
-                        not full or C.XENALYZE_VGA_START <= addr < C.XENALYZE_VGA_END):
+                if io["type"] == E.TYPE_MMIO and (
+                        kind == _K_IO_REP
+                        or C.XENALYZE_VGA_START <= int(io["addr"]) < C.XENALYZE_VGA_END):
                     claim[key] = "other"              # claims the slot, but not enumerated
                     continue
-                addr &= 0xFFFFFFFF                    # io_address.pa is unsigned int
-                dirn = 0 if e & C.IO_WRITE_BIT else 1
-                claim[key] = (typ, dirn, addr, data, key >> 16, key & 0xFFFF,
-                              int(t * 1e9 / hz))
-        batch = E.empty(len(out))
-        if out:
-            arr = np.array(out, dtype=np.float64)
-            batch["ts_ns"] = arr[:, 0].astype(np.int64)
-            batch["domid"] = arr[:, 1].astype(np.int32)
-            batch["vcpu"] = arr[:, 2].astype(np.int32)
-            batch["type"] = arr[:, 3].astype(np.uint8)
-            batch["dir"] = arr[:, 4].astype(np.uint8)
-            batch["addr"] = np.array([o[5] for o in out], dtype=np.uint64)
-            batch["data"] = np.array([o[6] for o in out], dtype=np.uint64)
-            batch["service_ns"] = arr[:, 7].astype(np.int64)
+                io["addr"] = int(io["addr"]) & 0xFFFFFFFF   # io_address.pa is unsigned int
+                io["domid"], io["vcpu"] = key >> 16, key & 0xFFFF
+                claim[key] = io
+        batch = np.array(out, dtype=E.EVENT_DTYPE) if out else E.empty(0)
+        if len(batch) > 1:
             batch = batch[np.argsort(batch["ts_ns"], kind="stable")]
         return batch
 

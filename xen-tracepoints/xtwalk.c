@@ -23,6 +23,7 @@ enum {
     ST_ERRORS = 4,   /* in/out: records that ran past their window's end */
     ST_SKIP = 5,     /* 1 while skipping the rest of a window after such a record */
     ST_WINDOWS = 6,  /* in/out: windows seen */
+    ST_WOUT = 7,     /* out: windows started in this call (entries written to win_first/cpu) */
 };
 
 enum {
@@ -32,10 +33,12 @@ enum {
     XT_BAD_WINDOW = 3, /* no cpu_change header (or a bad one) where a window must start */
 };
 
+/* Walk from st[ST_POS]; write each complete record's word offset and pCPU, and for each window
+ * started, the index (in rec_off) of its first record and its pCPU. Returns the record count. */
 int64_t xt_walk(const uint32_t *w, int64_t n, int64_t *rec_off, int32_t *rec_cpu, int64_t cap,
-                int64_t *st)
+                int64_t *win_first, int32_t *win_cpu, int64_t wcap, int64_t *st)
 {
-    int64_t pos = st[ST_POS], remain = st[ST_REMAIN], count = 0;
+    int64_t pos = st[ST_POS], remain = st[ST_REMAIN], count = 0, wcount = 0;
     int32_t cpu = (int32_t)st[ST_CPU];
 
     st[ST_STATUS] = XT_END;
@@ -59,10 +62,17 @@ int64_t xt_walk(const uint32_t *w, int64_t n, int64_t *rec_off, int32_t *rec_cpu
                 st[ST_STATUS] = XT_BAD_WINDOW;
                 break;
             }
+            if (wcount == wcap) {
+                st[ST_STATUS] = XT_FULL;
+                break;
+            }
             cpu = (int32_t)w[pos + 1];
             remain = bytes >> 2;
             pos += 3;
             st[ST_WINDOWS]++;
+            win_first[wcount] = count;
+            win_cpu[wcount] = cpu;
+            wcount++;
             continue;
         }
         {
@@ -93,5 +103,6 @@ int64_t xt_walk(const uint32_t *w, int64_t n, int64_t *rec_off, int32_t *rec_cpu
     st[ST_POS] = pos;
     st[ST_REMAIN] = remain;
     st[ST_CPU] = cpu;
+    st[ST_WOUT] = wcount;
     return count;
 }
