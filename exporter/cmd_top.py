@@ -213,12 +213,12 @@ def run_source(args, src, filt=None) -> int:
         for what in group:
             if what not in model.expand_all:
                 model.toggle_all(what)
-    t0 = time.monotonic()
     _start(src)
+    t0 = time.monotonic()      # after start(): probe compilation is not part of any interval
     try:
         take = lambda: take_snapshot([src])  # noqa: E731
-        # The first refresh shows rates since the source started (a replay at --speed 0 already
-        # has its totals by now): the baseline is empty totals at t0. A remote exporter's totals
+        # The first refresh counts everything since the source started (a replay at --speed 0
+        # already has all its totals now): the baseline is empty totals at t0. A remote exporter's totals
         # predate us, so there the first scrape is the baseline.
         first = take()
         if not getattr(src, "totals_predate_start", False):
