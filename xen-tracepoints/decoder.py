@@ -542,10 +542,20 @@ class StreamDecoder:
             rows["cpu"], rows["tsc"], rows["kind"] = cpu_s[rel], tsc_s[rel], kind[rel]
             rows["ev"], rows["w0"], rows["w1"] = ev_s[rel], w0[rel], w1[rel]
             rows["seq"] = seq0 + rel
+            # xenalyze handles a lost-records record twice: at its first lost TSC (order_tsc)
+            # and again, as TRC_LOST_RECORDS_END, at its own TSC (process_records).
+            lr = np.flatnonzero(rows["kind"] == _K_LOST)
+            if len(lr):
+                ends = rows[lr].copy()
+                ends["kind"] = _K_LOST_END
+                first_lost = (word(2)[order][rel[lr]].astype(np.uint64)
+                              | (word(3)[order][rel[lr]].astype(np.uint64) << np.uint64(32)))
+                rows["tsc"][lr] = first_lost
+                rows = np.concatenate([rows, ends])
             evrow = np.full(n, -1, np.int64)
             evrow[ii] = np.arange(k)
             r_io = evrow[rel] >= 0
-            rows["io"][r_io] = batch[evrow[rel][r_io]]
+            rows["io"][:len(rel)][r_io] = batch[evrow[rel][r_io]]
             return self._compat.run(rows, self._watermark())
         return self._service(batch, ii, exit_ok, entry_ok, dom_s, vcpu_s, tsc_s, seq0)
 
@@ -648,6 +658,7 @@ _SROW = np.dtype([("key", np.int64), ("tsc", np.uint64), ("kind", np.int8), ("se
 # xenalyze state-machine rows (compat mode)
 _CROW = np.dtype([("cpu", np.int32), ("tsc", np.uint64), ("kind", np.int8), ("ev", np.uint32),
                   ("w0", np.uint32), ("w1", np.uint32), ("seq", np.int64), ("io", E.EVENT_DTYPE)])
+_K_LOST_END = 8
 
 
 class _XenalyzeMachine:
@@ -663,15 +674,27 @@ class _XenalyzeMachine:
         self.exit_tsc: dict[int, int] = {}
         self.claim: dict[int, object] = {}          # None | "other" | event row
         self.seen_runstate: set[int] = set()
+        self.rstate: dict[int, int] = {}            # vCPU key -> runstate (-1: lost)
         self.pending = np.zeros(0, _CROW)
 
     def _close(self, key, tsc, out):
-        claim = self.claim.get(key)
-        if claim is not None and not isinstance(claim, str):
+        """hvm_close_vmexit: run the exit's post-process (count its I/O), close the exit."""
+        fl = self.claim.get(key)
+        if fl is not None and fl[0] != "other":
+            post, pio_dir, port, gpa, mmio_dir, data_valid, io = fl
             ext = self.exit_tsc.get(key, 0)
-            arc = tsc - ext if ext <= tsc else 0      # hvm_close_vmexit: arc_cycles
-            claim["service_ns"] = int(arc * 1e9 / self.hz)
-            out.append(claim)
+            arc = tsc - ext if ext <= tsc else 0      # arc_cycles
+            if post == "pio":                         # hvm_io_{read,write}_postprocess
+                io["type"], io["dir"], io["addr"] = E.TYPE_PIO, pio_dir, port
+            elif data_valid and not (C.XENALYZE_VGA_START <= gpa < C.XENALYZE_VGA_END):
+                # enumerate_mmio: needs data; VGA test on the full gpa; pa is unsigned int
+                io["type"], io["dir"], io["addr"] = E.TYPE_MMIO, mmio_dir, gpa & 0xFFFFFFFF
+            else:
+                io = None
+            if io is not None:
+                io["service_ns"] = int(arc * 1e9 / self.hz)
+                io["data_is_ptr"] = 0
+                out.append(io)
         self.valid[key] = False
         self.claim[key] = None
 
@@ -699,6 +722,8 @@ class _XenalyzeMachine:
                         and key in self.seen_runstate and valid.get(key):
                     self._close(key, t, out)          # sched_runstate_process closes the exit
                 self.seen_runstate.add(key)
+                if self.rstate.get(key) != -1 or new == C.RUNSTATE_RUNNING:
+                    self.rstate[key] = new            # a lost vCPU stays lost until it runs
                 if new == C.RUNSTATE_RUNNING:
                     cur[c] = key
                 elif kind == _K_CHANGE and ((e >> 8) & 0xF) == C.RUNSTATE_RUNNING \
@@ -707,10 +732,22 @@ class _XenalyzeMachine:
                 continue
             key = cur.get(c)
             if kind == _K_LOST:
-                if key is not None:                   # process_lost_records
+                # process_lost_records: the pCPU's current vCPU and every vCPU not running
+                # lose their open exit (lose_vcpu); the pCPU has no current vCPU ...
+                if key is not None:
                     valid[key] = False
                     claim[key] = None
+                for k2, st2 in self.rstate.items():
+                    if st2 != C.RUNSTATE_RUNNING:
+                        valid[k2] = False
+                        claim[k2] = None
+                        self.rstate[k2] = -1
                 cur[c] = None
+                continue
+            if kind == _K_LOST_END:
+                # ... until process_lost_records_end makes the vCPU named in the record current
+                w1 = int(rows["w1"][i])
+                cur[c] = ((w1 & 0xFFFF) << 16) | (w1 >> 16)
                 continue
             if key is None:
                 continue                              # xenalyze's default domain: not shown
@@ -721,24 +758,35 @@ class _XenalyzeMachine:
             elif kind == _K_ENTRY:
                 if valid.get(key):
                     self._close(key, t, out)
-            elif not valid.get(key) or claim.get(key) is not None:
-                continue                              # needs_vmexit / hvm_set_postprocess
+            elif not valid.get(key):
+                continue                              # needs_vmexit: dropped
             elif kind == _K_CLAIM:
-                claim[key] = "other"
+                if claim.get(key) is None:            # hvm_set_postprocess by another handler
+                    claim[key] = ["other"]
             else:
-                io = ios[i].copy()
-                is64 = bool(e & C.TRC_64_FLAG)
-                if io["type"] == E.TYPE_PIO and is64:
-                    claim[key] = "other"              # "FATAL: Unexpected 64-bit PIO": dropped
+                io = ios[i]
+                typ = int(io["type"])
+                if typ == E.TYPE_PIO and e & C.TRC_64_FLAG:
+                    continue                          # "FATAL: Unexpected 64-bit PIO": ignored
+                fl = claim.get(key)
+                if fl is None:
+                    # first I/O of the exit: sets the post-process; later ones only update
+                    # the in-flight data (hvm_io_assist_process / hvm_mmio_assist_process)
+                    fl = claim[key] = [None, 0, 0, 0, 0, False, io.copy()]
+                    fl[6]["domid"], fl[6]["vcpu"] = key >> 16, key & 0xFFFF
+                if fl[0] == "other":
                     continue
-                if io["type"] == E.TYPE_MMIO and (
-                        kind == _K_IO_REP
-                        or C.XENALYZE_VGA_START <= int(io["addr"]) < C.XENALYZE_VGA_END):
-                    claim[key] = "other"              # claims the slot, but not enumerated
-                    continue
-                io["addr"] = int(io["addr"]) & 0xFFFFFFFF   # io_address.pa is unsigned int
-                io["domid"], io["vcpu"] = key >> 16, key & 0xFFFF
-                claim[key] = io
+                d = int(io["dir"])
+                if typ == E.TYPE_PIO:
+                    fl[2] = int(io["addr"]) & 0xFFFFFFFF          # inflight.io.port
+                    if fl[0] is None:
+                        fl[0], fl[1] = "pio", d
+                else:
+                    fl[3], fl[4] = int(io["addr"]), d               # inflight.mmio.gpa/is_write
+                    if kind == _K_IO:
+                        fl[5] = True                                # data_valid
+                    if fl[0] is None:
+                        fl[0] = "mmio"
         batch = np.array(out, dtype=E.EVENT_DTYPE) if out else E.empty(0)
         if len(batch) > 1:
             batch = batch[np.argsort(batch["ts_ns"], kind="stable")]
