@@ -208,3 +208,13 @@ def test_cli_stream_plays_the_same_bytes(tmp_path):
                         "--steps", "200", "--chunk", "333", "--pause", "0"],
                        capture_output=True, check=True)
     assert r.stdout == synth.generate(4, steps=200).data
+
+
+@pytest.mark.parametrize("args", [["--stream", "--input", "/nonexistent/cap.bin"],
+                                  ["-o", "/nonexistent/dir/cap.bin", "--steps", "10"],
+                                  ["--pcpus", "0"]])
+def test_cli_bad_input_is_one_line_exit_2(args):
+    r = subprocess.run([sys.executable, "-m", "iotrace.xentrace.synth", *args],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr

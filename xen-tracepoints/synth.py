@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import struct
 import sys
 import time
@@ -609,19 +610,33 @@ def _main(argv=None) -> int:
     ap.add_argument("--hold", type=float, default=0.0,
                     help="with --stream: stay alive this long after the last byte")
     a = ap.parse_args(argv)
+    if not 1 <= a.pcpus <= 64 or a.steps < 0 or a.chunk < 1 or a.lost < 0:
+        print("synth: --pcpus must be 1..64, --steps, --lost >= 0, --chunk >= 1",
+              file=sys.stderr)
+        return 2
     if a.stream:
         if a.input:
-            with open(a.input, "rb") as fh:
-                data = fh.read()
+            try:
+                with open(a.input, "rb") as fh:
+                    data = fh.read()
+            except OSError as exc:
+                print(f"synth: {a.input}: {exc.strerror}", file=sys.stderr)
+                return 2
         else:
             data = generate(a.seed, steps=a.steps, pcpus=a.pcpus, amd=a.amd, lost=a.lost).data
+        # Like xentrace (close_handler): SIGINT/SIGTERM end the run quietly.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: sys.exit(0))
         out = sys.stdout.buffer
         limit = len(data) if a.die_after is None else min(a.die_after, len(data))
-        for i in range(0, limit, max(1, a.chunk)):
-            out.write(data[i:min(i + a.chunk, limit)])
-            out.flush()
-            if a.pause:
-                time.sleep(a.pause)
+        try:
+            for i in range(0, limit, a.chunk):
+                out.write(data[i:min(i + a.chunk, limit)])
+                out.flush()
+                if a.pause:
+                    time.sleep(a.pause)
+        except BrokenPipeError:
+            return 1
         if a.die_after is not None:
             print("xentrace stand-in: simulated failure", file=sys.stderr)
             return 1
@@ -630,7 +645,11 @@ def _main(argv=None) -> int:
         return 0
     t = generate(a.seed, steps=a.steps, pcpus=a.pcpus, amd=a.amd, lost=a.lost)
     if a.output:
-        t.write(a.output)
+        try:
+            t.write(a.output)
+        except OSError as exc:
+            print(f"synth: {a.output}: {exc.strerror}", file=sys.stderr)
+            return 2
     json.dump(t.summary(), sys.stdout)
     sys.stdout.write("\n")
     return 0
