@@ -27,6 +27,7 @@ API (used by the tests of the probe engineers)::
     # leaving the block sends SIGTERM and waits (SIGKILL after `timeout`)
 
     s = sr.StandIn(3, stream="x.csv.gz", hold=True, truth="t.json").start()
+    # die_with_parent=True: the stand-in gets SIGTERM if this Python process dies
     s.wait_exit(timeout) / s.stop() -> exit status; s.running(); s.stderr_text()
 
 ``stream`` may be a stream file or a CSV(.gz) capture (converted once and cached, see
@@ -128,7 +129,7 @@ class StandIn:
     def __init__(self, domid: int, stream: str | os.PathLike | None = None, *,
                  name: str | None = None, speed: float = 0.0, loop: bool = False,
                  hold: bool = False, truth: str | os.PathLike | None = None,
-                 layout: str = "7.2", stdout=subprocess.DEVNULL):
+                 layout: str = "7.2", stdout=subprocess.DEVNULL, die_with_parent: bool = False):
         self.domid = int(domid)
         self.layout = layout
         self.exe = build(layout)
@@ -138,6 +139,7 @@ class StandIn:
                             loop=loop, hold=hold, truth=truth)
         self._stdout = stdout
         self._stderr = None
+        self._die_with_parent = die_with_parent
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -149,7 +151,8 @@ class StandIn:
     def start(self) -> "StandIn":
         self._stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(self.argv, stdout=self._stdout, stderr=self._stderr,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL,
+                                     preexec_fn=_pdeathsig if self._die_with_parent else None)
         return self
 
     def running(self) -> bool:
@@ -182,6 +185,14 @@ class StandIn:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _pdeathsig() -> None:
+    """In the child before exec: get SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG), so a
+    killed demo leaves no device models behind."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)      # PR_SET_PDEATHSIG = 1 (linux/prctl.h)
 
 
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
