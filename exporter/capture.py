@@ -2,8 +2,8 @@
 
 Kinds, told apart by their first bytes:
 * an iotrace recording (``iotrace record``; see ``iotrace.recording``);
-* a xentrace capture (no header: it starts with a TRC_TRACE_CPU_CHANGE record, 0x0002f003 with
-  the TSC bit clear, or with a wrap/lost record; see ``iotrace.xentrace.decoder``).
+* a xentrace capture (no header: it starts with a TRC_TRACE_CPU_CHANGE record (event 0x0001f003,
+  two extra words: header word 0x2001f003), or with a wrap/lost record; see ``iotrace.xentrace.decoder``).
 """
 from __future__ import annotations
 
