@@ -14,7 +14,7 @@ import sys
 import time
 
 from .errors import UserError
-from .top_model import SORT_ORDER, FilterError, Model, make_filter, take_snapshot
+from .top_model import SORT_ORDER, FilterError, Model, Sampler, make_filter
 
 HELP = "live per-domain view of guest I/O requests (like top/xentop; -b for text)"
 EXAMPLES = """\
@@ -216,7 +216,7 @@ def run_source(args, src, filt=None) -> int:
     _start(src)
     t0 = time.monotonic()      # after start(): probe compilation is not part of any interval
     try:
-        take = lambda: take_snapshot([src])  # noqa: E731
+        take = Sampler([src])
         # The first refresh counts everything since the source started (a replay at --speed 0
         # already has all its totals now): the baseline is empty totals at t0. A remote exporter's totals
         # predate us, so there the first scrape is the baseline.

@@ -257,3 +257,26 @@ def test_formatting():
         ["-", "0", "512", "2.0K", "5.0M"]
     assert [fmt_secs(x) for x in (None, 5e-7, 5e-6, 250e-6, 2e-3, 1.5)] == \
         ["-", "500ns", "5.0us", "250us", "2.0ms", "1.50s"]
+
+
+def test_sampler_keeps_last_totals_of_a_failing_source(fed):
+    from iotrace.top_model import Sampler
+    clock = Clock()
+    sample = Sampler([fed], clock=clock, host="h")
+    fed.feed(batch(10, 1, 0, events.TYPE_PIO, 0x3f8, events.DIR_WRITE, 1))
+    good = sample()
+    assert sum(c.count for c in good.totals.values()) == 10 and good.stats[0].up
+
+    def broken():
+        raise AttributeError("'int' object has no attribute 'value'")
+    fed.totals = broken
+    bad = sample()
+    assert sum(c.count for c in bad.totals.values()) == 10     # last good totals, no reset
+    assert not bad.stats[0].up
+    assert bad.stats[0].error == ("reading the source failed: AttributeError: "
+                                  "'int' object has no attribute 'value'")
+    m = Model()
+    m.update(good)
+    clock.t += 1
+    m.update(bad)
+    assert m.view().rows[0].req_rate == 0
