@@ -270,6 +270,7 @@ def test_sampler_keeps_last_totals_of_a_failing_source(fed):
     def broken():
         raise AttributeError("'int' object has no attribute 'value'")
     fed.totals = broken
+    clock.t += 1
     bad = sample()
     assert sum(c.count for c in bad.totals.values()) == 10     # last good totals, no reset
     assert not bad.stats[0].up
@@ -277,6 +278,5 @@ def test_sampler_keeps_last_totals_of_a_failing_source(fed):
                                   "'int' object has no attribute 'value'")
     m = Model()
     m.update(good)
-    clock.t += 1
     m.update(bad)
     assert m.view().rows[0].req_rate == 0
