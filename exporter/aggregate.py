@@ -41,6 +41,10 @@ class Cell:
     service_n: int = 0             # requests with a known service time
     service_sum_ns: int = 0
     hist: np.ndarray = field(default_factory=lambda: np.zeros(N_SLOTS, dtype=np.int64))
+    # Exact extremes where the source saw each duration (events); None for map-only sources.
+    # Quantiles read off the histogram are clamped to them (a lone sample reads back exactly).
+    service_min_ns: int | None = None
+    service_max_ns: int | None = None
 
     def add(self, other: "Cell") -> None:
         self.count += other.count
@@ -48,12 +52,29 @@ class Cell:
         self.service_n += other.service_n
         self.service_sum_ns += other.service_sum_ns
         self.hist += other.hist
+        self.service_min_ns = _opt(min, self.service_min_ns, other.service_min_ns)
+        self.service_max_ns = _opt(max, self.service_max_ns, other.service_max_ns)
 
     def service_avg_seconds(self) -> float | None:
         return self.service_sum_ns / self.service_n / 1e9 if self.service_n else None
 
     def service_quantile_seconds(self, q: float) -> float | None:
-        return hist_quantile_ns(self.hist, q) / 1e9 if self.service_n else None
+        if not self.service_n:
+            return None
+        ns = hist_quantile_ns(self.hist, q)
+        if self.service_min_ns is not None:
+            ns = max(ns, self.service_min_ns)
+        if self.service_max_ns is not None:
+            ns = min(ns, self.service_max_ns)
+        return ns / 1e9
+
+
+def _opt(fn, a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return fn(a, b)
 
 
 def log2_slots(ns: np.ndarray) -> np.ndarray:
@@ -118,6 +139,11 @@ class Aggregator:
         svc_sum = np.bincount(inverse[known], weights=svc[known].astype(np.float64), minlength=m)
         hist = np.bincount(inverse[known] * N_SLOTS + log2_slots(svc[known]),
                            minlength=m * N_SLOTS).reshape(m, N_SLOTS)
+        svc_min = np.full(m, np.iinfo(np.int64).max, dtype=np.int64)
+        svc_max = np.full(m, -1, dtype=np.int64)
+        if known.any():
+            np.minimum.at(svc_min, inverse[known], svc[known])
+            np.maximum.at(svc_max, inverse[known], svc[known])
         names = self.addrmap.names
         for i, u in enumerate(uniq.tolist()):
             key = Key(u[0], u[1], u[2], u[3], names[u[4]], u[5])
@@ -129,6 +155,9 @@ class Aggregator:
             cell.service_n += int(svc_n[i])
             cell.service_sum_ns += int(round(svc_sum[i]))
             cell.hist += hist[i]
+            if svc_n[i]:
+                cell.service_min_ns = _opt(min, cell.service_min_ns, int(svc_min[i]))
+                cell.service_max_ns = _opt(max, cell.service_max_ns, int(svc_max[i]))
 
     def add_cell(self, key: Key, cell: Cell) -> None:
         """Add pre-aggregated totals (e.g. one BPF map entry) under ``key``."""

@@ -100,3 +100,14 @@ def test_batch_aggregation_equals_per_event_counting(rows):
         expect[(d, v, t, r, a)] = expect.get((d, v, t, r, a), 0) + 1
     got = {(k.domid, k.vcpu, k.type, k.dir, k.addr): c.count for k, c in agg.cells.items()}
     assert got == expect
+
+
+def test_quantiles_clamped_to_observed_extremes():
+    agg = Aggregator()
+    agg.add_batch(batch([dict(domid=1, addr=0x3f8, service_ns=75_400)]))
+    cell = next(iter(agg.cells.values()))
+    assert cell.service_quantile_seconds(0.5) == pytest.approx(75.4e-6)
+    assert cell.service_quantile_seconds(0.95) == pytest.approx(75.4e-6)
+    agg.add_batch(batch([dict(domid=1, addr=0x3f8, service_ns=70_000)]))
+    assert 70e-6 <= cell.service_quantile_seconds(0.5) <= 75.4e-6
+    assert (cell.service_min_ns, cell.service_max_ns) == (70_000, 75_400)
