@@ -366,3 +366,37 @@ def test_not_a_terminal_needs_batch():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "iotrace top: not a terminal: use -b for plain-text output (e.g. iotrace top -b 1 10)"]
+
+
+def test_real_cli_on_a_replay(tmux_top, iotrace_exe, tmp_path):
+    """The installed `iotrace top --replay FILE --speed 0` in 80x24: first interval counts the
+    whole recording, later ones are idle; expand, sort by name, quit."""
+    from iotrace import events
+    from iotrace.recording import RecordingWriter
+    rec = tmp_path / "two.iotrec"
+    with RecordingWriter(rec, {"source": "qemu", "domains": {1: "alpha", 2: "beta"}}) as w:
+        for domid, vcpu, typ, addr, n in ((1, 0, events.TYPE_PIO, 0x3f8, 900),
+                                          (1, 1, events.TYPE_PIO, 0x1f0, 100),
+                                          (2, 0, events.TYPE_MMIO, 0xfed00000, 300)):
+            b = events.empty(n)
+            b["domid"], b["vcpu"], b["type"], b["addr"], b["size"] = domid, vcpu, typ, addr, 4
+            w.write(b)
+    t = Tmux(f"{shlex.quote(iotrace_exe)} top --replay {shlex.quote(str(rec))} --speed 0 0.5")
+    try:
+        s = t.wait_for(lambda x: "alpha" in x and "beta" in x and "replay up" in x,
+                       what="replay table")
+        assert all(len(ln) <= 80 for ln in s.splitlines())
+        assert "ev 1300" in s
+        rows = table_rows(s)
+        assert names(rows) == ["alpha", "beta"]
+        s = t.wait_for(lambda x: table_rows(x)[0][2:].split()[2] == "0", what="idle interval")
+        t.keys("Enter")
+        s = t.wait_for(lambda x: "vcpu 1" in x, what="expanded")
+        labels = [r[2:].strip().split("  ")[0] for r in table_rows(s)]
+        assert labels[1:5] == ["vcpu 0", "vcpu 1", "com1", "ide-primary"], labels
+        t.keys("S")                                          # previous sort key: name
+        s = t.wait_for(lambda x: "sort name" in x, what="sort by name")
+        t.keys("q")
+        t.wait_for(lambda x: "EXIT=0" in x, what="exit 0")
+    finally:
+        t.kill()
