@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import signal
 import sys
+import threading
 import time
 
 from .errors import UserError
@@ -213,6 +215,7 @@ def run_source(args, src, filt=None) -> int:
         for what in group:
             if what not in model.expand_all:
                 model.toggle_all(what)
+    _interrupt_on_term()
     _start(src)
     t0 = time.monotonic()      # after start(): probe compilation is not part of any interval
     try:
@@ -241,6 +244,19 @@ def run_source(args, src, filt=None) -> int:
             src.stop()
         except Exception as exc:  # never leave uprobes behind because of a later error
             print(f"iotrace top: stopping {src.name}: {exc}", file=sys.stderr)
+
+
+def _on_term(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _interrupt_on_term() -> None:
+    """SIGTERM/SIGHUP (a supervisor, ``iotrace demo``, a closed ssh session) end top like Ctrl-C:
+    through the ``finally`` that stops the source (detaching its uprobes) and restores the
+    terminal."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _on_term)
 
 
 def _run_batch(model: Model, take, args) -> int:

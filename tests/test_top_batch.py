@@ -187,3 +187,18 @@ def test_positional_arguments_are_checked(iotrace_exe):
     for args in (["0"], ["-1"], ["1", "0"], ["abc"]):
         r = run_top(iotrace_exe, *args)
         assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_sigterm_ends_batch_cleanly(iotrace_exe, real_xentrace):
+    import signal
+    p = subprocess.Popen([iotrace_exe, "top", "-b", "--replay", str(real_xentrace), "0.2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = p.stdout.readline()
+        assert first.startswith("iotrace top ")
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=15)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and err == ""
