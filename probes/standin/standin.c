@@ -142,6 +142,7 @@ _Static_assert(sizeof(struct stream_rec) == 24, "stream record");
 #define REC_BUFFERED 1
 
 static const char *prog = "iotrace-standin";
+int main(int argc, char **argv);
 static volatile sig_atomic_t stop_requested;
 static int layout_probe;                    /* -print-layout: remember handle_ioreq's callers */
 static void *layout_ret[2];
@@ -594,10 +595,53 @@ static struct phdr_query elf_location(void *runtime)
     return q;
 }
 
-/* Serve one synchronous and one buffered request through the real paths, noting the return
- * addresses handle_ioreq sees, and print where things are. */
+/* The return address of the one `call handle_ioreq` (x86-64 e8 rel32) in [fn, end), or NULL.
+ * Read from the code itself, so a uretprobe (which swaps return addresses on the stack for its
+ * trampoline) cannot disturb it. */
+static void *call_site_return(const void *fn, const void *end)
+{
+    const uint8_t *p = fn, *stop = end;
+    void *found = NULL;
+    int n = 0;
+    for (; p + 5 <= stop; p++) {
+        int32_t rel;
+        if (p[0] != 0xe8)
+            continue;
+        memcpy(&rel, p + 1, sizeof(rel));
+        if ((uintptr_t)(p + 5) + (intptr_t)rel == (uintptr_t)handle_ioreq) {
+            found = (void *)(p + 5);
+            n++;
+        }
+    }
+    return n == 1 ? found : NULL;
+}
+
+/* Where a function's code ends, at the latest: the next of this file's functions in memory. */
+static const void *function_end(const void *fn)
+{
+    const void *fns[] = {(void *)handle_ioreq, (void *)handle_buffered_iopage,
+                         (void *)handle_buffered_io, (void *)cpu_get_ioreq,
+                         (void *)cpu_handle_ioreq, (void *)main};
+    const uint8_t *end = (const uint8_t *)fn + 4096;
+    for (unsigned i = 0; i < sizeof(fns) / sizeof(fns[0]); i++)
+        if ((const uint8_t *)fns[i] > (const uint8_t *)fn && (const uint8_t *)fns[i] < end)
+            end = fns[i];
+    return end;
+}
+
+/* Where a probe must look: send_vcpu's offset, handle_ioreq, and the return addresses of its two
+ * call sites (found in the code, then checked by serving one buffered and one synchronous request
+ * through the real paths, when no uretprobe hides the real return addresses). */
 static int print_layout(void)
 {
+    void *ret_buf = call_site_return((void *)handle_buffered_iopage,
+                                     function_end((void *)handle_buffered_iopage));
+    void *ret_sync = call_site_return((void *)cpu_handle_ioreq,
+                                      function_end((void *)cpu_handle_ioreq));
+    if (!ret_buf || !ret_sync)
+        die("print-layout: cannot find the call of handle_ioreq in %s",
+            ret_buf ? "cpu_handle_ioreq" : "handle_buffered_iopage");
+
     XenIOState s;
     state_init(&s, 1);
     layout_probe = 1;
@@ -610,16 +654,22 @@ static int print_layout(void)
     layout_probe = 0;
     if (layout_ret_n != 2)
         die("print-layout: expected 2 calls of handle_ioreq, saw %d", layout_ret_n);
+    int seen_ok = elf_location(layout_ret[0]).offset >= 0 && elf_location(layout_ret[1]).offset >= 0;
+    if (seen_ok && (layout_ret[0] != ret_buf || layout_ret[1] != ret_sync))
+        die("print-layout: return addresses seen (%p, %p) differ from the call sites (%p, %p)",
+            layout_ret[0], layout_ret[1], ret_buf, ret_sync);
+
     struct phdr_query h = elf_location((void *)handle_ioreq);
-    struct phdr_query rbq = elf_location(layout_ret[0]);
-    struct phdr_query rsq = elf_location(layout_ret[1]);
+    struct phdr_query rbq = elf_location(ret_buf);
+    struct phdr_query rsq = elf_location(ret_sync);
     printf("{\"layout\": \"%s\", \"send_vcpu_offset\": %zu, "
            "\"handle_ioreq\": {\"vaddr\": %lu, \"file_offset\": %lld}, "
            "\"ret_buffered\": {\"vaddr\": %lu, \"file_offset\": %lld}, "
-           "\"ret_sync\": {\"vaddr\": %lu, \"file_offset\": %lld}}\n",
+           "\"ret_sync\": {\"vaddr\": %lu, \"file_offset\": %lld}, "
+           "\"checked_at_run_time\": %s}\n",
            STANDIN_LAYOUT, offsetof(XenIOState, send_vcpu),
            (unsigned long)h.vaddr, h.offset, (unsigned long)rbq.vaddr, rbq.offset,
-           (unsigned long)rsq.vaddr, rsq.offset);
+           (unsigned long)rsq.vaddr, rsq.offset, seen_ok ? "true" : "false");
     return 0;
 }
 
