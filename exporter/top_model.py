@@ -451,6 +451,8 @@ class Model:
                 lost_by_dom[int(d)] = lost_by_dom.get(int(d), 0) + int(n)
 
         names = {d: info.name for d, info in snap.domains.items()}
+        # Per-domain probe counts mean something only for sources that attach probes.
+        has_probes = any(st.probes_attached or st.probes_failed for st in snap.stats)
         per_dom: dict[int, dict[Key, tuple[Cell, Cell]]] = {}
         for key, cell in snap.totals.items():
             name = names.get(key.domid, _default_name(key.domid))
@@ -484,7 +486,7 @@ class Model:
             name = info.name if info else _default_name(domid)
             row = Row("domain", 0, domid, name, ident=("domain", domid),
                       vcpus=len([v for v in by_vcpu if v >= 0]),
-                      probes=info.probes_attached if info else None,
+                      probes=info.probes_attached if info and has_probes else None,
                       lost=lost_by_dom.get(domid) if lost_by_dom else None,
                       expanded=frozenset(self.expansion(domid)))
             if row.lost:

@@ -89,6 +89,7 @@ def test_replay_totals_line_by_line(iotrace_exe, known_recording):
     assert a["AVG"] == "12.0us"                                 # (1000x5 + 250x40) / 1250
     assert b["P50"] == b["P95"] == b["AVG"] == "-"               # no timing for buffered writes
     assert a["FLAGS"] == b["FLAGS"] == "-"
+    assert a["PROBES"] == b["PROBES"] == "-"                    # a replay attaches no probes
     # Second interval: nothing new, totals unchanged.
     a2, b2 = rows(t2)
     assert (a2["REQ/s"], a2["REQS"], b2["REQ/s"], b2["REQS"]) == ("0", "1250", "0", "400")
