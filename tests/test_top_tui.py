@@ -400,3 +400,16 @@ def test_real_cli_on_a_replay(tmux_top, iotrace_exe, tmp_path):
         t.wait_for(lambda x: "EXIT=0" in x, what="exit 0")
     finally:
         t.kill()
+
+
+def test_count_ends_the_view_and_d_picks_a_domain(tmux_top):
+    t = tmux_top("0.2", "3")                                # three refreshes, then exit 0
+    t.wait_for(lambda x: "EXIT=0" in x, what="exit after count")
+    t2 = tmux_top("0.3")
+    t2.wait_for(has_rates, what="table")
+    t2.keys("Down", "d")                                     # only beta
+    s = t2.wait_for(lambda x: "filter: domain=2" in x, what="domain picked")
+    assert names(table_rows(s)) == ["beta"]
+    t2.keys("d")                                             # again: everyone
+    s = t2.wait_for(lambda x: "filter:" not in x.splitlines()[2], what="all again")
+    assert names(table_rows(s)) == ["alpha", "beta", "gamma"]
