@@ -196,3 +196,12 @@ def test_unit_tests_catch_mutants(tmp_path, old, new, unit):
     res = promtool("test", "rules", f"tests/{unit}", cwd=tmp_path)
     assert res.returncode != 0 and "FAILED" in res.stdout + res.stderr, \
         f"unit test {unit} still passes with {old!r} -> {new!r}"
+
+
+def test_runbook_names_only_real_verbs():
+    """Commands the runbook tells an operator to run are verbs of the iotrace CLI."""
+    from iotrace.cli import VERBS
+    text = RUNBOOK.read_text()
+    verbs = set(re.findall(r"`iotrace ([a-z][a-z-]*)", text))
+    assert verbs, "runbook names no iotrace command"
+    assert verbs <= set(VERBS), verbs - set(VERBS)
