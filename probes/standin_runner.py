@@ -11,8 +11,16 @@ Its command line (what ``iotrace standin`` execs; single or double dashes)::
 
     iotrace-standin -xen-domid N [-name NAME] -replay FILE.stream [-speed X] [-loop] [-hold]
                     [-truth OUT.json]
-    iotrace-standin -print-layout     # one JSON line: send_vcpu_offset, handle_ioreq and the two
-                                      # return addresses (ELF vaddr and file offset) of its callers
+    iotrace-standin -print-layout     # one JSON line, see below
+
+``-print-layout`` prints ``{"layout": "7.2", "send_vcpu_offset": 80, "handle_ioreq": {"vaddr": V,
+"file_offset": F}, "ret_buffered": {...}, "ret_sync": {...}, "checked_at_run_time": true}``:
+``ret_buffered`` / ``ret_sync`` are the return addresses of the ``call handle_ioreq`` in
+handle_buffered_iopage / cpu_handle_ioreq (read from the code, so an attached uretprobe, which
+swaps return addresses for its trampoline, does not disturb them; ``checked_at_run_time`` says
+whether serving one request of each kind confirmed them). In a process, runtime address = load
+base + vaddr; a uprobe reading ``*(u64 *)sp`` on entry of handle_ioreq compares against those.
+The binaries are PIE, built with gcc -O2, symbols kept (``t handle_ioreq`` in ``nm``).
 
 API (used by the tests of the probe engineers)::
 

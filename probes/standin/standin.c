@@ -24,7 +24,10 @@
  *  - handle_ioreq is a real out-of-line static function (noipa + used: no inlining, no clones, no
  *    changed signature), a local `t` symbol in .symtab, called from exactly two call sites:
  *    handle_buffered_iopage (buffered) and cpu_handle_ioreq (synchronous). `-print-layout` prints their
- *    return addresses (ELF virtual address and file offset) as one JSON line.
+ *    return addresses (ELF virtual address and file offset) as one JSON line, found in the code
+ *    (e8 rel32 calls) and confirmed by serving one request of each kind when no uretprobe hides them
+ *    (a uretprobe replaces the return address on the stack with its trampoline once entry handlers
+ *    have run: a BPF uprobe on entry still reads the real one).
  *
  * Replay: records are issued at t_ns / speed after the start (-speed 0: as fast as possible). With
  * -loop the stream restarts until SIGTERM/SIGINT; with -hold the process stays alive and idle after
