@@ -173,6 +173,10 @@ class TopScreen:
         except curses.error:
             pass
         stdscr.keypad(True)
+        try:
+            curses.set_escdelay(25)          # Esc cancels the filter prompt without a 1 s wait
+        except (AttributeError, curses.error):
+            pass
         self._colours()
         if self.model.cur is None:
             self.model.update(self.take())

@@ -212,7 +212,7 @@ def test_renders_in_80x24_and_quits(tmux_top):
     assert names(rows) == ["alpha", "beta", "gamma"]      # sorted by requests/s
     alpha = rows[0].split()
     # REQ/s of alpha: 400 per 0.1 s tick = 4000/s; allow for scheduling jitter on 2 cores.
-    assert 2500 <= float(alpha[3]) <= 5500, rows[0]
+    assert 2000 <= float(alpha[3]) <= 5500, rows[0]
     assert "com1" in rows[0]                               # busiest range of alpha
     assert rows[2].startswith("!"), rows[2]                 # gamma: lost events and slow p95
     assert "ms" in rows[2]
@@ -281,7 +281,7 @@ def test_command_line_filters(tmux_top):
     assert names(rows) == ["alpha"]
     # only vcpu 1 (ide-primary reads, 100 per tick = 1000/s) remains
     assert "ide-prim" in rows[0]
-    assert 600 <= float(rows[0].split()[3]) <= 1400, rows[0]
+    assert 500 <= float(rows[0].split()[3]) <= 1400, rows[0]
 
 
 def test_expand_collapse_vcpus_ranges_addresses(tmux_top):
@@ -412,4 +412,15 @@ def test_count_ends_the_view_and_d_picks_a_domain(tmux_top):
     assert names(table_rows(s)) == ["beta"]
     t2.keys("d")                                             # again: everyone
     s = t2.wait_for(lambda x: "filter:" not in x.splitlines()[2], what="all again")
+    assert names(table_rows(s)) == ["alpha", "beta", "gamma"]
+
+
+def test_escape_cancels_the_filter_prompt(tmux_top):
+    t = tmux_top("0.3")
+    t.wait_for(has_rates, what="table")
+    t.keys("/")
+    t.wait_for(lambda x: "filter (Enter applies" in x, what="prompt")
+    t.keys("-l", "domain=alpha")
+    t.keys("Escape")
+    s = t.wait_for(lambda x: "filter (Enter" not in x, timeout=3, what="prompt gone")
     assert names(table_rows(s)) == ["alpha", "beta", "gamma"]
