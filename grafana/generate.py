@@ -507,12 +507,16 @@ def main(argv=None) -> int:
     stale = []
     for name, builder in DASHBOARDS.items():
         text, path = render(builder), args.out / name
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(name)
-        else:
-            args.out.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+        try:
+            if args.check:
+                if not path.exists() or path.read_text() != text:
+                    stale.append(name)
+            else:
+                args.out.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+        except OSError as exc:
+            print(f"generate.py: {path}: {exc.strerror}", file=sys.stderr)
+            return 2
     if stale:
         print("out of date (run python3 grafana/generate.py): " + ", ".join(stale), file=sys.stderr)
         return 1

@@ -219,3 +219,11 @@ def test_queries_cli(capsys):
     out = capsys.readouterr().out
     assert 'domain=~"web"' in out and "$" not in out.replace("$__", "")
     assert queries.main([str(DASH_FILES[0]), "--var", "nonsense"]) == 2
+
+
+def test_generate_bad_output_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert generate.main(["--out", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "generate.py:" in err

@@ -19,7 +19,7 @@ import yaml
 from conftest import REPO, require_tool
 
 RULES = REPO / "rules"
-RULE_FILES = sorted(p for p in RULES.glob("*.yml") if p.name != "metrics-contract.yml")
+RULE_FILES = sorted(RULES.glob("iotrace-*.yml"))
 UNIT_FILES = sorted((RULES / "tests").glob("*.yml"))
 RUNBOOK = REPO / "docs" / "alerts.md"
 CONTRACT = yaml.safe_load((RULES / "metrics-contract.yml").read_text())
@@ -56,6 +56,18 @@ def test_promtool_check_rules(path):
     res = promtool("check", "rules", str(path))
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SUCCESS" in res.stdout
+
+
+def test_example_prometheus_config():
+    """rules/prometheus-example.yml is a valid config that loads both rule files."""
+    res = promtool("check", "config", str(RULES / "prometheus-example.yml"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = yaml.safe_load((RULES / "prometheus-example.yml").read_text())
+    assert set(doc["rule_files"]) == {p.name for p in RULE_FILES}
+    (job,) = doc["scrape_configs"]
+    assert job["job_name"].startswith("iotrace")
+    port = CONTRACT["default_port"]
+    assert all(t.endswith(f":{port}") for c in job["static_configs"] for t in c["targets"])
 
 
 @pytest.mark.parametrize("path", UNIT_FILES, ids=lambda p: p.name)
