@@ -524,4 +524,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    import signal
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # quiet when piped into head(1)
     sys.exit(main())
