@@ -154,7 +154,7 @@ class ProbeSet:
     def hist_items(self) -> list[tuple]:
         if not self.timing:
             return []
-        return [(self._copy(k, T.HistKey), int(v.value)) for k, v in self._items("hist")]
+        return [(self._copy(k, T.HistKey), int(getattr(v, "value", v))) for k, v in self._items("hist")]
 
     def _items(self, name: str):
         table = self.bpf[name]

@@ -1,0 +1,329 @@
+"""The live qemu-dm source: uprobes on handle_ioreq in every device model binary.
+
+``QemuProbeSource`` implements ``iotrace.source.Source`` (name "qemu"):
+
+* metrics mode (serve, top): requests are aggregated in kernel maps keyed by (tgid, vcpu, type, dir,
+  size, addr); ``totals()`` reads the maps at call time and maps tgid -> domid in user space. No
+  per-request wake-up of user space.
+* events mode (snoop, record): each request goes through a ring buffer; ``poll()`` returns them as
+  ``EVENT_DTYPE`` batches with the domid filled in, and folds them into the totals as well. Records
+  the ring buffer could not take are counted (``stats().lost``).
+
+Probes are attached per binary (pid -1), so a device model started later is covered from its first
+request. Binaries: the Debian device model (``/usr/libexec/xen-qemu-system-i386``) when present,
+the binaries of running processes with ``-xen-domid``, and any given with ``binaries=[...]``.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+
+from iotrace.addrmap import AddressMap
+from iotrace.aggregate import N_SLOTS, Aggregator, Cell, Key
+from iotrace.errors import ProbeError
+from iotrace.events import EVENT_DTYPE
+from iotrace.source import DomainInfo, SourceStats
+
+from . import bpf_types as T
+from .discovery import ProcessMap, scan
+from .loader import RINGBUF_PAGES, ProbeSet
+from .symbols import ElfError, resolve
+
+DEBIAN_DM = "/usr/libexec/xen-qemu-system-i386"
+DEFAULT_BINARIES = (DEBIAN_DM,)
+
+
+def default_binaries() -> list[str]:
+    """The Debian device model if installed, plus the binaries of running device models."""
+    out = [p for p in DEFAULT_BINARIES if os.path.exists(p)]
+    for dm in scan().values():
+        if dm.exe and dm.exe not in out:
+            out.append(dm.exe)
+    return out
+
+
+class QemuProbeSource:
+    name = "qemu"
+
+    def __init__(self, addrmap: AddressMap | None = None, binaries=None, strict: bool = False,
+                 *, mode: str = "metrics", timing: bool = True, defaults: bool = True,
+                 send_vcpu_offset: int | None = None, keep_addr: bool = True,
+                 ringbuf_pages: int = RINGBUF_PAGES, warn=None):
+        self.addrmap = addrmap or AddressMap.default()
+        self.extra = list(binaries or [])
+        self.strict = strict
+        self.mode = mode
+        self.timing = timing
+        self.defaults = defaults
+        self.send_vcpu_offset = send_vcpu_offset
+        self.keep_addr = keep_addr
+        self.ringbuf_pages = ringbuf_pages
+        self.warn = warn or (lambda msg: print(f"iotrace: {msg}", file=sys.stderr))
+        self.sets: list[ProbeSet] = []
+        self.resolutions = []
+        self.attach_log: list[tuple[str, str, bool, str | None]] = []   # binary, point, ok, error
+        self._lock = threading.Lock()
+        self._pm = ProcessMap()
+        self._stats = SourceStats(self.name)
+        self._agg = Aggregator(self.addrmap, keep_addr=keep_addr)     # events mode totals
+        self._pending: list[bytes] = []
+        self._domains: dict[int, DomainInfo] = {}
+        self._pid_binary: dict[int, str] = {}
+        self._started = False
+        self._last_refresh = 0.0
+        self._alive: set[int] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def binaries(self) -> list[str]:
+        paths = default_binaries() if self.defaults else []
+        for p in self.extra:
+            if not os.path.exists(p):
+                self._fail(f"{p}: no such file")
+                continue
+            real = os.path.realpath(p)
+            if real not in [os.path.realpath(q) for q in paths]:
+                paths.append(real)
+        seen, out = set(), []
+        for p in paths:
+            r = os.path.realpath(p)
+            if r not in seen:
+                seen.add(r)
+                out.append(r)
+        return out
+
+    def _fail(self, msg: str) -> None:
+        self._stats.probes_failed += 1
+        self._stats.error = msg
+        if self.strict:
+            self.stop()
+            raise ProbeError(msg)
+        self.warn(msg)
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        for path in self.binaries():
+            try:
+                res = resolve(path)
+            except ElfError as exc:
+                self._fail(str(exc))
+                continue
+            self.resolutions.append(res)
+            if not res.ok:
+                self._fail(res.error)
+                continue
+            if self.send_vcpu_offset is not None and not res.send_vcpu_from.startswith("table"):
+                res.send_vcpu_offset = self.send_vcpu_offset
+                res.send_vcpu_from = "command line"
+            try:
+                ps = ProbeSet(res, self.mode, self.timing, ringbuf_pages=self.ringbuf_pages)
+            except ProbeError as exc:
+                self._fail(str(exc))
+                continue
+            for a in ps.attach():
+                self.attach_log.append((res.path, a.point, a.ok, a.error))
+                if a.ok:
+                    self._stats.probes_attached += 1
+                else:
+                    ps.close() if self.strict else None
+                    self._fail(f"{res.path}: cannot attach the {a.point} uprobe at "
+                               f"{res.func_offset:#x}: {a.error}")
+            if ps.attached:
+                if self.mode == "events":
+                    ps.open_ring(self._on_record)
+                self.sets.append(ps)
+            else:
+                ps.close()
+        self._stats.up = bool(self.sets)
+        self._refresh_domains()
+
+    def stop(self) -> None:
+        for ps in self.sets:
+            ps.close()
+        self.sets = []
+        self._stats.up = False
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def attached(self) -> int:
+        return sum(ps.attached for ps in self.sets)
+
+    # -- domains ---------------------------------------------------------------------------------
+    def _probes_for(self, exe: str | None) -> int:
+        return sum(ps.attached for ps in self.sets if exe and ps.res.path == exe)
+
+    def _refresh_domains(self) -> set[int]:
+        """Pick up new device models, drop those that went away; returns the pids gone."""
+        alive, gone = self._pm.refresh()
+        self._alive = set(alive)
+        now = time.time()
+        doms: dict[int, DomainInfo] = {}
+        for pid, dm in alive.items():
+            old = self._domains.get(dm.domid)
+            info = DomainInfo(dm.domid, dm.name, pid, self._probes_for(dm.exe),
+                              first_seen=old.first_seen if old and old.pid == pid else dm.first_seen,
+                              last_seen=now)
+            doms[dm.domid] = info
+        dropped = {d for d in self._domains if d not in doms}
+        self._domains = doms
+        if gone:
+            for ps in self.sets:
+                ps.forget_tgids(gone)
+        if self.mode == "events":
+            for domid in dropped:
+                self._agg.drop_domain(domid)
+        return gone
+
+    def domains(self) -> dict[int, DomainInfo]:
+        with self._lock:
+            self._refresh_domains()
+            return dict(self._domains)
+
+    def _domid(self, tgid: int) -> int | None:
+        dm = self._pm.lookup(int(tgid))
+        return dm.domid if dm is not None else None
+
+    # -- metrics mode ----------------------------------------------------------------------------
+    def totals(self) -> dict[Key, Cell]:
+        with self._lock:
+            self._refresh_domains()
+            if self.mode == "events":
+                return {k: Cell(c.count, c.bytes, c.service_n, c.service_sum_ns, c.hist.copy())
+                        for k, c in self._agg.cells.items()}
+            return self._read_maps()
+
+    def _read_maps(self) -> dict[Key, Cell]:
+        out: dict[Key, Cell] = {}
+        unattributed = 0
+        for ps in self.sets:
+            items = ps.stats_items()
+            hists = ps.hist_items()
+            if not items:
+                continue
+            n = len(items)
+            tgid = np.fromiter((k.tgid for k, _ in items), np.int64, n)
+            types = np.fromiter((k.type for k, _ in items), np.uint8, n)
+            addrs = np.fromiter((k.addr for k, _ in items), np.uint64, n)
+            rng = self.addrmap.lookup(types, addrs)
+            names = self.addrmap.names
+            domid_of = {int(t): self._domid(int(t)) for t in np.unique(tgid)}
+            by_raw: dict[tuple, Key] = {}
+            for i, (k, v) in enumerate(items):
+                domid = domid_of[k.tgid]
+                if domid is not None and k.tgid not in self._alive:
+                    continue                    # its process went away: dropped
+                if domid is None:
+                    unattributed += v.count
+                    continue
+                key = Key(domid, k.vcpu, k.type, k.dir, names[int(rng[i])],
+                          k.addr if self.keep_addr else 0)
+                by_raw[(k.tgid, k.vcpu, k.type, k.dir, k.size, k.addr)] = key
+                cell = out.get(key)
+                if cell is None:
+                    cell = out[key] = Cell()
+                cell.count += v.count
+                cell.bytes += v.bytes
+                cell.service_n += v.svc_n
+                cell.service_sum_ns += v.svc_sum_ns
+            for hk, c in hists:
+                k = hk.k
+                key = by_raw.get((k.tgid, k.vcpu, k.type, k.dir, k.size, k.addr))
+                if key is not None and hk.slot < N_SLOTS:
+                    out[key].hist[hk.slot] += c
+        self._stats.extra["unattributed"] = unattributed
+        return out
+
+    # -- events mode -----------------------------------------------------------------------------
+    def _on_record(self, _ctx, data, size):
+        self._pending.append(ct.string_at(data, size))
+
+    def poll(self, timeout_ms: int = 100) -> np.ndarray:
+        """Events that arrived since the last call (EVENT_DTYPE, domid mapped, time order)."""
+        if self.mode != "events":
+            raise RuntimeError("poll() needs mode='events'")
+        if not self.sets:
+            time.sleep(timeout_ms / 1000)
+            return np.zeros(0, dtype=EVENT_DTYPE)
+        per = max(1, timeout_ms // len(self.sets))
+        for ps in self.sets:
+            ps.poll(per)
+        raw, self._pending = self._pending, []
+        batch = self._convert(b"".join(raw))
+        with self._lock:
+            if len(batch):
+                self._agg.add_batch(batch)
+                self._stats.events += len(batch)
+            now = time.monotonic()
+            if now - self._last_refresh >= 0.2:
+                self._last_refresh = now
+                self._refresh_domains()
+        return batch
+
+    def drain(self) -> np.ndarray:
+        """Whatever is left in the ring buffers, without waiting."""
+        for ps in self.sets:
+            ps.consume()
+        raw, self._pending = self._pending, []
+        batch = self._convert(b"".join(raw))
+        with self._lock:
+            if len(batch):
+                self._agg.add_batch(batch)
+                self._stats.events += len(batch)
+        return batch
+
+    def _convert(self, blob: bytes) -> np.ndarray:
+        recs = np.frombuffer(blob, dtype=T.EVENT_RECORD_DTYPE)
+        n = len(recs)
+        out = np.zeros(n, dtype=EVENT_DTYPE)
+        if not n:
+            return out
+        for f in ("ts_ns", "vcpu", "type", "dir", "data_is_ptr", "df", "size", "count", "addr",
+                  "data", "service_ns"):
+            out[f] = recs[f]
+        tg = recs["tgid"]
+        uniq = np.unique(tg)
+        dom = np.full(n, -1, dtype=np.int32)
+        for t in uniq:
+            d = self._domid(int(t))
+            if d is not None:
+                dom[tg == t] = d
+        out["domid"] = dom
+        keep = dom >= 0               # processes without -xen-domid (e.g. -xen-attach) are skipped
+        out = out[keep]
+        if len(out) > 1 and np.any(np.diff(out["ts_ns"].astype(np.int64)) < 0):
+            out = out[np.argsort(out["ts_ns"], kind="stable")]
+        return out
+
+    # -- stats -----------------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        total: dict[str, int] = {n: 0 for n in T.COUNTER_NAMES}
+        for ps in self.sets:
+            for k, v in ps.counters().items():
+                total[k] += v
+        return total
+
+    def stats(self) -> SourceStats:
+        with self._lock:
+            st = SourceStats(**{f: getattr(self._stats, f) for f in
+                                ("name", "up", "events", "lost", "decode_errors", "records",
+                                 "probes_attached", "probes_failed", "error")})
+            st.extra = dict(self._stats.extra)
+        c = self.counters()
+        st.lost = c["lost_events"] + c["stats_full"]
+        st.decode_errors = c["read_errors"]
+        st.extra.update(c)
+        if self.mode == "metrics":
+            st.events = sum(int(v.count) for ps in self.sets for _, v in ps.stats_items())
+        return st
