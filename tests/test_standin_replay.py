@@ -237,4 +237,4 @@ def test_binary_rejects_a_truncated_stream(tmp_path, exe):
     p.write_bytes(blob[:len(blob) - 10])
     res = subprocess.run([str(exe), "-xen-domid", "1", "-replay", str(p)], capture_output=True,
                          text=True, timeout=10)
-    assert res.returncode == 2 and "truncated records" in res.stderr
+    assert res.returncode == 2 and "truncated at offset" in res.stderr

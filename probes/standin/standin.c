@@ -48,6 +48,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <xen/hvm/ioreq.h>
@@ -430,6 +431,12 @@ static void load_stream(const char *path, struct stream *st)
     if (st->h.n_keys > (1u << 24) || st->h.n_recs > (1ull << 32))
         die("%s: implausible counts (%u keys, %llu records) at offset 24", path, st->h.n_keys,
             (unsigned long long)st->h.n_recs);
+    struct stat sb;
+    uint64_t need = sizeof(st->h) + (uint64_t)st->h.n_keys * sizeof(struct stream_key) +
+                    st->h.n_recs * sizeof(struct stream_rec);
+    if (fstat(fileno(f), &sb) == 0 && (uint64_t)sb.st_size < need)
+        die("%s: truncated at offset %lld (header announces %llu bytes)", path,
+            (long long)sb.st_size, (unsigned long long)need);
     st->keys = calloc(st->h.n_keys ? st->h.n_keys : 1, sizeof(*st->keys));
     st->issued = calloc(st->h.n_keys ? st->h.n_keys : 1, sizeof(*st->issued));
     st->recs = calloc(st->h.n_recs ? st->h.n_recs : 1, sizeof(*st->recs));
