@@ -114,3 +114,13 @@ def test_top_level_make_standin_target_builds_it():
     res = subprocess.run(["make", "-s", "-C", str(SRC)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert (SRC / "iotrace-standin").is_file() and shutil.which("gcc")
+
+
+@pytest.mark.parametrize("args,offset", [([], 0x50), (["--layout", "8.1"], 0x48)])
+def test_cli_print_layout(iotrace_exe, args, offset):
+    res = subprocess.run([iotrace_exe, "standin", "--print-layout", *args], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["send_vcpu_offset"] == offset
+    assert info["ret_buffered"]["vaddr"] != info["ret_sync"]["vaddr"]
