@@ -337,3 +337,22 @@ def test_xen_kept_vs_qemu_panels(live):
     for rng in ("com1", "ide-primary", "vga-lowmem"):
         assert 0.7 < forwarded[rng] < 1.3, forwarded
         assert abs(kept[rng]) < 0.3 * traced[rng], (rng, kept, traced)
+
+
+def test_instance_variable_filters(live):
+    """With $instance set to one exporter (regex-escaped, as Grafana sends it), panels that show
+    the instance label show that exporter only, and still have data."""
+    p, (xen_port, _) = live
+    chosen = f"127.0.0.1:{xen_port}"
+    escaped = chosen.replace(".", "\\\\.")          # \\. inside a PromQL double-quoted string
+    shown = 0
+    for q in _dash_queries():
+        if q.kind != "panel" or "$instance" not in q.expr or _expected_empty(q):
+            continue
+        expr = queries.substitute(q.expr, {"instance": escaped}, rate_interval=RATE_INTERVAL)
+        result = p.query(expr)
+        for r in result:
+            if "instance" in r["metric"]:
+                assert r["metric"]["instance"] == chosen, f"{q.where}: {r['metric']}"
+                shown += 1
+    assert shown > 10
