@@ -52,7 +52,7 @@ class QemuProbeSource:
 
     def __init__(self, addrmap: AddressMap | None = None, binaries=None, strict: bool = False,
                  *, mode: str = "metrics", timing: bool = True, defaults: bool = True,
-                 send_vcpu_offset: int | None = None, keep_addr: bool = True,
+                 send_vcpu_offset: int | dict | None = None, keep_addr: bool = True,
                  ringbuf_pages: int = RINGBUF_PAGES, warn=None):
         self.addrmap = addrmap or AddressMap.default()
         self.extra = list(binaries or [])
@@ -118,8 +118,11 @@ class QemuProbeSource:
             if not res.ok:
                 self._fail(res.error)
                 continue
-            if self.send_vcpu_offset is not None and not res.send_vcpu_from.startswith("table"):
-                res.send_vcpu_offset = self.send_vcpu_offset
+            off = self.send_vcpu_offset
+            if isinstance(off, dict):           # per binary: {path: offset}
+                off = {os.path.realpath(k): v for k, v in off.items()}.get(res.path)
+            if off is not None and not res.send_vcpu_from.startswith("table"):
+                res.send_vcpu_offset = off
                 res.send_vcpu_from = "command line"
             try:
                 ps = ProbeSet(res, self.mode, self.timing, ringbuf_pages=self.ringbuf_pages)
