@@ -124,3 +124,22 @@ def test_cli_print_layout(iotrace_exe, args, offset):
     info = json.loads(res.stdout)
     assert info["send_vcpu_offset"] == offset
     assert info["ret_buffered"]["vaddr"] != info["ret_sync"]["vaddr"]
+
+
+@pytest.mark.parametrize("name,offset", [("iotrace-standin", 0x50), ("iotrace-standin-81", 0x48)])
+def test_send_vcpu_offset_is_readable_from_the_file(fresh_build, name, offset):
+    """The stand-in has no QEMU banner: it exports its layout as iotrace_send_vcpu_offset (u32)."""
+    exe = fresh_build / name
+    vaddr, kind, _bind = _symbols(exe)["iotrace_send_vcpu_offset"][0]
+    assert kind == "OBJECT"
+    phdrs = subprocess.run(["readelf", "-lW", str(exe)], capture_output=True, text=True,
+                           check=True).stdout
+    for line in phdrs.splitlines():
+        parts = line.split()
+        if parts[:1] == ["LOAD"]:
+            off, va, filesz = int(parts[1], 16), int(parts[2], 16), int(parts[4], 16)
+            if va <= vaddr < va + filesz:
+                data = exe.read_bytes()[vaddr - va + off:vaddr - va + off + 4]
+                assert int.from_bytes(data, "little") == offset
+                return
+    raise AssertionError("iotrace_send_vcpu_offset is not in a loaded segment")

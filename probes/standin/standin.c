@@ -104,6 +104,11 @@ _Static_assert(offsetof(XenIOState, send_vcpu) == 0x48, "send_vcpu at 0x48 (QEMU
 _Static_assert(offsetof(XenIOState, send_vcpu) == 0x50, "send_vcpu at 0x50 (QEMU 7.2)");
 #endif
 
+/* Where send_vcpu lives in this build, as data a probe can read from the ELF file (probes/symbols.py
+ * looks for this symbol: 4 bytes, little endian), since unlike qemu-dm the stand-in has no QEMU
+ * version banner to infer the layout from. */
+__attribute__((used)) const uint32_t iotrace_send_vcpu_offset = offsetof(XenIOState, send_vcpu);
+
 /* ---- fake devices: enough state that serving a request does some real work ------------------- */
 struct devices {
     uint8_t pio[0x10000];                   /* one byte-wide latch per port */
