@@ -85,6 +85,8 @@ _KNOWN_CLASSES = np.array([0x001, 0x002, 0x004, 0x008, 0x010, 0x020, 0x040, 0x08
                           dtype=np.uint32)
 
 _XT_END, _XT_PARTIAL, _XT_FULL, _XT_BAD_WINDOW = 0, 1, 2, 3
+_CLASS_OK = np.zeros(4096, dtype=bool)
+_CLASS_OK[_KNOWN_CLASSES] = True
 _ST_REMAIN, _ST_CPU, _ST_POS, _ST_STATUS, _ST_ERRORS, _ST_SKIP, _ST_WINDOWS, _ST_WOUT = range(8)
 
 
@@ -302,13 +304,16 @@ class StreamDecoder:
         self._owner: dict[int, tuple[int, int]] = {}
         # per vCPU key (domid << 16 | vcpu): open exit TSC; events waiting for their VMENTRY
         self._open_exit: dict[int, int] = {}
-        self._pending = np.zeros(0, _SROW)      # rows waiting for the watermark or a VMENTRY
+        self._pending = np.zeros(0, _PROW)      # rows waiting for the watermark or a VMENTRY
+        self._pending_ev = E.empty(0)
         self._feed_no = 0
         self._wm = 0                            # watermark TSC (see _advance_watermark)
         self._pass_last: dict[int, int] = {}
         self._prev_win_cpu: int | None = None
         self._compat = _XenalyzeMachine(self.cpu_hz) if xenalyze_compat else None
         self._finished = False
+        # cross-check switch: the whole-table per-pCPU path, which the compat mode uses
+        self._full_path = os.environ.get("IOTRACE_XT_FULLPATH") == "1"
 
     # -- public
     def feed(self, chunk: bytes) -> np.ndarray:
@@ -405,8 +410,14 @@ class StreamDecoder:
                 return p
         return None
 
-    def _process(self, w: np.ndarray, off: np.ndarray, cpu: np.ndarray, win_first: np.ndarray,
-                 win_cpu: np.ndarray) -> np.ndarray:
+    def _process(self, w, off, cpu, win_first, win_cpu) -> np.ndarray:
+        if self._compat is None and len(off) and not self._full_path:
+            return self._process_fast(w, off, cpu, win_first, win_cpu)
+        return self._process_full(w, off, cpu, win_first, win_cpu)
+
+    def _process_full(self, w: np.ndarray, off: np.ndarray, cpu: np.ndarray,
+                      win_first: np.ndarray, win_cpu: np.ndarray) -> np.ndarray:
+        """All records sorted per pCPU (used by the xenalyze-compatible mode)."""
         n = len(off)
         if n == 0:
             self._advance_watermark(win_first, win_cpu, np.zeros(0, np.uint64))
@@ -559,6 +570,306 @@ class StreamDecoder:
             return self._compat.run(rows, self._watermark())
         return self._service(batch, ii, exit_ok, entry_ok, dom_s, vcpu_s, tsc_s, seq0)
 
+    # ---- the fast path: per-pCPU questions answered on subsets, in file order
+    def _process_fast(self, w, off, cpu, win_first, win_cpu) -> np.ndarray:
+        """Default mode. Nothing is sorted per pCPU: each pCPU's stream is the file order of its
+        windows, so "the last record with property P before record i on i's pCPU" is a search
+        in the (sorted) indices of P-records, checked against i's window, with a per-pCPU carry
+        over earlier windows. Only the subsets that matter (I/O, exits, entries, scheduler and
+        lost records) are gathered."""
+        n = len(off)
+        self.records += n
+        nw = len(w)
+        hdr = w[off]
+        ev = hdr & np.uint32(C.EVENT_MASK)
+        # windows covering this feed's records (the first may continue one from the last feed)
+        if len(win_first) == 0 or win_first[0] > 0:
+            wf = np.concatenate([[0], win_first]).astype(np.int64)
+            wc = np.concatenate([[cpu[0]], win_cpu]).astype(np.int32)
+        else:
+            wf, wc = win_first.astype(np.int64), win_cpu.astype(np.int32)
+        we = np.append(wf[1:], n)
+        self._win = (wf, we, wc, np.argsort(wc, kind="stable"))
+        self._wid = np.repeat(np.arange(len(wf), dtype=np.int32), we - wf)
+        self._prefix = {}
+
+        x = ev & np.uint32(0x0FFFFCFF)               # I/O ids without the 64-bit/write bits
+        io_i = np.flatnonzero((x == C.TRC_HVM_IOPORT_READ) | (x == C.TRC_HVM_IOMEM_READ))
+        xe = ev & np.uint32(0x0FFFFEFF)              # exit ids without TRC_64_FLAG
+        ex_c = np.flatnonzero((xe == C.TRC_HVM_VMX_EXIT) | (xe == C.TRC_HVM_SVM_EXIT))
+        en_c = np.flatnonzero(ev == C.TRC_HVM_VMENTRY)
+        rs = (ev & np.uint32(C.RUNSTATE_MASK)) == C.TRC_SCHED_RUNSTATE_CHANGE
+        sch_c = np.flatnonzero(rs | (ev == C.TRC_SCHED_CONTINUE_RUNNING))
+        lost_c = np.flatnonzero(ev == C.TRC_LOST_RECORDS)
+        junk = int((~_CLASS_OK[(ev >> 16) & np.uint32(0xFFF)]).sum())
+
+        def nx_of(i):
+            return ((hdr[i] >> 28) & 7).astype(np.int64)
+
+        def tsc_flag(i):
+            return hdr[i] >= np.uint32(C.TSC_BIT)
+
+        # validate layouts (bad ones are counted and ignored)
+        ex_is64 = (ev[ex_c] & np.uint32(C.TRC_64_FLAG)) != 0
+        ok = tsc_flag(ex_c) & (nx_of(ex_c) == np.where(ex_is64, 3, 2))
+        ex_i, bad = ex_c[ok], int((~ok).sum())
+        ok = tsc_flag(en_c)
+        en_i, bad = en_c[ok], bad + int((~ok).sum())
+        ok = nx_of(sch_c) >= 1
+        sch_i, bad = sch_c[ok], bad + int((~ok).sum())
+        ok = nx_of(lost_c) == 4
+        lost_i, bad = lost_c[ok], bad + int((~ok).sum())
+        io_is64 = (ev[io_i] & np.uint32(C.TRC_64_FLAG)) != 0
+        aw = np.where(io_is64, 2, 1)
+        io_nx = nx_of(io_i)
+        io_full_all = io_nx == 2 * aw
+        ok = io_full_all | (io_nx == aw)
+        bad += int((~ok).sum())
+        io_i, io_is64, io_full = io_i[ok], io_is64[ok], io_full_all[ok]
+        self.decode_errors += bad + junk
+
+        d0 = off + 1 + 2 * (hdr >> 31).astype(np.int64)       # first data word of each record
+
+        def wrd(i, k):
+            return w[np.minimum(d0[i] + k, nw - 1)]
+
+        if len(lost_i):
+            self.lost_records += int(wrd(lost_i, 0).astype(np.int64).sum())
+        # who is current: runstate change to running, continue_running, lost records
+        sev = ev[sch_i]
+        to_run = ((sev & np.uint32(C.RUNSTATE_MASK)) != C.TRC_SCHED_RUNSTATE_CHANGE) | \
+            (((sev >> 4) & 0xF) == C.RUNSTATE_RUNNING)
+        set_i = np.concatenate([sch_i[to_run], lost_i])
+        sw0 = wrd(sch_i[to_run], 0)
+        lw1 = wrd(lost_i, 1)
+        set_dom = np.concatenate([sw0 >> 16, lw1 & 0xFFFF]).astype(np.int32)
+        set_vcpu = np.concatenate([sw0 & 0xFFFF, lw1 >> 16]).astype(np.int32)
+        o = np.argsort(set_i, kind="stable")
+        set_i, set_dom, set_vcpu = set_i[o], set_dom[o], set_vcpu[o]
+
+        tsc_i = np.flatnonzero(hdr >= np.uint32(C.TSC_BIT))
+        tsc_all = None
+
+        def tsc_at(j):                              # own TSC of records j (which have one)
+            return (w[off[j] + 1].astype(np.uint64)
+                    | (w[off[j] + 2].astype(np.uint64) << np.uint64(32)))
+
+        # carries from earlier feeds, per pCPU
+        def carried(q, table, default):
+            out = np.full(len(q), default, dtype=np.int64)
+            if table:
+                qc = cpu[q]
+                for c, v in table.items():
+                    out[qc == c] = v
+            return out
+
+        # TSC of every record we use: own, or the last one before it on its pCPU
+        q_tsc = np.concatenate([io_i, ex_i, en_i])
+        jt = self._last_on_cpu(tsc_i, q_tsc)
+        tq = np.where(jt >= 0, tsc_at(np.maximum(jt, 0)), 0).astype(np.uint64)
+        if (jt < 0).any():
+            cq = carried(q_tsc, self._last_tsc, 0).astype(np.uint64)
+            tq = np.where(jt >= 0, tq, cq)
+        nio, nex = len(io_i), len(ex_i)
+        io_tsc, ex_tsc, en_tsc = tq[:nio], tq[nio:nio + nex], tq[nio + nex:]
+
+        # owner of I/O, exits, entries
+        q_own = q_tsc
+        js = self._last_on_cpu(set_i, q_own)
+        pos = np.searchsorted(set_i, np.maximum(js, 0))
+        pos = np.minimum(pos, max(len(set_i) - 1, 0))
+        if len(set_i):
+            dom = np.where(js >= 0, set_dom[pos], -1).astype(np.int32)
+            vcp = np.where(js >= 0, set_vcpu[pos], -1).astype(np.int32)
+        else:
+            dom = np.full(len(q_own), -1, np.int32)
+            vcp = np.full(len(q_own), -1, np.int32)
+        if (js < 0).any() and self._owner:
+            cd = carried(q_own, {c: v[0] for c, v in self._owner.items()}, -1)
+            cv = carried(q_own, {c: v[1] for c, v in self._owner.items()}, -1)
+            dom = np.where(js >= 0, dom, cd).astype(np.int32)
+            vcp = np.where(js >= 0, vcp, cv).astype(np.int32)
+        io_dom, ex_dom, en_dom = dom[:nio], dom[nio:nio + nex], dom[nio + nex:]
+        io_vcpu, ex_vcpu, en_vcpu = vcp[:nio], vcp[nio:nio + nex], vcp[nio + nex:]
+
+        # per-pCPU state for the next feed: last TSC, current vCPU
+        ne_w = np.flatnonzero(we > wf)                   # windows holding records
+        rc = wc[ne_w][::-1]
+        cpus_u, last_pos = np.unique(rc, return_index=True)   # each pCPU's last such window
+        lq = (we[ne_w][::-1][last_pos] - 1).astype(np.int64)
+        has_rec = np.ones(len(lq), bool)
+        if len(lq):
+            jl = self._last_on_cpu(tsc_i, lq)
+            for c, j in zip(cpus_u[has_rec].tolist(), jl.tolist()):
+                if j >= 0:
+                    self._last_tsc[c] = int(tsc_at(np.array([j]))[0])
+            jo = self._last_on_cpu(set_i, lq)
+            for c, j in zip(cpus_u[has_rec].tolist(), jo.tolist()):
+                if j >= 0:
+                    p = int(np.searchsorted(set_i, j))
+                    self._owner[c] = (int(set_dom[p]), int(set_vcpu[p]))
+        # watermark: needs each window's last TSC
+        tsc_file = np.zeros(n, np.uint64)
+        lastw = we - 1
+        nonempty = we > wf
+        jw = self._last_on_cpu(tsc_i, lastw[nonempty])
+        tw = np.where(jw >= 0, tsc_at(np.maximum(jw, 0)), 0).astype(np.uint64)
+        tsc_file[lastw[nonempty]] = tw
+        self._advance_watermark(win_first, win_cpu, tsc_file)
+
+        # the events
+        batch = E.empty(nio)
+        if nio:
+            dd = d0[io_i]
+            a_lo = w[dd].astype(np.uint64)
+            a_hi = np.where(io_is64, w[np.minimum(dd + 1, nw - 1)], 0).astype(np.uint64)
+            dpos = dd + np.where(io_is64, 2, 1)
+            dl = np.where(io_full, w[np.minimum(dpos, nw - 1)], 0).astype(np.uint64)
+            dh = np.where(io_full & io_is64, w[np.minimum(dpos + 1, nw - 1)], 0).astype(np.uint64)
+            iev = ev[io_i]
+            batch["ts_ns"] = (io_tsc.astype(np.float64) * (1e9 / self.cpu_hz)).astype(np.int64)
+            batch["domid"] = io_dom
+            batch["vcpu"] = io_vcpu
+            batch["type"] = ((iev & 1) == 1).astype(np.uint8)       # 0x..16 pio, 0x..17 mmio
+            batch["dir"] = ((iev & np.uint32(C.IO_WRITE_BIT)) == 0).astype(np.uint8)
+            batch["data_is_ptr"] = (~io_full).astype(np.uint8)
+            batch["addr"] = a_lo | (a_hi << np.uint64(32))
+            batch["data"] = dl | (dh << np.uint64(32))
+
+        # service time, local case: exit and entry of the I/O on its own pCPU, with no change
+        # of vCPU in between (the common case)
+        lx = self._last_on_cpu(ex_i, io_i)
+        le = self._last_on_cpu(en_i, io_i)
+        ls = self._last_on_cpu(set_i, io_i)
+        ne = self._next_on_cpu(en_i, io_i)
+        nx = self._next_on_cpu(ex_i, io_i)
+        ns = self._next_on_cpu(set_i, io_i)
+        local = (lx >= 0) & (lx > le) & (lx > ls) & (ne >= 0) & ((nx < 0) | (ne < nx)) & \
+            ((ns < 0) | (ne < ns))
+        if local.any():
+            tx = ex_tsc[np.searchsorted(ex_i, lx[local])]
+            tn = en_tsc[np.searchsorted(en_i, ne[local])]
+            cyc = tn.astype(np.int64) - tx.astype(np.int64)
+            batch["service_ns"][local] = np.where(
+                cyc >= 0, (cyc.astype(np.float64) * (1e9 / self.cpu_hz)).astype(np.int64), -1)
+        # the rest go through the per-vCPU pass, with only the exits/entries that can matter:
+        # exits not closed on their pCPU (the vCPU left first) and entries whose exit is not
+        # on their pCPU (the first entry after the vCPU came back)
+        ex_ne = self._next_on_cpu(en_i, ex_i, strict=True)
+        ex_nx = self._next_on_cpu(ex_i, ex_i, strict=True)
+        ex_ns = self._next_on_cpu(set_i, ex_i, strict=True)
+        ex_closed = (ex_ne >= 0) & ((ex_nx < 0) | (ex_ne < ex_nx)) & ((ex_ns < 0) | (ex_ne < ex_ns))
+        en_lx = self._last_on_cpu(ex_i, en_i, strict=True)
+        en_le = self._last_on_cpu(en_i, en_i, strict=True)
+        en_ls = self._last_on_cpu(set_i, en_i, strict=True)
+        en_local = (en_lx >= 0) & (en_lx > en_le) & (en_lx > en_ls)
+        bx, bn, fi = ~ex_closed, ~en_local, ~local
+        self._feed_no += 1
+        seq0 = self._feed_no << 32
+        u_idx = np.concatenate([ex_i[bx], en_i[bn], io_i[fi]])
+        u_exit = np.concatenate([np.ones(int(bx.sum()), bool), np.zeros(int(bn.sum()) + int(fi.sum()), bool)])
+        u_entry = np.concatenate([np.zeros(int(bx.sum()), bool), np.ones(int(bn.sum()), bool),
+                                  np.zeros(int(fi.sum()), bool)])
+        u_dom = np.concatenate([ex_dom[bx], en_dom[bn], io_dom[fi]])
+        u_vcpu = np.concatenate([ex_vcpu[bx], en_vcpu[bn], io_vcpu[fi]])
+        u_tsc = np.concatenate([ex_tsc[bx], en_tsc[bn], io_tsc[fi]])
+        nb = int(bx.sum()) + int(bn.sum())
+        slow = self._service(batch[fi], nb + np.arange(int(fi.sum())), u_exit, u_entry, u_dom,
+                             u_vcpu, u_tsc, seq0, rank=u_idx)
+        fast = batch[local]
+        out = np.concatenate([fast, slow]) if len(slow) else fast
+        if len(out) > 1 and len(slow):
+            out = out[np.argsort(out["ts_ns"], kind="stable")]
+        return out
+
+    def _prefix_last(self, idx):
+        """lastp[i] = largest index of idx that is <= i (file order), -1 if none; cached."""
+        hit = self._prefix.get(("l", id(idx)))
+        if hit is not None and hit[0] is idx:
+            return hit[1]
+        n = len(self._wid)
+        m = np.full(n, -1, np.int32)
+        m[idx] = idx
+        lastp = np.maximum.accumulate(m)
+        self._prefix[("l", id(idx))] = (idx, lastp)
+        return lastp
+
+    def _prefix_next(self, idx):
+        """nextp[i] = smallest index of idx that is >= i, -1 if none; cached."""
+        hit = self._prefix.get(("n", id(idx)))
+        if hit is not None and hit[0] is idx:
+            return hit[1]
+        n = len(self._wid)
+        m = np.full(n, n, np.int32)
+        m[idx] = idx
+        nextp = np.minimum.accumulate(m[::-1])[::-1]
+        nextp = np.where(nextp < n, nextp, -1).astype(np.int32)
+        self._prefix[("n", id(idx))] = (idx, nextp)
+        return nextp
+
+    def _last_on_cpu(self, idx: np.ndarray, q: np.ndarray, strict: bool = False) -> np.ndarray:
+        """For each record index in q: the largest index in idx (sorted) that is <= q (< q when
+        strict) on q's pCPU stream in this feed (q's window, else an earlier window of that
+        pCPU); -1 when there is none in this feed."""
+        wf, we, wc, wo = self._win
+        if len(q) == 0:
+            return np.zeros(0, np.int64)
+        if len(idx) == 0:
+            return np.full(len(q), -1, np.int64)
+        lastp = self._prefix_last(idx)
+        qq = q - 1 if strict else q
+        cand = np.where(qq >= 0, lastp[np.maximum(qq, 0)], -1).astype(np.int64)
+        wid = self._wid[q]
+        ok = cand >= wf[wid]
+        if ok.all():
+            return cand
+        # per window: last idx inside it; then, per pCPU, the last such of an earlier window
+        wl = np.where(we > 0, lastp[np.maximum(we - 1, 0)], -1).astype(np.int64)
+        wl = np.where(wl >= wf, wl, -1)
+        wls = wl[wo]
+        cs = wc[wo]
+        pos = np.arange(len(wo))
+        gstart = np.concatenate([[0], np.flatnonzero(cs[1:] != cs[:-1]) + 1])
+        gs = np.repeat(gstart, np.diff(np.append(gstart, len(wo))))
+        best = np.maximum.accumulate(np.where(wls >= 0, pos, -1))
+        prev = np.concatenate([[-1], best[:-1]])            # strictly earlier windows
+        prev = np.where(prev >= gs, prev, -1)
+        before = np.full(len(wo), -1, np.int64)
+        before[wo] = np.where(prev >= 0, wls[np.maximum(prev, 0)], -1)
+        return np.where(ok, cand, before[wid])
+
+    def _next_on_cpu(self, idx: np.ndarray, q: np.ndarray, strict: bool = False) -> np.ndarray:
+        """For each record index in q: the smallest index in idx that is >= q (> q when
+        strict) on q's pCPU stream in this feed; -1 when there is none."""
+        wf, we, wc, wo = self._win
+        if len(q) == 0:
+            return np.zeros(0, np.int64)
+        if len(idx) == 0:
+            return np.full(len(q), -1, np.int64)
+        nextp = self._prefix_next(idx)
+        n = len(nextp)
+        qq = q + 1 if strict else q
+        cand = np.where(qq < n, nextp[np.minimum(qq, n - 1)], -1).astype(np.int64)
+        wid = self._wid[q]
+        ok = (cand >= 0) & (cand < we[wid])
+        if ok.all():
+            return cand
+        wn = np.where(wf < n, nextp[np.minimum(wf, n - 1)], -1).astype(np.int64)
+        wn = np.where((wn >= 0) & (wn < we), wn, -1)
+        wns = wn[wo]
+        cs = wc[wo]
+        m = len(wo)
+        pos = np.arange(m)
+        gend = np.append(np.flatnonzero(cs[1:] != cs[:-1]) + 1, m)
+        ge = np.repeat(gend, np.diff(np.concatenate([[0], gend])))
+        nxt = np.where(wns >= 0, pos, m)
+        best = np.minimum.accumulate(nxt[::-1])[::-1]
+        after = np.concatenate([best[1:], [m]])              # strictly later windows
+        after = np.where(after < ge, after, -1)
+        later = np.full(m, -1, np.int64)
+        later[wo] = np.where(after >= 0, wns[np.minimum(np.maximum(after, 0), m - 1)], -1)
+        return np.where(ok, cand, later[wid])
+
     def _advance_watermark(self, win_first, win_cpu, tsc_file) -> None:
         """Move the watermark: the TSC below which every pCPU's records have been read.
 
@@ -586,75 +897,105 @@ class StreamDecoder:
         return self._wm
 
     def _service(self, batch, ii, exit_ok, entry_ok, dom_s, vcpu_s, tsc_s, seq0,
-                 final: bool = False):
+                 final: bool = False, rank=None):
         """Attach VMEXIT -> VMENTRY TSC of the vCPU's exit each I/O record belongs to.
 
         Done per vCPU in TSC order across pCPUs (a read can complete on another pCPU than the
-        one that took the exit), over rows below the watermark; later rows wait."""
+        one that took the exit), over rows below the watermark; later rows wait (with their
+        events) for the next feed. Rows are plain columns; events stay in a side array."""
         known = dom_s >= 0
         sel = np.flatnonzero((exit_ok | entry_ok) & known)
         io_known = known[ii]
         out = [batch[~io_known]]                     # owner unknown: no vCPU, no service time
         rec = np.concatenate([sel, ii[io_known]])
-        rows = np.zeros(len(rec), _SROW)
-        rows["key"] = (dom_s[rec].astype(np.int64) << 16) | vcpu_s[rec].astype(np.int64)
-        rows["tsc"] = tsc_s[rec]
-        rows["kind"][:len(sel)] = np.where(exit_ok[sel], _K_EXIT, _K_ENTRY)
-        rows["kind"][len(sel):] = _K_IO
-        rows["seq"] = seq0 + rec
-        rows["io"][len(sel):] = batch[io_known]
-        if len(self._pending):
-            rows = np.concatenate([self._pending, rows])
-        wm = _TSC_INF if final else self._watermark()
-        safe = rows["tsc"] < np.uint64(wm) if wm != _TSC_INF else np.ones(len(rows), bool)
-        self._pending = rows[~safe]
-        rows = rows[safe]
+        ns = len(sel)
+        p = self._pending
+        pev = self._pending_ev
+        key = (dom_s[rec].astype(np.int64) << 16) | vcpu_s[rec].astype(np.int64)
+        kind = np.empty(len(rec), np.int8)
+        kind[:ns] = np.where(exit_ok[sel], _K_EXIT, _K_ENTRY)
+        kind[ns:] = _K_IO
+        evi = np.full(len(rec), -1, np.int64)
+        evi[ns:] = len(pev) + np.arange(len(rec) - ns)
+        key = np.concatenate([p["key"], key])
+        tsc = np.concatenate([p["tsc"], tsc_s[rec]])
+        kind = np.concatenate([p["kind"], kind])
+        seq = np.concatenate([p["seq"], seq0 + (rec if rank is None else rank[rec])])
+        evi = np.concatenate([p["evi"], evi])
+        evs = np.concatenate([pev, batch[io_known]]) if len(pev) else batch[io_known]
+        if not final:
+            late = tsc >= np.uint64(self._wm)
+            if late.any():
+                self._keep_pending(late, key, tsc, kind, seq, evi, evs)
+                early = ~late
+                key, tsc, kind, seq, evi = key[early], tsc[early], kind[early], seq[early], evi[early]
+            else:
+                self._keep_pending(late, key, tsc, kind, seq, evi, evs)
+        else:
+            self._keep_pending(np.zeros(len(key), bool), key, tsc, kind, seq, evi, evs)
         if self._open_exit:
-            ox = np.zeros(len(self._open_exit), _SROW)
-            ox["key"] = list(self._open_exit.keys())
-            ox["tsc"] = list(self._open_exit.values())
-            ox["kind"] = _K_EXIT
-            ox["seq"] = -1                            # before everything of its vCPU
-            rows = np.concatenate([ox, rows])
-        if len(rows):
-            o = np.lexsort((rows["seq"], rows["tsc"], rows["seq"] >= 0, rows["key"]))
-            rows = rows[o]
-            key, tsc, kind = rows["key"], rows["tsc"], rows["kind"]
+            m = len(self._open_exit)
+            key = np.concatenate([np.fromiter(self._open_exit.keys(), np.int64, m), key])
+            tsc = np.concatenate([np.fromiter(self._open_exit.values(), np.uint64, m), tsc])
+            kind = np.concatenate([np.full(m, _K_EXIT, np.int8), kind])
+            seq = np.concatenate([np.full(m, -1, np.int64), seq])   # first of its vCPU
+            evi = np.concatenate([np.full(m, -1, np.int64), evi])
+        if len(key):
+            o = np.lexsort((seq, tsc, key))
+            key, tsc, kind, seq, evi = key[o], tsc[o], kind[o], seq[o], evi[o]
             gs, ge = _groups(key)
             lx = _ffill_idx(kind == _K_EXIT, gs)
             le = _ffill_idx(kind == _K_ENTRY, gs)
             ne = _bfill_idx(kind == _K_ENTRY, ge)
             nxx = _bfill_idx(kind == _K_EXIT, ge)
             io = np.flatnonzero(kind == _K_IO)
-            inside = (lx[io] >= 0) & (lx[io] > le[io])
-            done = inside & (ne[io] >= 0) & ((nxx[io] < 0) | (ne[io] < nxx[io]))
-            pending = inside & (ne[io] < 0) & (nxx[io] < 0) & (not final)
-            ev = rows["io"][io]
+            lxi, lei, nei, nxi = lx[io], le[io], ne[io], nxx[io]
+            inside = (lxi >= 0) & (lxi > lei)
+            done = inside & (nei >= 0) & ((nxi < 0) | (nei < nxi))
+            pending = inside & (nei < 0) & (nxi < 0) & (not final)
+            ev = evs[evi[io]]
             a = io[done]
             cyc = tsc[ne[a]].astype(np.int64) - tsc[lx[a]].astype(np.int64)
             ev["service_ns"][done] = np.where(
                 cyc >= 0, (cyc.astype(np.float64) * (1e9 / self.cpu_hz)).astype(np.int64), -1)
             out.append(ev[~pending])
             if pending.any():
-                self._pending = np.concatenate([rows[io[pending]], self._pending])
+                pi = io[pending]
+                self._add_pending(key[pi], tsc[pi], kind[pi], seq[pi], ev[pending])
             self._open_exit.clear()
             last_in_grp = np.flatnonzero(np.append(key[1:] != key[:-1], True))
-            for i in last_in_grp.tolist():
-                x, e = int(lx[i]), int(le[i])
-                if x >= 0 and x > e:
-                    self._open_exit[int(key[i])] = int(tsc[x])
-            # keys with pending rows but no safe rows keep their open exit
+            x, e = lx[last_in_grp], le[last_in_grp]
+            op = (x >= 0) & (x > e)
+            self._open_exit.update(zip(key[last_in_grp][op].tolist(), tsc[x[op]].tolist()))
         res = E.concat(out)
         if len(res) > 1:
             res = res[np.argsort(res["ts_ns"], kind="stable")]
         return res
 
+    def _keep_pending(self, late, key, tsc, kind, seq, evi, evs):
+        """Rows not yet below the watermark wait, with the events of their I/O rows."""
+        p = np.zeros(int(late.sum()), _PROW)
+        p["key"], p["tsc"], p["kind"], p["seq"] = key[late], tsc[late], kind[late], seq[late]
+        old = evi[late]
+        has = old >= 0
+        p["evi"] = -1
+        p["evi"][has] = np.arange(int(has.sum()))
+        self._pending = p
+        self._pending_ev = evs[old[has]]
+
+    def _add_pending(self, key, tsc, kind, seq, ev):
+        p = np.zeros(len(key), _PROW)
+        p["key"], p["tsc"], p["kind"], p["seq"] = key, tsc, kind, seq
+        p["evi"] = len(self._pending_ev) + np.arange(len(key))
+        self._pending = np.concatenate([self._pending, p])
+        self._pending_ev = np.concatenate([self._pending_ev, ev])
+
 
 _TSC_INF = (1 << 64) - 1
 _K_EXIT, _K_ENTRY, _K_IO, _K_IO_REP, _K_CHANGE, _K_CONT, _K_LOST, _K_CLAIM = range(8)
-# per-vCPU service-time rows (default mode)
-_SROW = np.dtype([("key", np.int64), ("tsc", np.uint64), ("kind", np.int8), ("seq", np.int64),
-                  ("io", E.EVENT_DTYPE)])
+# per-vCPU service-time rows waiting for the watermark or a VMENTRY (default mode)
+_PROW = np.dtype([("key", np.int64), ("tsc", np.uint64), ("kind", np.int8), ("seq", np.int64),
+                  ("evi", np.int64)])
 # xenalyze state-machine rows (compat mode)
 _CROW = np.dtype([("cpu", np.int32), ("tsc", np.uint64), ("kind", np.int8), ("ev", np.uint32),
                   ("w0", np.uint32), ("w1", np.uint32), ("seq", np.int64), ("io", E.EVENT_DTYPE)])
