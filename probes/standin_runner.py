@@ -20,7 +20,8 @@ handle_buffered_iopage / cpu_handle_ioreq (read from the code, so an attached ur
 swaps return addresses for its trampoline, does not disturb them; ``checked_at_run_time`` says
 whether serving one request of each kind confirmed them). In a process, runtime address = load
 base + vaddr; a uprobe reading ``*(u64 *)sp`` on entry of handle_ioreq compares against those.
-The binaries are PIE, built with gcc -O2, symbols kept (``t handle_ioreq`` in ``nm``).
+The binaries are PIE, built with gcc -O2, symbols kept (``t handle_ioreq`` in ``nm``); each
+exports its layout as the u32 object ``iotrace_send_vcpu_offset`` (readable from the file).
 
 API (used by the tests of the probe engineers)::
 

@@ -13,7 +13,9 @@
  *  - ioreq_t / buf_ioreq_t / buffered_iopage_t come from Debian's <xen/hvm/ioreq.h> (libxen-dev);
  *    the ABI is checked at compile time and at start-up (32-byte ioreq_t, bitfield byte @30, type @31).
  *  - XenIOState mirrors QEMU's field order: send_vcpu at 0x50 with QEMU 7.2's layout (which still has
- *    shared_vmport_page), 0x48 with 8.1's (built as iotrace-standin-81, -DSTANDIN_QEMU81).
+ *    shared_vmport_page), 0x48 with 8.1's (built as iotrace-standin-81, -DSTANDIN_QEMU81). The
+ *    offset is also exported as data, the u32 symbol iotrace_send_vcpu_offset: unlike qemu-dm, the
+ *    stand-in has no QEMU version banner to infer the layout from.
  *  - Synchronous path: "event channel" -> cpu_handle_ioreq -> cpu_get_ioreq (sets state->send_vcpu = i,
  *    marks the slot INPROCESS and returns &shared_page->vcpu_ioreq[i]) -> handle_buffered_iopage first
  *    -> `ioreq_t copy = *req; handle_ioreq(state, &copy)` -> response written back, IORESP_READY.
