@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .aggregate import Cell, Key
+from .aggregate import N_SLOTS, Cell, Key, hist_quantile_ns
 from .events import DIR_READ, DIR_WRITE, TYPE_CODES, TYPE_NAMES, type_name
 from .source import DomainInfo, SourceStats
 
@@ -99,18 +99,6 @@ class Sampler:
                 self._last[i] = part
             parts.append(part)
         return _merge(parts, self.clock, self.host)
-
-
-def delta_cell(cur: Cell, prev: Cell | None) -> Cell:
-    """cur - prev, restarting from zero where a counter went down (a reset, as in rate())."""
-    if prev is None or cur.count < prev.count or cur.service_n < prev.service_n \
-            or cur.bytes < prev.bytes:
-        return Cell(cur.count, cur.bytes, cur.service_n, cur.service_sum_ns, cur.hist.copy())
-    hist = cur.hist - prev.hist
-    if (hist < 0).any():
-        hist = cur.hist.copy()
-    return Cell(cur.count - prev.count, cur.bytes - prev.bytes, cur.service_n - prev.service_n,
-                cur.service_sum_ns - prev.service_sum_ns, hist)
 
 
 # -- filters -------------------------------------------------------------------------------------
@@ -281,20 +269,128 @@ class Row:
 
 
 @dataclass
-class _Acc:
-    total: Cell = field(default_factory=Cell)
-    delta: Cell = field(default_factory=Cell)
-    reads: int = 0
+class _G:
+    """Sums over a group of keys: totals since start, the interval's deltas, service stats."""
+    reqs: int = 0
+    bytes: int = 0
+    d_count: int = 0
+    d_bytes: int = 0
+    reads: int = 0             # requests in the interval, by direction
     writes: int = 0
+    svc_n: int = 0             # the interval's service times
+    svc_sum: int = 0
+    hist: np.ndarray | None = None
+    svc_min: float = math.inf  # exact extremes since start, where the source keeps them
+    svc_max: float = -math.inf
 
 
-def _acc_add(acc: _Acc, key: Key, total: Cell, delta: Cell) -> None:
-    acc.total.add(total)
-    acc.delta.add(delta)
-    if key.dir == DIR_READ:
-        acc.reads += delta.count
-    elif key.dir == DIR_WRITE:
-        acc.writes += delta.count
+class _Frame:
+    """A snapshot's totals as columns (one row per Key), with the deltas to the previous frame.
+
+    Grouping is column-wise (``np.unique`` + ``bincount``/``reduceat``), so a refresh costs a few
+    NumPy passes over all keys rather than Python work per key and group.
+    """
+
+    def __init__(self, totals: dict[Key, Cell], prev: "_Frame | None"):
+        keys = list(totals)
+        cells = [totals[k] for k in keys]
+        n = len(keys)
+        self.keys = keys
+        self.index = {k: i for i, k in enumerate(keys)}
+        self.range_names = sorted({k.range for k in keys})
+        rix = {r: i for i, r in enumerate(self.range_names)}
+        cols = np.array([(k.domid, k.vcpu, k.type, k.dir, rix[k.range]) for k in keys],
+                        dtype=np.int64).reshape(n, 5)
+        self.domid, self.vcpu, self.type, self.dir, self.range = (cols[:, i] for i in range(5))
+        self.addr = np.array([k.addr for k in keys], dtype=np.uint64)
+        nums = np.array([(c.count, c.bytes, c.service_n, c.service_sum_ns) for c in cells],
+                        dtype=np.int64).reshape(n, 4)
+        self.count, self.bytes, self.svc_n, self.svc_sum = (nums[:, i] for i in range(4))
+        self.hist = np.stack([c.hist for c in cells]).astype(np.int64) if n else \
+            np.zeros((0, N_SLOTS), dtype=np.int64)
+        self.svc_min = np.array([math.inf if getattr(c, "service_min_ns", None) is None
+                                 else c.service_min_ns for c in cells], dtype=np.float64)
+        self.svc_max = np.array([-math.inf if getattr(c, "service_max_ns", None) is None
+                                 else c.service_max_ns for c in cells], dtype=np.float64)
+        # Deltas: cur - prev per key; a key whose counters went down restarts from zero.
+        if prev is None:
+            self.has_prev = False
+            self.d_count = np.zeros(n, dtype=np.int64)
+            self.d_bytes = np.zeros(n, dtype=np.int64)
+            self.d_svc_n = np.zeros(n, dtype=np.int64)
+            self.d_svc_sum = np.zeros(n, dtype=np.int64)
+            self.d_hist = np.zeros_like(self.hist)
+            return
+        self.has_prev = True
+        j = np.array([prev.index.get(k, -1) for k in keys], dtype=np.int64)
+        had = j >= 0
+        jj = np.where(had, j, 0)
+
+        def sub(cur, old):
+            if not len(old):
+                return cur.copy()
+            return cur - np.where(had.reshape((-1,) + (1,) * (cur.ndim - 1)), old[jj], 0)
+        self.d_count = sub(self.count, prev.count)
+        self.d_bytes = sub(self.bytes, prev.bytes)
+        self.d_svc_n = sub(self.svc_n, prev.svc_n)
+        self.d_svc_sum = sub(self.svc_sum, prev.svc_sum)
+        self.d_hist = sub(self.hist, prev.hist)
+        reset = (self.d_count < 0) | (self.d_bytes < 0) | (self.d_svc_n < 0)
+        if len(self.d_hist):
+            reset |= (self.d_hist < 0).any(axis=1)
+        if reset.any():
+            self.d_count[reset] = self.count[reset]
+            self.d_bytes[reset] = self.bytes[reset]
+            self.d_svc_n[reset] = self.svc_n[reset]
+            self.d_svc_sum[reset] = self.svc_sum[reset]
+            self.d_hist[reset] = self.hist[reset]
+
+    def group(self, idx: np.ndarray, cols: list[np.ndarray], service: bool = True) -> dict:
+        """Sums of the rows ``idx`` grouped by the given key columns: {tuple: _G}."""
+        if not len(idx):
+            return {}
+        # One int64 code per row (mixed radix over each column's distinct values), so a single
+        # 1-D np.unique does the grouping.
+        code = np.zeros(len(idx), dtype=np.int64)
+        levels = []
+        for c in cols:
+            vals, pos = np.unique(c[idx], return_inverse=True)
+            levels.append(vals)
+            code = code * len(vals) + pos.reshape(-1)
+        ucode, inv = np.unique(code, return_inverse=True)
+        inv = inv.reshape(-1)
+        g = len(ucode)
+        parts = []
+        rest = ucode
+        for vals in reversed(levels):
+            parts.append(vals[rest % len(vals)])
+            rest = rest // len(vals)
+        uniq_cols = [p.tolist() for p in reversed(parts)]
+
+        def bsum(arr):
+            return np.bincount(inv, weights=arr[idx].astype(np.float64), minlength=g)
+        reqs, nbytes = bsum(self.count), bsum(self.bytes)
+        d_count, d_bytes = bsum(self.d_count), bsum(self.d_bytes)
+        d_read = np.where(self.dir == DIR_READ, self.d_count, 0)
+        d_write = np.where(self.dir == DIR_WRITE, self.d_count, 0)
+        reads, writes = bsum(d_read), bsum(d_write)
+        if service:
+            svc_n, svc_sum = bsum(self.d_svc_n), bsum(self.d_svc_sum)
+            order = np.argsort(inv, kind="stable")
+            starts = np.searchsorted(inv[order], np.arange(g))
+            rows = idx[order]
+            hist = np.add.reduceat(self.d_hist[rows], starts, axis=0)
+            smin = np.minimum.reduceat(self.svc_min[rows], starts)
+            smax = np.maximum.reduceat(self.svc_max[rows], starts)
+        out = {}
+        for i, u in enumerate(zip(*uniq_cols)):
+            gr = _G(int(reqs[i]), int(nbytes[i]), int(d_count[i]), int(d_bytes[i]),
+                    int(reads[i]), int(writes[i]))
+            if service:
+                gr.svc_n, gr.svc_sum, gr.hist = int(svc_n[i]), int(svc_sum[i]), hist[i]
+                gr.svc_min, gr.svc_max = float(smin[i]), float(smax[i])
+            out[u] = gr
+        return out
 
 
 EXPANSIONS = ("vcpu", "range", "addr")
@@ -322,7 +418,7 @@ class Model:
                  filt: Filter | None = None, per_vcpu_service: bool = True):
         self.prev: Snapshot | None = None
         self.cur: Snapshot | None = None
-        self.deltas: dict[Key, Cell] = {}
+        self.frame: _Frame | None = None
         self.slow_p95 = slow_p95
         self.sort = check_sort(sort)
         self.reverse = reverse
@@ -334,11 +430,7 @@ class Model:
     def update(self, snap: Snapshot) -> None:
         """Take a new snapshot; rates are computed against the previous one."""
         self.prev, self.cur = self.cur, snap
-        prev_totals = self.prev.totals if self.prev else {}
-        if self.prev is None:
-            self.deltas = {}
-        else:
-            self.deltas = {k: delta_cell(c, prev_totals.get(k)) for k, c in snap.totals.items()}
+        self.frame = _Frame(snap.totals, self.frame if self.prev is not None else None)
 
     @property
     def elapsed(self) -> float | None:
@@ -394,16 +486,18 @@ class Model:
         dt = self.elapsed
         return n / dt if dt else None
 
-    def _fill(self, row: Row, acc: _Acc, service: bool = True) -> Row:
-        row.reqs, row.bytes = acc.total.count, acc.total.bytes
-        row.req_rate = self._rate(acc.delta.count)
-        row.byte_rate = self._rate(acc.delta.bytes)
-        row.read_rate = self._rate(acc.reads)
-        row.write_rate = self._rate(acc.writes)
-        if service and acc.delta.service_n:
-            row.p50 = acc.delta.service_quantile_seconds(0.50)
-            row.p95 = acc.delta.service_quantile_seconds(0.95)
-            row.avg = acc.delta.service_avg_seconds()
+    def _fill(self, row: Row, g: _G) -> Row:
+        row.reqs, row.bytes = g.reqs, g.bytes
+        row.req_rate = self._rate(g.d_count)
+        row.byte_rate = self._rate(g.d_bytes)
+        row.read_rate = self._rate(g.reads)
+        row.write_rate = self._rate(g.writes)
+        if g.svc_n and g.hist is not None:
+            lo = g.svc_min if g.svc_min != math.inf else 0.0
+            hi = g.svc_max if g.svc_max != -math.inf else math.inf
+            row.p50 = min(max(hist_quantile_ns(g.hist, 0.50), lo), hi) / 1e9
+            row.p95 = min(max(hist_quantile_ns(g.hist, 0.95), lo), hi) / 1e9
+            row.avg = g.svc_sum / g.svc_n / 1e9
         flags = set(row.flags)
         if row.p95 is not None and row.p95 >= self.slow_p95:
             flags.add("slow")
@@ -414,9 +508,9 @@ class Model:
     def _busiest(groups: dict, label=lambda k: str(k)) -> tuple[str, float | None]:
         """The group with the most requests in the interval (else since start), and its share."""
         best, best_n, total = None, -1, 0
-        use_delta = any(a.delta.count for a in groups.values())
+        use_delta = any(a.d_count for a in groups.values())
         for k, a in groups.items():
-            n = a.delta.count if use_delta else a.total.count
+            n = a.d_count if use_delta else a.reqs
             total += n
             if n > best_n or (n == best_n and best is not None and label(k) < label(best)):
                 best, best_n = k, n
@@ -440,95 +534,134 @@ class Model:
         return present + missing
 
     def view(self) -> View:
-        snap = self.cur
-        if snap is None:
+        snap, fr = self.cur, self.frame
+        if snap is None or fr is None:
             raise RuntimeError("no snapshot yet")
         filt = self.filter
-        empty = Cell()
         lost_by_dom: dict[int, int] = {}
         for st in snap.stats:
             for d, n in (st.extra.get("lost_by_domid") or {}).items():
                 lost_by_dom[int(d)] = lost_by_dom.get(int(d), 0) + int(n)
-
         names = {d: info.name for d, info in snap.domains.items()}
         # Per-domain probe counts mean something only for sources that attach probes.
         has_probes = any(st.probes_attached or st.probes_failed for st in snap.stats)
-        per_dom: dict[int, dict[Key, tuple[Cell, Cell]]] = {}
-        for key, cell in snap.totals.items():
-            name = names.get(key.domid, _default_name(key.domid))
-            if not filt.match_domain(key.domid, name) or not filt.match_key(key):
-                continue
-            d = self.deltas.get(key, empty) if self.prev is not None else empty
-            per_dom.setdefault(key.domid, {})[key] = (cell, d)
-        if not filt.traffic_filtered():
-            for domid, info in snap.domains.items():
-                if filt.match_domain(domid, info.name):
-                    per_dom.setdefault(domid, {})
 
+        # Which keys pass the filter (column-wise; names and globs once per distinct value).
+        sel = np.ones(len(fr.keys), dtype=bool)
+        if filt.domains:
+            doms = np.unique(fr.domid)
+            ok = [d for d in doms.tolist()
+                  if filt.match_domain(d, names.get(d, _default_name(d)))]
+            sel &= np.isin(fr.domid, ok)
+        if filt.vcpus:
+            sel &= np.isin(fr.vcpu, list(filt.vcpus))
+        if filt.types:
+            sel &= np.isin(fr.type, list(filt.types))
+        if filt.ranges:
+            ok = [i for i, r in enumerate(fr.range_names)
+                  if any(fnmatch.fnmatchcase(r, p) for p in filt.ranges)]
+            sel &= np.isin(fr.range, ok)
+        idx = np.nonzero(sel)[0]
+        with_reqs = idx[fr.count[idx] > 0]   # service-only cells (remote) carry no vCPU/address
+
+        by_dom = {k[0]: g for k, g in fr.group(idx, [fr.domid]).items()}
+        dom_range = fr.group(idx, [fr.domid, fr.range], service=False)
+        tot = _G()
+        for g in by_dom.values():
+            for f in ("reqs", "bytes", "d_count", "d_bytes", "reads", "writes"):
+                setattr(tot, f, getattr(tot, f) + getattr(g, f))
+        domids = set(by_dom)
+        if not filt.traffic_filtered():
+            domids |= {d for d, info in snap.domains.items() if filt.match_domain(d, info.name)}
+
+        rname = fr.range_names
+        ranges_of: dict[int, dict] = {}
+        for (d, r), g in dom_range.items():
+            ranges_of.setdefault(d, {})[rname[r]] = g
         tops: list[Row] = []
-        children: dict[int, list[Row]] = {}
-        tot = _Acc()
-        for domid, cells in per_dom.items():
-            acc = _Acc()
-            by_vcpu: dict[int, _Acc] = {}
-            by_range: dict[str, _Acc] = {}
-            by_addr: dict[tuple, _Acc] = {}
-            for key, (total, delta) in cells.items():
-                _acc_add(acc, key, total, delta)
-                _acc_add(tot, key, total, delta)
-                if total.count:      # service-only cells (remote histograms) carry no vCPU
-                    _acc_add(by_vcpu.setdefault(key.vcpu, _Acc()), key, total, delta)
-                _acc_add(by_range.setdefault(key.range, _Acc()), key, total, delta)
-                if key.addr and total.count:
-                    _acc_add(by_addr.setdefault((key.range, key.type, key.addr), _Acc()),
-                             key, total, delta)
+        for domid in domids:
+            g = by_dom.get(domid, _G())
             info = snap.domains.get(domid)
-            name = info.name if info else _default_name(domid)
-            row = Row("domain", 0, domid, name, ident=("domain", domid),
-                      vcpus=len([v for v in by_vcpu if v >= 0]),
+            exp = self.expansion(domid)
+            row = Row("domain", 0, domid, info.name if info else _default_name(domid),
+                      ident=("domain", domid),
                       probes=info.probes_attached if info and has_probes else None,
                       lost=lost_by_dom.get(domid) if lost_by_dom else None,
-                      expanded=frozenset(self.expansion(domid)))
+                      expanded=frozenset(exp))
             if row.lost:
                 row.flags = frozenset({"lost"})
-            self._fill(row, acc)
-            row.busiest, row.busiest_share = self._busiest(by_range)
+            self._fill(row, g)
+            row.busiest, row.busiest_share = self._busiest(ranges_of.get(domid, {}))
             tops.append(row)
 
-            exp = self.expansion(domid)
+        # Children, only for the domains that are expanded.
+        expanded = {r.domid: self.expansion(r.domid) for r in tops if self.expansion(r.domid)}
+        vcpus_of: dict[int, int] = {}
+        mine = with_reqs[np.isin(fr.domid[with_reqs], list(expanded))] if expanded else with_reqs[:0]
+        vc = fr.group(mine, [fr.domid, fr.vcpu])
+        for (d, v) in vc:
+            vcpus_of[d] = vcpus_of.get(d, 0) + (v >= 0)
+        nv = fr.group(with_reqs, [fr.domid, fr.vcpu], service=False)
+        counts_v: dict[int, int] = {}
+        for (d, v) in nv:
+            if v >= 0:
+                counts_v[d] = counts_v.get(d, 0) + 1
+        for r in tops:
+            r.vcpus = counts_v.get(r.domid, 0)
+        want_v = [d for d, e in expanded.items() if "vcpu" in e]
+        want_r = [d for d, e in expanded.items() if "range" in e]
+        vr = fr.group(mine[np.isin(fr.domid[mine], want_v)], [fr.domid, fr.vcpu, fr.range],
+                      service=False) if want_v else {}
+        rg = fr.group(idx[np.isin(fr.domid[idx], want_r)], [fr.domid, fr.range]) \
+            if want_r else {}
+        ad = fr.group(mine[np.isin(fr.domid[mine], want_r) & (fr.addr[mine] != 0)],
+                      [fr.domid, fr.range, fr.type, fr.addr]) if want_r else {}
+
+        vc_of: dict[int, list] = {}
+        for k in vc:
+            vc_of.setdefault(k[0], []).append(k)
+        vr_of: dict[tuple, dict] = {}
+        for (d, v, r), g in vr.items():
+            vr_of.setdefault((d, v), {})[rname[r]] = g
+        rg_of: dict[int, list] = {}
+        for k, g in rg.items():
+            rg_of.setdefault(k[0], []).append((k, g))
+        ad_of: dict[tuple, dict] = {}
+        for x, g in ad.items():
+            ad_of.setdefault((x[0], x[1]), {})[x] = g
+        children: dict[int, list[Row]] = {}
+        for domid, exp in expanded.items():
             kids: list[Row] = []
             if "vcpu" in exp:
-                vrows = []
-                for v, a in by_vcpu.items():
+                vkeys = sorted(vc_of.get(domid, []), key=lambda k: (k[1] < 0, k[1]))
+                for k in vkeys:
+                    v = k[1]
                     r = Row("vcpu", 1, domid, f"vcpu {v}" if v >= 0 else "vcpu ?",
                             ident=("vcpu", domid, v))
-                    self._fill(r, a)
-                    ranges_v: dict[str, _Acc] = {}
-                    for key, (total, delta) in cells.items():
-                        if key.vcpu == v and total.count:
-                            _acc_add(ranges_v.setdefault(key.range, _Acc()), key, total, delta)
-                    r.busiest, r.busiest_share = self._busiest(ranges_v)
-                    vrows.append(r)
-                vrows.sort(key=lambda r: (r.name == "vcpu ?", int(r.name.split()[1])
-                                          if r.name != "vcpu ?" else 0))
-                kids.extend(vrows)
+                    self._fill(r, vc[k])
+                    r.busiest, r.busiest_share = self._busiest(vr_of.get((domid, v), {}))
+                    kids.append(r)
             if "range" in exp:
                 rrows = []
-                for rng, a in by_range.items():
-                    r = Row("range", 1, domid, rng, ident=("range", domid, rng))
-                    self._fill(r, a)
-                    addrs = {k: v for k, v in by_addr.items() if k[0] == rng}
-                    r.busiest, r.busiest_share = self._busiest(addrs, lambda k: f"{k[2]:#x}")
-                    r.addr_rows = addrs  # type: ignore[attr-defined]
+                addr_rows: dict[int, dict] = {}
+                for k, g in rg_of.get(domid, []):
+                    r = Row("range", 1, domid, rname[k[1]], ident=("range", domid, rname[k[1]]))
+                    self._fill(r, g)
+                    addrs = ad_of.get((domid, k[1]), {})
+                    r.busiest, r.busiest_share = self._busiest(
+                        addrs, lambda x: f"{int(x[3]) & 0xFFFFFFFFFFFFFFFF:#x}")
+                    addr_rows[k[1]] = addrs
                     rrows.append(r)
+                rix = {n: i for i, n in enumerate(rname)}
                 for r in self._sorted(rrows):
                     kids.append(r)
                     if "addr" in exp:
                         arows = []
-                        for (rng, typ, addr), a in r.addr_rows.items():  # type: ignore
-                            ar = Row("addr", 2, domid, f"{addr:#x}",
-                                     ident=("addr", domid, rng, typ, addr))
-                            self._fill(ar, a)
+                        for x, ga in addr_rows[rix[r.name]].items():
+                            a_ = int(x[3]) & 0xFFFFFFFFFFFFFFFF
+                            ar = Row("addr", 2, domid, f"{a_:#x}",
+                                     ident=("addr", domid, r.name, int(x[2]), a_))
+                            self._fill(ar, ga)
                             arows.append(ar)
                         kids.extend(self._sorted(arows)[:ADDR_ROWS])
             children[domid] = kids
@@ -542,9 +675,9 @@ class Model:
         prev_lost = {s.name: s.lost for s in self.prev.stats} if self.prev else {}
         for st in snap.stats:
             lost_delta[st.name] = max(0, st.lost - prev_lost.get(st.name, st.lost))
-        return View(rows, snap, self.elapsed, self._rate(tot.delta.count),
-                    self._rate(tot.delta.bytes), self._rate(tot.reads), self._rate(tot.writes),
-                    tot.total.count, lost_delta, len(tops))
+        return View(rows, snap, self.elapsed, self._rate(tot.d_count),
+                    self._rate(tot.d_bytes), self._rate(tot.reads), self._rate(tot.writes),
+                    tot.reqs, lost_delta, len(tops))
 
 
 def _default_name(domid: int) -> str:

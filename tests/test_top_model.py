@@ -7,7 +7,7 @@ import pytest
 from iotrace import events
 from iotrace.aggregate import Cell, Key
 from iotrace.source import DomainInfo, EventSource, SourceStats
-from iotrace.top_model import (Filter, FilterError, Model, Snapshot, delta_cell, fmt_bytes,
+from iotrace.top_model import (Filter, FilterError, Model, Snapshot, fmt_bytes,
                                fmt_count, fmt_secs, make_filter, parse_filter_spec, take_snapshot)
 
 
@@ -86,12 +86,20 @@ def test_rates_are_deltas_over_elapsed_time(fed):
 
 
 def test_counter_reset_is_not_a_negative_rate():
-    prev = Cell(100, 1000, 10, 5000, np.zeros(64, dtype=np.int64))
-    cur = Cell(30, 300, 3, 900, np.zeros(64, dtype=np.int64))
-    d = delta_cell(cur, prev)
-    assert (d.count, d.bytes, d.service_n) == (30, 300, 3)
-    grown = Cell(130, 1300, 10, 5000, np.zeros(64, dtype=np.int64))
-    assert delta_cell(grown, prev).count == 30
+    """A key whose counters went down (source restarted) counts from zero: rate = new value."""
+    key = Key(1, 0, events.TYPE_PIO, events.DIR_WRITE, "com1", 0)
+    h = np.zeros(64, dtype=np.int64)
+    m = Model()
+    m.update(Snapshot(0.0, 0.0, {key: Cell(100, 1000, 0, 0, h.copy())}, {}, []))
+    m.update(Snapshot(1.0, 1.0, {key: Cell(30, 300, 0, 0, h.copy())}, {}, []))
+    row = m.view().rows[0]
+    assert (row.req_rate, row.byte_rate, row.reqs) == (30.0, 300.0, 30)
+    m.update(Snapshot(3.0, 3.0, {key: Cell(130, 1300, 0, 0, h.copy())}, {}, []))
+    assert m.view().rows[0].req_rate == 50.0
+    # A key that disappeared and one that is new: the new one counts whole.
+    other = key._replace(vcpu=1)
+    m.update(Snapshot(4.0, 4.0, {other: Cell(7, 7, 0, 0, h.copy())}, {}, []))
+    assert m.view().rows[0].req_rate == 7.0
 
 
 def test_quantiles_are_over_the_interval(fed):
