@@ -2,17 +2,15 @@
 ``iotrace serve`` (plain http, and https with basic auth through --web.config.file)."""
 from __future__ import annotations
 
-import math
 import socket
 import subprocess
 import time
-import urllib.request
 
 import bcrypt
 import numpy as np
 import pytest
 
-from conftest import REPO, require_tool
+from conftest import require_tool
 from iotrace import events
 from iotrace.aggregate import Key, hist_quantile_ns
 from iotrace.errors import UserError

@@ -89,7 +89,6 @@ def _feed_source_class():
 def main(argv: list[str]) -> int:
     import argparse
     from iotrace import cmd_top
-    from iotrace.cli import main as cli_main  # noqa: F401  (same error handling below)
     from iotrace.errors import UserError
     mode = "steady"
     if argv[:1] == ["--mode"]:
