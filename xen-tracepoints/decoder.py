@@ -246,6 +246,15 @@ def _walk(w: np.ndarray, st: np.ndarray):
 
 # --------------------------------------------------------------------------- column helpers
 
+def _sel(arr: np.ndarray, ix) -> np.ndarray:
+    """arr[ix] for structured arrays, via np.take (NumPy's fancy indexing of structured rows is
+    about 10x slower); ix may be a boolean mask."""
+    ix = np.asarray(ix)
+    if ix.dtype == bool:
+        ix = np.flatnonzero(ix)
+    return np.take(arr, ix, axis=0)
+
+
 def _ffill_idx(cond: np.ndarray, grp_start: np.ndarray) -> np.ndarray:
     """Index of the last i' <= i with cond[i'] in the same group (groups are contiguous runs
     beginning at grp_start[i]), else -1."""
@@ -774,12 +783,12 @@ class StreamDecoder:
         u_vcpu = np.concatenate([ex_vcpu[bx], en_vcpu[bn], io_vcpu[fi]])
         u_tsc = np.concatenate([ex_tsc[bx], en_tsc[bn], io_tsc[fi]])
         nb = int(bx.sum()) + int(bn.sum())
-        slow = self._service(batch[fi], nb + np.arange(int(fi.sum())), u_exit, u_entry, u_dom,
+        slow = self._service(_sel(batch, fi), nb + np.arange(int(fi.sum())), u_exit, u_entry, u_dom,
                              u_vcpu, u_tsc, seq0, rank=u_idx)
-        fast = batch[local]
+        fast = _sel(batch, local)
         out = np.concatenate([fast, slow]) if len(slow) else fast
         if len(out) > 1 and len(slow):
-            out = out[np.argsort(out["ts_ns"], kind="stable")]
+            out = _sel(out, np.argsort(out["ts_ns"], kind="stable"))
         return out
 
     def _prefix_last(self, idx):
@@ -906,7 +915,7 @@ class StreamDecoder:
         known = dom_s >= 0
         sel = np.flatnonzero((exit_ok | entry_ok) & known)
         io_known = known[ii]
-        out = [batch[~io_known]]                     # owner unknown: no vCPU, no service time
+        out = [_sel(batch, ~io_known)]                     # owner unknown: no vCPU, no service time
         rec = np.concatenate([sel, ii[io_known]])
         ns = len(sel)
         p = self._pending
@@ -922,7 +931,8 @@ class StreamDecoder:
         kind = np.concatenate([p["kind"], kind])
         seq = np.concatenate([p["seq"], seq0 + (rec if rank is None else rank[rec])])
         evi = np.concatenate([p["evi"], evi])
-        evs = np.concatenate([pev, batch[io_known]]) if len(pev) else batch[io_known]
+        bk = _sel(batch, io_known)
+        evs = np.concatenate([pev, bk]) if len(pev) else bk
         if not final:
             late = tsc >= np.uint64(self._wm)
             if late.any():
@@ -953,15 +963,15 @@ class StreamDecoder:
             inside = (lxi >= 0) & (lxi > lei)
             done = inside & (nei >= 0) & ((nxi < 0) | (nei < nxi))
             pending = inside & (nei < 0) & (nxi < 0) & (not final)
-            ev = evs[evi[io]]
+            ev = _sel(evs, evi[io])
             a = io[done]
             cyc = tsc[ne[a]].astype(np.int64) - tsc[lx[a]].astype(np.int64)
             ev["service_ns"][done] = np.where(
                 cyc >= 0, (cyc.astype(np.float64) * (1e9 / self.cpu_hz)).astype(np.int64), -1)
-            out.append(ev[~pending])
+            out.append(_sel(ev, ~pending))
             if pending.any():
                 pi = io[pending]
-                self._add_pending(key[pi], tsc[pi], kind[pi], seq[pi], ev[pending])
+                self._add_pending(key[pi], tsc[pi], kind[pi], seq[pi], _sel(ev, pending))
             self._open_exit.clear()
             last_in_grp = np.flatnonzero(np.append(key[1:] != key[:-1], True))
             x, e = lx[last_in_grp], le[last_in_grp]
@@ -969,7 +979,7 @@ class StreamDecoder:
             self._open_exit.update(zip(key[last_in_grp][op].tolist(), tsc[x[op]].tolist()))
         res = E.concat(out)
         if len(res) > 1:
-            res = res[np.argsort(res["ts_ns"], kind="stable")]
+            res = _sel(res, np.argsort(res["ts_ns"], kind="stable"))
         return res
 
     def _keep_pending(self, late, key, tsc, kind, seq, evi, evs):
@@ -981,7 +991,7 @@ class StreamDecoder:
         p["evi"] = -1
         p["evi"][has] = np.arange(int(has.sum()))
         self._pending = p
-        self._pending_ev = evs[old[has]]
+        self._pending_ev = _sel(evs, old[has])
 
     def _add_pending(self, key, tsc, kind, seq, ev):
         p = np.zeros(len(key), _PROW)
@@ -1139,7 +1149,7 @@ class _XenalyzeMachine:
 def _result(dec: StreamDecoder, batches: list[np.ndarray]) -> DecodeResult:
     ev = E.concat(batches)
     if len(ev) > 1:
-        ev = ev[np.argsort(ev["ts_ns"], kind="stable")]
+        ev = _sel(ev, np.argsort(ev["ts_ns"], kind="stable"))
     return DecodeResult(ev, dec.records, dec.lost_records, dec.decode_errors, dec.truncated_at,
                         list(dec.warnings), dec.windows)
 
