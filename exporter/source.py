@@ -74,7 +74,10 @@ class EventSource:
 
     def totals(self) -> dict[Key, Cell]:
         with self._lock:
-            return {k: copy.deepcopy(c) for k, c in self._agg.cells.items()}
+            # Field-wise copy: same result as deepcopy, ~10x cheaper (scrape-time cost, see
+            # bench/exporter_scrape.py).
+            return {k: Cell(c.count, c.bytes, c.service_n, c.service_sum_ns, c.hist.copy())
+                    for k, c in self._agg.cells.items()}
 
     def domains(self) -> dict[int, DomainInfo]:
         with self._lock:
