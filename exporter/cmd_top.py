@@ -262,7 +262,7 @@ def _interrupt_on_term() -> None:
 def _run_batch(model: Model, take, args) -> int:
     from .top_batch import format_table
     n = 0
-    next_t = time.monotonic() + args.interval
+    next_t = model.cur.t + args.interval       # from the baseline, not after the first read
     while args.count is None or n < args.count:
         time.sleep(max(0.0, next_t - time.monotonic()))
         next_t += args.interval

@@ -181,7 +181,7 @@ class TopScreen:
         if self.model.cur is None:
             self.model.update(self.take())
         self.view = self.model.view()     # first frame at once; rates after one interval
-        next_tick = time.monotonic() + self.interval
+        next_tick = self.model.cur.t + self.interval   # one interval after the baseline
         while True:
             self.draw()
             wait = next_tick - time.monotonic()
