@@ -403,7 +403,8 @@ class StreamDecoder:
         zb = np.zeros(0, bool)
         # every waiting row is now final; I/O whose VMENTRY never came keep service_ns -1
         return self._service(E.empty(0), z, zb, zb, np.zeros(0, np.int32),
-                             np.zeros(0, np.int32), np.zeros(0, np.uint64), 0, final=True)
+                             np.zeros(0, np.int32), np.zeros(0, np.uint64), 0, final=True,
+                             cpu_s=z)
 
     # -- internals
     def _warn(self, msg: str) -> None:
@@ -577,7 +578,8 @@ class StreamDecoder:
             r_io = evrow[rel] >= 0
             rows["io"][:len(rel)][r_io] = batch[evrow[rel][r_io]]
             return self._compat.run(rows, self._watermark())
-        return self._service(batch, ii, exit_ok, entry_ok, dom_s, vcpu_s, tsc_s, seq0)
+        return self._service(batch, ii, exit_ok, entry_ok, dom_s, vcpu_s, tsc_s, seq0,
+                             cpu_s=cpu_s)
 
     # ---- the fast path: per-pCPU questions answered on subsets, in file order
     def _process_fast(self, w, off, cpu, win_first, win_cpu) -> np.ndarray:
@@ -660,8 +662,8 @@ class StreamDecoder:
         tsc_all = None
 
         def tsc_at(j):                              # own TSC of records j (which have one)
-            return (w[off[j] + 1].astype(np.uint64)
-                    | (w[off[j] + 2].astype(np.uint64) << np.uint64(32)))
+            return (w[np.minimum(off[j] + 1, nw - 1)].astype(np.uint64)
+                    | (w[np.minimum(off[j] + 2, nw - 1)].astype(np.uint64) << np.uint64(32)))
 
         # carries from earlier feeds, per pCPU
         def carried(q, table, default):
@@ -783,8 +785,8 @@ class StreamDecoder:
         u_vcpu = np.concatenate([ex_vcpu[bx], en_vcpu[bn], io_vcpu[fi]])
         u_tsc = np.concatenate([ex_tsc[bx], en_tsc[bn], io_tsc[fi]])
         nb = int(bx.sum()) + int(bn.sum())
-        slow = self._service(_sel(batch, fi), nb + np.arange(int(fi.sum())), u_exit, u_entry, u_dom,
-                             u_vcpu, u_tsc, seq0, rank=u_idx)
+        slow = self._service(_sel(batch, fi), nb + np.arange(int(fi.sum())), u_exit, u_entry,
+                             u_dom, u_vcpu, u_tsc, seq0, rank=u_idx, cpu_s=cpu[u_idx])
         fast = _sel(batch, local)
         out = np.concatenate([fast, slow]) if len(slow) else fast
         if len(out) > 1 and len(slow):
@@ -906,21 +908,25 @@ class StreamDecoder:
         return self._wm
 
     def _service(self, batch, ii, exit_ok, entry_ok, dom_s, vcpu_s, tsc_s, seq0,
-                 final: bool = False, rank=None):
+                 final: bool = False, rank=None, cpu_s=None):
         """Attach VMEXIT -> VMENTRY TSC of the vCPU's exit each I/O record belongs to.
 
         Done per vCPU in TSC order across pCPUs (a read can complete on another pCPU than the
         one that took the exit), over rows below the watermark; later rows wait (with their
         events) for the next feed. Rows are plain columns; events stay in a side array."""
+        # Records of unknown owner are grouped per pCPU instead (key -2 - pCPU): without a
+        # known vCPU, the pCPU's own stream is the best that can be said.
         known = dom_s >= 0
-        sel = np.flatnonzero((exit_ok | entry_ok) & known)
-        io_known = known[ii]
-        out = [_sel(batch, ~io_known)]                     # owner unknown: no vCPU, no service time
-        rec = np.concatenate([sel, ii[io_known]])
+        sel = np.flatnonzero(exit_ok | entry_ok)
+        io_known = np.ones(len(ii), bool)
+        out = []
+        rec = np.concatenate([sel, ii])
         ns = len(sel)
         p = self._pending
         pev = self._pending_ev
-        key = (dom_s[rec].astype(np.int64) << 16) | vcpu_s[rec].astype(np.int64)
+        key = np.where(known[rec],
+                       (dom_s[rec].astype(np.int64) << 16) | vcpu_s[rec].astype(np.int64),
+                       -2 - cpu_s[rec].astype(np.int64))
         kind = np.empty(len(rec), np.int8)
         kind[:ns] = np.where(exit_ok[sel], _K_EXIT, _K_ENTRY)
         kind[ns:] = _K_IO
