@@ -77,6 +77,7 @@ class QemuProbeSource:
         self._started = False
         self._last_refresh = 0.0
         self._alive: set[int] = set()
+        self._seen_tgids: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def binaries(self) -> list[str]:
@@ -182,6 +183,7 @@ class QemuProbeSource:
         dropped = {d for d in self._domains if d not in doms}
         self._domains = doms
         if gone:
+            self._seen_tgids -= gone
             for ps in self.sets:
                 ps.forget_tgids(gone)
         if self.mode == "events":
@@ -250,6 +252,12 @@ class QemuProbeSource:
 
     # -- events mode -----------------------------------------------------------------------------
     def _on_record(self, _ctx, data, size):
+        # Look a new process up on its first record, while it most likely still runs: a device
+        # model that exits right after its last request must still be attributed to its domain.
+        tgid = ct.cast(data, ct.POINTER(ct.c_uint32))[2]        # ioreq_event.tgid @8
+        if tgid not in self._seen_tgids:
+            self._seen_tgids.add(tgid)
+            self._pm.lookup(tgid)
         self._pending.append(ct.string_at(data, size))
 
     def poll(self, timeout_ms: int = 100) -> np.ndarray:

@@ -108,7 +108,7 @@ class ProbeSet:
         if self.timing:
             pairs.append(("inflight", ct.c_uint32, T.Inflight))
         for name, key, leaf in pairs:
-            table = self.bpf[name]
+            table = self.bpf[name.encode()]
             if key is not None and ct.sizeof(table.Key) != ct.sizeof(key):
                 raise ProbeError(f"map {name}: key is {ct.sizeof(table.Key)} bytes in BPF, "
                                  f"{ct.sizeof(key)} in bpf_types.py")
@@ -140,7 +140,7 @@ class ProbeSet:
 
     # -- reading ---------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
-        table = self.bpf["counters"]
+        table = self.bpf[b"counters"]
         out = {}
         for i, name in enumerate(T.COUNTER_NAMES):
             out[name] = int(sum(table[ct.c_int(i)]))
@@ -157,7 +157,7 @@ class ProbeSet:
         return [(self._copy(k, T.HistKey), int(getattr(v, "value", v))) for k, v in self._items("hist")]
 
     def _items(self, name: str):
-        table = self.bpf[name]
+        table = self.bpf[name.encode()]
         try:
             return list(table.items_lookup_batch())
         except Exception:
@@ -173,7 +173,7 @@ class ProbeSet:
             return 0
         n = 0
         for name in ("stats", "hist") if self.timing else ("stats",):
-            table = self.bpf[name]
+            table = self.bpf[name.encode()]
             for k in list(table.keys()):
                 tgid = k.k.tgid if name == "hist" else k.tgid
                 if tgid in tgids:
@@ -186,7 +186,7 @@ class ProbeSet:
 
     def open_ring(self, callback) -> None:
         """callback(cpu, data, size) per record; call ``poll`` to deliver."""
-        self.bpf["events"].open_ring_buffer(callback)
+        self.bpf[b"events"].open_ring_buffer(callback)
 
     def poll(self, timeout_ms: int = 100) -> None:
         self.bpf.ring_buffer_poll(timeout_ms)
