@@ -60,6 +60,9 @@ def _feed_source_class():
                 self._stats.extra = {"lost_by_domid": {3: 7}}
                 for d, n in ((1, "alpha"), (2, "beta"), (3, "gamma")):
                     self._domains[d] = DomainInfo(d, n)
+                if self.mode == "many":          # 40 more, quieter domains: the table scrolls
+                    for d in range(10, 50):
+                        self._domains[d] = DomainInfo(d, f"guest{d}")
             if self.mode == "once":          # like a replay at --speed 0: everything at start
                 for _ in range(self.ticks):
                     for b in tick_batches():
@@ -72,6 +75,10 @@ def _feed_source_class():
             while not self._halt.wait(TICK):
                 for b in tick_batches():
                     self.feed(b)
+                if self.mode == "many":
+                    for d in range(10, 50):
+                        self.feed(batch(60 - d, d, 0, events.TYPE_PIO, 0x3f8,
+                                        events.DIR_WRITE, 1, 5_000))
                 if self.mode == "down" and self._stats.events > 2000:
                     with self._lock:
                         self._stats.up = False
@@ -423,3 +430,20 @@ def test_escape_cancels_the_filter_prompt(tmux_top):
     t.keys("Escape")
     s = t.wait_for(lambda x: "filter (Enter" not in x, timeout=3, what="prompt gone")
     assert names(table_rows(s)) == ["alpha", "beta", "gamma"]
+
+
+def test_long_table_scrolls_with_the_selection(tmux_top):
+    t = tmux_top("--sort", "name", "0.3", mode="many")    # a stable order to page through
+    s = t.wait_for(lambda x: "rows 1-19/43" in x and table_rows(x)[0][2:].split()[2][0].isdigit(),
+                   what="scroll hint")
+    assert len(table_rows(s)) == 19
+    t.keys("End")
+    s = t.wait_for(lambda x: "rows 25-43/43" in x, what="scrolled to the end")
+    rows = table_rows(s)
+    assert "guest49" in rows[-1] and "\x1b" not in rows[-1]
+    t.keys("Home")
+    s = t.wait_for(lambda x: "rows 1-19/43" in x, what="back to the top")
+    assert names(table_rows(s))[:4] == ["alpha", "beta", "gamma", "guest10"]
+    t.keys("NPage")                             # selection 19 rows down, kept on screen
+    s = t.wait_for(lambda x: "rows 2-20/43" in x, what="page down")
+    assert table_rows(s)[-1].startswith(" +   26 guest26")
