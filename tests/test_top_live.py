@@ -31,3 +31,26 @@ def test_live_probes_on_a_standin(iotrace_exe):
     assert any(float(d[0][2].rstrip("k")) > 0 for d in doms[1:]), r.stdout
     # the stand-in serves synchronous requests with a vCPU: at least one vcpuN child row
     assert any(ln.split()[1].startswith("..vcpu") for b in blocks for ln in b[3:]), r.stdout
+
+
+def test_live_view_in_tmux_as_demo_runs_it(iotrace_exe):
+    """`make demo`'s command line, full screen in tmux: the stand-in's domain appears with
+    rates, q quits with status 0 (and the probes are detached by stop())."""
+    import shlex
+
+    from iotrace.probes import standin_runner as sr
+    from test_top_tui import Tmux, table_rows
+    exe = sr.build()
+    with sr.StandIn(domid=DOMID + 1, name="top-tmux", speed=1, loop=True):
+        t = Tmux(f"{shlex.quote(iotrace_exe)} top --source qemu --binary {shlex.quote(str(exe))}"
+                 f" -d {DOMID + 1} 0.5")
+        try:
+            s = t.wait_for(lambda x: "top-tmux" in x and "REQ/s" in x and
+                           table_rows(x) and table_rows(x)[0].split()[3][0].isdigit()
+                           and float(table_rows(x)[0].split()[3].rstrip("k")) > 0,
+                           timeout=60, what="live rates")
+            assert "sources: qemu up" in s
+            t.keys("q")
+            t.wait_for(lambda x: "EXIT=0" in x, timeout=20, what="exit 0")
+        finally:
+            t.kill()
