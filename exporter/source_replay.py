@@ -10,6 +10,7 @@ be looked at in Prometheus/Grafana exactly as the live host would be. The file i
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -32,6 +33,10 @@ class ReplaySource(EventSource):
                  cpu_hz: float | None = None, clock=time.time):
         if speed < 0 or speed != speed:
             raise UserError(f"--speed must be 0 (all at once) or a positive factor, got {speed}")
+        if not os.path.isfile(path):
+            # checked here, before the port is bound; decoding errors come at start()
+            raise InputError(f"{path}: no such file" if not os.path.exists(path)
+                             else f"{path}: not a regular file")
         super().__init__(addrmap)
         self.path = path
         self.speed = float(speed)
