@@ -704,6 +704,7 @@ class StreamDecoder:
         io_vcpu, ex_vcpu, en_vcpu = vcp[:nio], vcp[nio:nio + nex], vcp[nio + nex:]
 
         # per-pCPU state for the next feed: last TSC, current vCPU
+        tsc_before = dict(self._last_tsc)
         ne_w = np.flatnonzero(we > wf)                   # windows holding records
         rc = wc[ne_w][::-1]
         cpus_u, last_pos = np.unique(rc, return_index=True)   # each pCPU's last such window
@@ -725,6 +726,9 @@ class StreamDecoder:
         nonempty = we > wf
         jw = self._last_on_cpu(tsc_i, lastw[nonempty])
         tw = np.where(jw >= 0, tsc_at(np.maximum(jw, 0)), 0).astype(np.uint64)
+        if (jw < 0).any():                  # no TSC yet in this feed: the pCPU's carried one
+            cw = np.array([tsc_before.get(int(c), 0) for c in wc[nonempty]], dtype=np.uint64)
+            tw = np.where(jw >= 0, tw, cw)
         tsc_file[lastw[nonempty]] = tw
         self._advance_watermark(win_first, win_cpu, tsc_file)
 
