@@ -24,24 +24,24 @@ MIN_W, MIN_H = 60, 10        # below this, a message instead of a cut-up table
 HEADER_LINES = 4             # title, sources, totals, column header
 
 HELP = """\
-iotrace top - keys
+iotrace top - keys (any key closes this help)
 
-  q            quit                      h ?        this help (any key closes it)
-  p  space     pause / resume            s  S       next / previous sort key
-  i            invert the sort order     up down    select a row (PgUp PgDn Home End)
-  enter  +     expand the selected domain (vCPUs and ranges)     -  left   collapse it
-  v  r  a      expand vCPUs / ranges / ranges and addresses of the selected domain
-  V  R  A      the same for every domain
-  f  /         filter: domain=NAME|ID vcpu=N range=GLOB type=pio|mmio|pci_config
-               (words without field= are domains; field= alone clears it)
-  d            show only the selected domain (again: show all)
-  c            clear all filters
+  q           quit                       h ?        this help
+  p space     pause / resume             s S        next / previous sort key
+  i           invert the sort order      up down    select (PgUp PgDn Home End)
+  enter +     expand the selected domain: its vCPUs and ranges
+  - left      collapse it
+  v r a       expand vCPUs / ranges / ranges+addresses of the selected domain
+  V R A       the same for every domain
+  f /         filter, e.g.: domain=web* vcpu=0,1 range=com* type=pio
+              (a bare word is a domain; field= alone clears that field)
+  d           only the selected domain (again: all)     c   clear filters
 
-Columns: REQ/s BYTES/s RD/s WR/s are rates over the last interval; BUSIEST is the range
-(or, under a range, the address) with most requests and its share; P50/P95 are service
-times over the interval; LOST counts events the source lost. '!' marks a row that needs
-attention (lost events, or P95 above the --slow threshold); DOWN! marks a source that is down.
-"""
+REQ/s BYTES/s RD/s WR/s: rates over the last interval. BUSIEST: the range
+(under a range: the address) with most requests, and its share. P50 P95:
+service times over the interval. LOST: events the source lost.
+'!' marks a row needing attention: lost events, or P95 above --slow.
+DOWN! marks a source that is down."""
 
 
 def layout(width: int) -> list[tuple[Column, int]]:

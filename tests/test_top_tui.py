@@ -317,7 +317,7 @@ def test_help_pause_and_quit_from_help(tmux_top):
     t.wait_for(has_rates, what="first table")
     t.keys("h")
     s = t.wait_for(lambda x: "iotrace top - keys" in x, what="help")
-    assert "quit" in s and "filter" in s
+    assert "quit" in s and "filter" in s and "DOWN! marks a source" in s   # all of it fits
     t.keys("x")                                             # any key closes help
     t.wait_for(lambda x: "REQ/s" in x, what="table again")
     t.keys("p")
