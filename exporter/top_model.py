@@ -295,14 +295,21 @@ class _Frame:
         keys = list(totals)
         cells = [totals[k] for k in keys]
         n = len(keys)
-        self.keys = keys
-        self.index = {k: i for i, k in enumerate(keys)}
-        self.range_names = sorted({k.range for k in keys})
-        rix = {r: i for i, r in enumerate(self.range_names)}
-        cols = np.array([(k.domid, k.vcpu, k.type, k.dir, rix[k.range]) for k in keys],
-                        dtype=np.int64).reshape(n, 5)
-        self.domid, self.vcpu, self.type, self.dir, self.range = (cols[:, i] for i in range(5))
-        self.addr = np.array([k.addr for k in keys], dtype=np.uint64)
+        same_keys = prev is not None and prev.keys == keys   # the usual case between refreshes
+        if same_keys:
+            self.keys, self.index, self.range_names = prev.keys, prev.index, prev.range_names
+            self.domid, self.vcpu, self.type = prev.domid, prev.vcpu, prev.type
+            self.dir, self.range, self.addr = prev.dir, prev.range, prev.addr
+        else:
+            self.keys = keys
+            self.index = {k: i for i, k in enumerate(keys)}
+            self.range_names = sorted({k.range for k in keys})
+            rix = {r: i for i, r in enumerate(self.range_names)}
+            cols = np.array([(k.domid, k.vcpu, k.type, k.dir, rix[k.range]) for k in keys],
+                            dtype=np.int64).reshape(n, 5)
+            self.domid, self.vcpu, self.type, self.dir, self.range = \
+                (cols[:, i] for i in range(5))
+            self.addr = np.array([k.addr for k in keys], dtype=np.uint64)
         nums = np.array([(c.count, c.bytes, c.service_n, c.service_sum_ns) for c in cells],
                         dtype=np.int64).reshape(n, 4)
         self.count, self.bytes, self.svc_n, self.svc_sum = (nums[:, i] for i in range(4))
@@ -322,7 +329,8 @@ class _Frame:
             self.d_hist = np.zeros_like(self.hist)
             return
         self.has_prev = True
-        j = np.array([prev.index.get(k, -1) for k in keys], dtype=np.int64)
+        j = np.arange(n, dtype=np.int64) if same_keys else \
+            np.array([prev.index.get(k, -1) for k in keys], dtype=np.int64)
         had = j >= 0
         jj = np.where(had, j, 0)
 
