@@ -16,6 +16,8 @@ text format; we ask for it with ``Accept: text/plain; version=0.0.4``). Metrics 
   (2^(k-2), 2^k] ns is split evenly between the log2 slots k-1 and k of ``iotrace.aggregate``
   (slot k covers [2^(k-1), 2^k) ns); the lowest bucket goes to its slot, +Inf to the slot above
   the highest bound. Quantiles are therefore as coarse as the exported buckets.
+  An exporter configured with ``vcpu_label: false`` has no vcpu label at all: its cells get vcpu
+  -1 and ``stats().extra["no_vcpu_label"]`` tells the view to show no vCPU counts.
 * ``iotrace_domain_info`` {domid, domain, source}, ``iotrace_probes_attached`` {source, domain,
   domid}: domain names and attached probes.
 * ``iotrace_source_up`` {source}, ``iotrace_events_lost_total`` {source}: the source state.
@@ -60,6 +62,7 @@ class Parsed:
     lost: dict[str, int] = field(default_factory=dict)
     probes: dict[str, int] = field(default_factory=dict)
     source: str | None = None                                 # the one chosen
+    vcpu_label: bool = True      # False: the exporter sums over vCPUs (exporter: vcpu_label: false)
 
 
 def _int(v, default=UNKNOWN) -> int:
@@ -174,6 +177,8 @@ def parse_metrics(text: str, source: str | None = None) -> Parsed:
     for s in samples("iotrace_ioreqs", "_total"):
         if mine(s):
             out.totals.setdefault(key_of(s.labels), Cell()).count += int(s.value)
+            if "vcpu" not in s.labels:
+                out.vcpu_label = False
     for s in samples("iotrace_ioreq_bytes", "_total"):
         if mine(s):
             out.totals.setdefault(key_of(s.labels), Cell()).bytes += int(s.value)
@@ -320,7 +325,8 @@ class RemoteSource:
                                   events=sum(c.count for c in p.totals.values()),
                                   lost=p.lost.get(src, 0),
                                   probes_attached=p.probes.get(src, 0),
-                                  extra={"url": self.url, "remote_sources": sorted(p.sources)})
+                                  extra={"url": self.url, "remote_sources": sorted(p.sources),
+                                         "no_vcpu_label": not p.vcpu_label})
 
     def totals(self) -> dict[Key, Cell]:
         return {k: copy.deepcopy(c) for k, c in self._parsed.totals.items()}

@@ -255,7 +255,7 @@ class Row:
     p95: float | None = None
     avg: float | None = None
     lost: int | None = None     # events lost (per domain when the source knows, else None)
-    vcpus: int = 0
+    vcpus: int | None = 0       # None when the source does not know vCPUs
     probes: int | None = None
     expanded: frozenset = frozenset()
     flags: frozenset = frozenset()   # "lost", "slow"
@@ -614,8 +614,9 @@ class Model:
         for (d, v) in nv:
             if v >= 0:
                 counts_v[d] = counts_v.get(d, 0) + 1
+        per_vcpu = not any(st.extra.get("no_vcpu_label") for st in snap.stats)
         for r in tops:
-            r.vcpus = counts_v.get(r.domid, 0)
+            r.vcpus = counts_v.get(r.domid, 0) if per_vcpu else None
         want_v = [d for d, e in expanded.items() if "vcpu" in e]
         want_r = [d for d, e in expanded.items() if "range" in e]
         vr = fr.group(mine[np.isin(fr.domid[mine], want_v)], [fr.domid, fr.vcpu, fr.range],
@@ -777,7 +778,7 @@ COLUMNS = [
     Column("bytes", "BYTES", 7, True, True, lambda r: fmt_bytes(r.bytes)),
     Column("avg", "AVG", 6, True, True, lambda r: fmt_secs(r.avg)),
     Column("vcpus", "VCPUS", 5, True, True,
-           lambda r: str(r.vcpus) if r.kind == "domain" else ""),
+           lambda r: ("-" if r.vcpus is None else str(r.vcpus)) if r.kind == "domain" else ""),
     Column("probes", "PROBES", 6, True, True,
            lambda r: "" if r.kind != "domain" or r.probes is None else str(r.probes)),
 ]

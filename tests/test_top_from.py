@@ -258,3 +258,26 @@ def test_from_https_with_basic_auth(iotrace_exe, serve, tmp_path):
         lines = bad.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], bad.stderr
         assert "s3cret" not in bad.stderr and "badpw" not in bad.stderr
+
+
+def test_page_without_vcpu_label():
+    page = "\n".join(ln.replace(',vcpu="0"', "").replace(',vcpu="1"', "").replace(',vcpu="-1"', "")
+                     for ln in PAGE.splitlines()) + "\n"
+    p = parse_metrics(page)
+    assert not p.vcpu_label
+    assert {k.vcpu for k in p.totals} == {-1}
+    assert parse_metrics(PAGE).vcpu_label
+
+
+@pytest.mark.integration
+def test_from_an_exporter_without_vcpu_label(iotrace_exe, serve, tmp_path):
+    rec = tmp_path / "r.iotrec"
+    write_recording(rec, n=100)
+    cfg = tmp_path / "iotrace.yaml"
+    cfg.write_text("exporter:\n  vcpu_label: false\n")
+    s = serve("--replay", str(rec), "--config", str(cfg))
+    r = subprocess.run([iotrace_exe, "top", "-b", "--from", s.url, "0.2", "1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    row = batch_rows(r.stdout)[0][0]
+    assert (row[1], row[10], row[13]) == ("remote-dom", "100", "-")   # NAME REQS VCPUS
