@@ -639,10 +639,11 @@ class StreamDecoder:
         io_i, io_is64, io_full = io_i[ok], io_is64[ok], io_full_all[ok]
         self.decode_errors += bad + junk
 
-        d0 = off + 1 + 2 * (hdr >> 31).astype(np.int64)       # first data word of each record
+        def d0(i):                                  # first data word of records i
+            return off[i] + 1 + 2 * (hdr[i] >> 31).astype(np.int64)
 
         def wrd(i, k):
-            return w[np.minimum(d0[i] + k, nw - 1)]
+            return w[np.minimum(d0(i) + k, nw - 1)]
 
         if len(lost_i):
             self.lost_records += int(wrd(lost_i, 0).astype(np.int64).sum())
@@ -735,7 +736,7 @@ class StreamDecoder:
         # the events
         batch = E.empty(nio)
         if nio:
-            dd = d0[io_i]
+            dd = d0(io_i)
             a_lo = w[dd].astype(np.uint64)
             a_hi = np.where(io_is64, w[np.minimum(dd + 1, nw - 1)], 0).astype(np.uint64)
             dpos = dd + np.where(io_is64, 2, 1)
@@ -898,15 +899,36 @@ class StreamDecoder:
         head = int(win_first[0]) if len(win_first) else n
         if head > 0 and self._prev_win_cpu is not None:
             self._pass_last[self._prev_win_cpu] = int(tsc_file[head - 1])
+        nwin = len(win_first)
+        if nwin == 0:
+            return
         ends = np.append(win_first[1:], n)
-        for first, end, c in zip(win_first.tolist(), ends.tolist(), win_cpu.tolist()):
-            if self._prev_win_cpu is not None and c <= self._prev_win_cpu:
-                if self._pass_last:
-                    self._wm = max(self._wm, min(self._pass_last.values()))
-                self._pass_last = {}
-            self._prev_win_cpu = c
-            if end > first:
-                self._pass_last[c] = int(tsc_file[end - 1])
+        has = ends > win_first
+        vals = (np.where(has, tsc_file[np.maximum(ends - 1, 0)], np.uint64(_TSC_INF)) if n
+                else np.full(nwin, _TSC_INF, np.uint64))
+        prev = np.empty(nwin, np.int64)
+        prev[1:] = win_cpu[:-1]
+        prev[0] = self._prev_win_cpu if self._prev_win_cpu is not None else np.iinfo(np.int64).min
+        starts = np.flatnonzero(win_cpu <= prev)            # windows that begin a new pass
+        self._prev_win_cpu = int(win_cpu[-1])
+        head_end = int(starts[0]) if len(starts) else nwin
+        for c, v, h in zip(win_cpu[:head_end].tolist(), vals[:head_end].tolist(),
+                           has[:head_end].tolist()):
+            if h:
+                self._pass_last[c] = v                      # the pass carried over
+        if not len(starts):
+            return
+        mins = []
+        if self._pass_last:
+            mins.append(min(self._pass_last.values()))
+        if len(starts) > 1:                                 # passes wholly inside this feed
+            seg = np.minimum.reduceat(vals[:starts[-1]], starts[:-1])
+            mins.extend(int(m) for m in seg if int(m) != _TSC_INF)
+        if mins:
+            self._wm = max(self._wm, max(mins))
+        last = slice(int(starts[-1]), nwin)
+        self._pass_last = {c: v for c, v, h in zip(win_cpu[last].tolist(), vals[last].tolist(),
+                                                   has[last].tolist()) if h}
 
     def _watermark(self) -> int:
         return self._wm
