@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -217,6 +218,7 @@ def run_source(args, src, filt=None) -> int:
                 model.toggle_all(what)
     _interrupt_on_term()
     _start(src)
+    _check_privileges(src)
     t0 = time.monotonic()      # after start(): probe compilation is not part of any interval
     try:
         take = Sampler([src])
@@ -244,6 +246,22 @@ def run_source(args, src, filt=None) -> int:
             src.stop()
         except Exception as exc:  # never leave uprobes behind because of a later error
             print(f"iotrace top: stopping {src.name}: {exc}", file=sys.stderr)
+
+
+def _check_privileges(src) -> None:
+    """A live source that could not attach anything without root: say so, instead of an empty
+    view (a source that fails *with* root stays visible as DOWN, with its error)."""
+    if getattr(src, "name", "") not in LIVE or os.geteuid() == 0:
+        return
+    st = src.stats()
+    if st.up and not (st.probes_failed and not st.probes_attached):
+        return
+    try:
+        src.stop()
+    finally:
+        why = f" ({st.error})" if st.error else ""
+        raise UserError(f"the {src.name} source could not start without root{why}: run as root, "
+                        "or watch the host's 'iotrace serve' with --from URL")
 
 
 def _on_term(signum, frame):

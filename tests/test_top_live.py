@@ -54,3 +54,17 @@ def test_live_view_in_tmux_as_demo_runs_it(iotrace_exe):
             t.wait_for(lambda x: "EXIT=0" in x, timeout=20, what="exit 0")
         finally:
             t.kill()
+
+
+def test_without_root_a_live_source_is_one_clear_error(iotrace_exe):
+    import shutil
+    runuser = shutil.which("runuser")
+    if runuser is None:
+        pytest.skip("runuser not installed")
+    r = subprocess.run([runuser, "-u", "nobody", "--", iotrace_exe, "top", "-b", "--source",
+                        "xentrace", "0.2", "1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("iotrace top: the xentrace source could not start without root")
+    assert lines[0].endswith("or watch the host's 'iotrace serve' with --from URL")
