@@ -123,6 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML address map (names for port/MMIO ranges)")
 
 
+SETTLE_SECONDS = 1.0     # without root: how long a live source may take to report its failure
 LIVE = {"qemu": ("iotrace.probes.live", "QemuProbeSource"),
         "xentrace": ("iotrace.xentrace.live", "XentraceLiveSource")}
 
@@ -253,8 +254,16 @@ def _check_privileges(src) -> None:
     view (a source that fails *with* root stays visible as DOWN, with its error)."""
     if getattr(src, "name", "") not in LIVE or os.geteuid() == 0:
         return
-    st = src.stats()
-    if st.up and not (st.probes_failed and not st.probes_attached):
+    # A source may fail asynchronously (xentrace exits at once without privileges): give it a
+    # moment to settle before deciding.
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while True:
+        st = src.stats()
+        failed = not st.up or (st.probes_failed and not st.probes_attached)
+        if failed or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    if not failed:
         return
     try:
         src.stop()
