@@ -359,6 +359,11 @@ def test_colour_for_attention_and_no_color(tmux_top):
     esc = t.screen(escapes=True)
     gamma = next(ln for ln in esc.splitlines() if "gamma" in ln)
     assert "\x1b[" in gamma and "31m" in gamma            # red: lost events
+    t3 = tmux_top("--slow", "0.015", "0.3")                # beta's p95 (~30 us) is now slow
+    t3.wait_for(lambda x: has_rates(x) and table_rows(x)[1].startswith("!"), what="slow beta")
+    beta = next(ln for ln in t3.screen(escapes=True).splitlines() if "beta" in ln)
+    assert "33m" in beta                                    # yellow: slow p95
+    assert not table_rows(t3.screen())[0].startswith("!")  # alpha (~8 us) is not
     t2 = tmux_top("--no-color", "0.3")
     t2.wait_for(has_rates, what="table")
     esc = t2.screen(escapes=True)
