@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", choices=("qemu", "xentrace", "both"), default=None,
                    help="live event source: qemu-dm uprobes (default), Xen trace points, or both "
                         "(kept apart by the 'source' label)")
+    p.add_argument("--binary", action="append", default=[], metavar="PATH",
+                   help="with --source qemu/both: also probe this device-model binary "
+                        "(repeatable; Debian's qemu-dm is found by default)")
     p.add_argument("--replay", metavar="FILE",
                    help="serve a recording or xentrace capture instead of live sources")
     p.add_argument("--speed", type=_speed, default=None, metavar="X",
@@ -78,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="log verbosity on stderr (default info)")
 
 
-def _build_live(kind: str, addrmap):
+def _build_live(kind: str, addrmap, args):
     modname, clsname = LIVE_SOURCES[kind]
     try:
         mod = importlib.import_module(modname)
@@ -87,19 +90,27 @@ def _build_live(kind: str, addrmap):
     cls = getattr(mod, clsname, None)
     if cls is None:
         raise UserError(f"--source {kind}: {modname} has no {clsname}")
+    if kind == "qemu":
+        kw = {"strict": args.strict, "warn": lambda msg: log.warning("source qemu: %s", msg)}
+        if args.binary:
+            kw["binaries"] = list(args.binary)
+        return cls(addrmap=addrmap, **kw)
     return cls(addrmap=addrmap)
 
 
 def build_sources(args, addrmap) -> list:
     if args.replay:
-        if args.source is not None:
-            raise UserError("--replay and --source are exclusive (a replay is its own source)")
+        if args.source is not None or args.binary:
+            raise UserError("--replay excludes --source and --binary (a replay is its own "
+                            "source)")
         from .source_replay import ReplaySource
         return [ReplaySource(args.replay, speed=args.speed or 0.0, addrmap=addrmap)]
     if args.speed is not None:
         raise UserError("--speed only applies with --replay")
     kinds = ["qemu", "xentrace"] if args.source == "both" else [args.source or "qemu"]
-    return [_build_live(k, addrmap) for k in kinds]
+    if args.binary and "qemu" not in kinds:
+        raise UserError("--binary only applies to the qemu source")
+    return [_build_live(k, addrmap, args) for k in kinds]
 
 
 def _start_sources(sources, strict: bool) -> None:
@@ -179,6 +190,11 @@ def run(args) -> int:
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # The CLI entry point restores SIGPIPE's default (die) for commands piped into head(1); a
+    # server must not die when a scraper hangs up mid-response: ignore it, so the write fails
+    # with BrokenPipeError in that connection's thread only.
+    if hasattr(signal, "SIGPIPE"):
+        old[signal.SIGPIPE] = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         _start_sources(sources, args.strict)       # on failure: the finally below cleans up
         server.start()

@@ -200,7 +200,7 @@ def run_cli(exe, *args, timeout=60):
 @pytest.mark.parametrize("args,what", [
     (["--speed", "2"], "--speed only applies with --replay"),
     (["--replay", "/nonexistent.bin"], "no such file"),
-    (["--replay", "X", "--source", "qemu"], "exclusive"),
+    (["--replay", "X", "--source", "qemu"], "--replay excludes --source"),
     (["--web.listen-address", "nonsense"], "HOST:PORT"),
 ])
 def test_cli_bad_arguments_exit_2(iotrace_exe, args, what):
@@ -246,6 +246,15 @@ def test_cli_replay_serves_then_stops_cleanly(iotrace_exe, real_xentrace, sig):
         code, _, body = get(f"http://127.0.0.1:{port}/metrics")
         assert code == 200
         assert b'iotrace_source_up{source="replay"} 1' in body
+        # scrapers hanging up mid-response (reset) must not disturb the server
+        for _ in range(5):
+            c = socket.create_connection(("127.0.0.1", port))
+            c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 200)   # pipelined
+            c.recv(1)          # responses are coming: hang up with them unread (reset)
+            c.close()
+        time.sleep(0.3)
+        assert p.poll() is None, p.stderr.read()
+        assert get(f"http://127.0.0.1:{port}/metrics")[0] == 200
         p.send_signal(sig)
         out, err = p.communicate(timeout=15)
     finally:
