@@ -43,7 +43,7 @@ class IoreqEvent(ct.Structure):
 class Inflight(ct.Structure):
     _fields_ = [("ts_ns", ct.c_uint64), ("k", IoreqKey), ("data", ct.c_uint64),
                 ("count", ct.c_uint32), ("data_is_ptr", ct.c_uint8), ("df", ct.c_uint8),
-                ("_pad", ct.c_uint16)]
+                ("active", ct.c_uint16)]
 
 
 # The sizes written in the header's comments.

@@ -13,8 +13,11 @@
  *   TIMING          1: a return probe measures the service time (a second trap per request).
  *   STATS_ENTRIES, HIST_ENTRIES, RINGBUF_PAGES   map sizes.
  *
- * Hot path in metrics mode without timing: one user read of the ioreq_t (+ send_vcpu), one
- * lookup-or-init and two atomic adds. No per-request wake-up of user space.
+ * Hot path in metrics mode without timing: one user read of the ioreq_t (+ return address and
+ * send_vcpu), one lookup-or-init and two atomic adds. With timing the entry only fills the thread's
+ * task-local slot and the return probe does the lookup-or-init and the adds (a request whose return
+ * is never seen, e.g. the process was killed while serving it, is not counted). No per-request
+ * wake-up of user space in metrics mode.
  */
 #include <uapi/linux/ptrace.h>
 #include "iotrace_bpf.h"
@@ -31,7 +34,9 @@ BPF_F_TABLE("hash", struct hist_key, u64, hist, HIST_ENTRIES, BPF_F_NO_PREALLOC)
 #endif
 
 #if TIMING
-BPF_HASH(inflight, u32, struct inflight, 4096);
+/* Per-thread slot for the request in progress (task local storage: no hashing, no lock, and it
+ * goes away with the thread). */
+BPF_TASK_STORAGE(inflight, struct inflight);
 #endif
 
 static __always_inline void count(int idx)
@@ -109,22 +114,23 @@ int on_entry(struct pt_regs *ctx)
     }
 
 #if TIMING
-    struct inflight in = {};
-    in.ts_ns = bpf_ktime_get_ns();
-    in.k = k;
-    in.data = req.data;
-    in.count = req.count;
-    in.data_is_ptr = (req.flags & IOREQ_FLAG_DATA_IS_PTR) ? 1 : 0;
-    in.df = (req.flags & IOREQ_FLAG_DF) ? 1 : 0;
-    u32 tid = (u32)pid_tgid;
-    inflight.update(&tid, &in);
-#endif
-
-#if EVENT_MODE
-#if !TIMING
+    /* Counted at return, with its service time: one map update per request instead of two. */
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+    struct inflight *in = inflight.task_storage_get(task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!in) {
+        count(CNT_NO_ENTRY);
+        return 0;
+    }
+    in->k = k;
+    in->data = req.data;
+    in->count = req.count;
+    in->data_is_ptr = (req.flags & IOREQ_FLAG_DATA_IS_PTR) ? 1 : 0;
+    in->df = (req.flags & IOREQ_FLAG_DF) ? 1 : 0;
+    in->active = 1;
+    in->ts_ns = bpf_ktime_get_ns();
+#elif EVENT_MODE
     emit(bpf_ktime_get_ns(), pid_tgid, &k, req.data, req.count,
          (req.flags & IOREQ_FLAG_DATA_IS_PTR) ? 1 : 0, (req.flags & IOREQ_FLAG_DF) ? 1 : 0, -1);
-#endif
 #else
     struct ioreq_stats zero = {};
     struct ioreq_stats *s = stats.lookup_or_try_init(&k, &zero);
@@ -142,33 +148,38 @@ int on_return(struct pt_regs *ctx)
 {
 #if TIMING
     u64 now = bpf_ktime_get_ns();
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tid = (u32)pid_tgid;
-    struct inflight *in = inflight.lookup(&tid);
-    if (!in) {
-        count(CNT_NO_ENTRY);
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+    struct inflight *in = inflight.task_storage_get(task, 0, 0);
+    if (!in || !in->active) {
+        count(CNT_NO_ENTRY);            /* attached while a request was being served */
         return 0;
     }
+    in->active = 0;
     u64 d = now - in->ts_ns;
 #if EVENT_MODE
-    emit(in->ts_ns, pid_tgid, &in->k, in->data, in->count, in->data_is_ptr, in->df, (s64)d);
+    emit(in->ts_ns, bpf_get_current_pid_tgid(), &in->k, in->data, in->count, in->data_is_ptr,
+         in->df, (s64)d);
 #else
-    struct ioreq_stats *s = stats.lookup(&in->k);
-    if (s) {
-        __sync_fetch_and_add(&s->svc_n, 1);
-        __sync_fetch_and_add(&s->svc_sum_ns, d);
-        struct hist_key hk = {};
-        hk.k = in->k;
-        hk.slot = slot_of(d);
-        u64 zero = 0;
-        u64 *h = hist.lookup_or_try_init(&hk, &zero);
-        if (h)
-            __sync_fetch_and_add(h, 1);
-        else
-            count(CNT_HIST_FULL);
+    struct ioreq_stats zero = {};
+    struct ioreq_stats *s = stats.lookup_or_try_init(&in->k, &zero);
+    if (!s) {
+        count(CNT_STATS_FULL);
+        return 0;
     }
+    __sync_fetch_and_add(&s->count, 1);
+    __sync_fetch_and_add(&s->bytes, (u64)in->k.size * in->count);
+    __sync_fetch_and_add(&s->svc_n, 1);
+    __sync_fetch_and_add(&s->svc_sum_ns, d);
+    struct hist_key hk = {};
+    hk.k = in->k;
+    hk.slot = slot_of(d);
+    u64 one = 0;
+    u64 *h = hist.lookup_or_try_init(&hk, &one);
+    if (h)
+        __sync_fetch_and_add(h, 1);
+    else
+        count(CNT_HIST_FULL);
 #endif
-    inflight.delete(&tid);
 #endif
     return 0;
 }

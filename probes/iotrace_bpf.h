@@ -70,7 +70,7 @@ struct inflight {
     u32 count;
     u8 data_is_ptr;
     u8 df;
-    u16 _pad;
+    u16 active;         /* 1 between entry and return */
 };                      /* 48 */
 
 /* Indices of the per-CPU counters array. */
@@ -78,7 +78,7 @@ struct inflight {
 #define CNT_STATS_FULL    1   /* stats map full: request not counted */
 #define CNT_READ_ERRORS   2   /* ioreq_t could not be read */
 #define CNT_HIST_FULL     3   /* histogram map full: service time not binned */
-#define CNT_NO_ENTRY      4   /* return probe without an entry (attached mid-request) */
+#define CNT_NO_ENTRY      4   /* return without entry (attached mid-request), or no slot */
 #define N_COUNTERS        5
 
 #endif

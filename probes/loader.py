@@ -105,8 +105,6 @@ class ProbeSet:
             pairs.append(("stats", T.IoreqKey, T.IoreqStats))
             if self.timing:
                 pairs.append(("hist", T.HistKey, ct.c_uint64))
-        if self.timing:
-            pairs.append(("inflight", ct.c_uint32, T.Inflight))
         for name, key, leaf in pairs:
             table = self.bpf[name.encode()]
             if key is not None and ct.sizeof(table.Key) != ct.sizeof(key):
