@@ -323,6 +323,8 @@ class StreamDecoder:
         self._finished = False
         # cross-check switch: the whole-table per-pCPU path, which the compat mode uses
         self._full_path = os.environ.get("IOTRACE_XT_FULLPATH") == "1"
+        # feed() returns each batch in ts order; decode_bytes/decode_file sort once at the end
+        self._sort_batches = True
 
     # -- public
     def feed(self, chunk: bytes) -> np.ndarray:
@@ -659,8 +661,8 @@ class StreamDecoder:
         o = np.argsort(set_i, kind="stable")
         set_i, set_dom, set_vcpu = set_i[o], set_dom[o], set_vcpu[o]
 
-        tsc_i = np.flatnonzero(hdr >= np.uint32(C.TSC_BIT))
-        tsc_all = None
+        has_tsc = hdr >= np.uint32(C.TSC_BIT)
+        tsc_i = np.flatnonzero(has_tsc)
 
         def tsc_at(j):                              # own TSC of records j (which have one)
             return (w[np.minimum(off[j] + 1, nw - 1)].astype(np.uint64)
@@ -675,32 +677,39 @@ class StreamDecoder:
                     out[qc == c] = v
             return out
 
-        # TSC of every record we use: own, or the last one before it on its pCPU
-        q_tsc = np.concatenate([io_i, ex_i, en_i])
-        jt = self._last_on_cpu(tsc_i, q_tsc)
-        tq = np.where(jt >= 0, tsc_at(np.maximum(jt, 0)), 0).astype(np.uint64)
-        if (jt < 0).any():
-            cq = carried(q_tsc, self._last_tsc, 0).astype(np.uint64)
-            tq = np.where(jt >= 0, tq, cq)
+        # TSC of every record we use: exits and entries carry their own; an I/O record takes
+        # the last one before it on its pCPU - usually the record just before it (its exit)
         nio, nex = len(io_i), len(ex_i)
-        io_tsc, ex_tsc, en_tsc = tq[:nio], tq[nio:nio + nex], tq[nio + nex:]
+        ex_tsc, en_tsc = tsc_at(ex_i), tsc_at(en_i)
+        prv = np.maximum(io_i - 1, 0)
+        wid_io = self._wid[io_i]
+        quick = (io_i > 0) & has_tsc[prv] & (prv >= wf[wid_io])
+        jt = np.where(quick, prv, -1)
+        rest = np.flatnonzero(~quick)
+        if len(rest):
+            jt[rest] = self._last_on_cpu(tsc_i, io_i[rest], strict=True)
+        io_tsc = np.where(jt >= 0, tsc_at(np.maximum(jt, 0)), 0).astype(np.uint64)
+        miss = np.flatnonzero(jt < 0)
+        if len(miss):
+            io_tsc[miss] = carried(io_i[miss], self._last_tsc, 0).astype(np.uint64)
 
         # owner of I/O, exits, entries
-        q_own = q_tsc
+        q_own = np.concatenate([io_i, ex_i, en_i])
         js = self._last_on_cpu(set_i, q_own)
-        pos = np.searchsorted(set_i, np.maximum(js, 0))
-        pos = np.minimum(pos, max(len(set_i) - 1, 0))
         if len(set_i):
+            rank = np.zeros(n, np.int32)
+            rank[set_i] = np.arange(len(set_i), dtype=np.int32)
+            pos = rank[np.maximum(js, 0)]
             dom = np.where(js >= 0, set_dom[pos], -1).astype(np.int32)
             vcp = np.where(js >= 0, set_vcpu[pos], -1).astype(np.int32)
         else:
             dom = np.full(len(q_own), -1, np.int32)
             vcp = np.full(len(q_own), -1, np.int32)
-        if (js < 0).any() and self._owner:
-            cd = carried(q_own, {c: v[0] for c, v in self._owner.items()}, -1)
-            cv = carried(q_own, {c: v[1] for c, v in self._owner.items()}, -1)
-            dom = np.where(js >= 0, dom, cd).astype(np.int32)
-            vcp = np.where(js >= 0, vcp, cv).astype(np.int32)
+        miss = np.flatnonzero(js < 0)
+        if len(miss) and self._owner:
+            qm = q_own[miss]
+            dom[miss] = carried(qm, {c: v[0] for c, v in self._owner.items()}, -1)
+            vcp[miss] = carried(qm, {c: v[1] for c, v in self._owner.items()}, -1)
         io_dom, ex_dom, en_dom = dom[:nio], dom[nio:nio + nex], dom[nio + nex:]
         io_vcpu, ex_vcpu, en_vcpu = vcp[:nio], vcp[nio:nio + nex], vcp[nio + nex:]
 
@@ -763,8 +772,11 @@ class StreamDecoder:
         local = (lx >= 0) & (lx > le) & (lx > ls) & (ne >= 0) & ((nx < 0) | (ne < nx)) & \
             ((ns < 0) | (ne < ns))
         if local.any():
-            tx = ex_tsc[np.searchsorted(ex_i, lx[local])]
-            tn = en_tsc[np.searchsorted(en_i, ne[local])]
+            rk = np.zeros(n, np.int32)
+            rk[ex_i] = np.arange(nex, dtype=np.int32)
+            tx = ex_tsc[rk[lx[local]]]
+            rk[en_i] = np.arange(len(en_i), dtype=np.int32)
+            tn = en_tsc[rk[ne[local]]]
             cyc = tn.astype(np.int64) - tx.astype(np.int64)
             batch["service_ns"][local] = np.where(
                 cyc >= 0, (cyc.astype(np.float64) * (1e9 / self.cpu_hz)).astype(np.int64), -1)
@@ -794,7 +806,7 @@ class StreamDecoder:
                              u_dom, u_vcpu, u_tsc, seq0, rank=u_idx, cpu_s=cpu[u_idx])
         fast = _sel(batch, local)
         out = np.concatenate([fast, slow]) if len(slow) else fast
-        if len(out) > 1 and len(slow):
+        if len(out) > 1 and len(slow) and self._sort_batches:
             out = _sel(out, np.argsort(out["ts_ns"], kind="stable"))
         return out
 
@@ -832,15 +844,24 @@ class StreamDecoder:
             return np.zeros(0, np.int64)
         if len(idx) == 0:
             return np.full(len(q), -1, np.int64)
-        lastp = self._prefix_last(idx)
-        qq = q - 1 if strict else q
-        cand = np.where(qq >= 0, lastp[np.maximum(qq, 0)], -1).astype(np.int64)
+        small = len(q) * 16 < len(self._wid) and ("l", id(idx)) not in self._prefix
+        if small:                           # few queries: binary search beats a prefix scan
+            k = np.searchsorted(idx, q, side="left" if strict else "right") - 1
+            cand = np.where(k >= 0, idx[np.maximum(k, 0)], -1).astype(np.int64)
+        else:
+            lastp = self._prefix_last(idx)
+            qq = q - 1 if strict else q
+            cand = np.where(qq >= 0, lastp[np.maximum(qq, 0)], -1).astype(np.int64)
         wid = self._wid[q]
         ok = cand >= wf[wid]
         if ok.all():
             return cand
         # per window: last idx inside it; then, per pCPU, the last such of an earlier window
-        wl = np.where(we > 0, lastp[np.maximum(we - 1, 0)], -1).astype(np.int64)
+        if small:
+            kw = np.searchsorted(idx, we, side="left") - 1
+            wl = np.where(kw >= 0, idx[np.maximum(kw, 0)], -1).astype(np.int64)
+        else:
+            wl = np.where(we > 0, lastp[np.maximum(we - 1, 0)], -1).astype(np.int64)
         wl = np.where(wl >= wf, wl, -1)
         wls = wl[wo]
         cs = wc[wo]
@@ -1010,7 +1031,7 @@ class StreamDecoder:
             op = (x >= 0) & (x > e)
             self._open_exit.update(zip(key[last_in_grp][op].tolist(), tsc[x[op]].tolist()))
         res = E.concat(out)
-        if len(res) > 1:
+        if len(res) > 1 and self._sort_batches:
             res = _sel(res, np.argsort(res["ts_ns"], kind="stable"))
         return res
 
@@ -1190,6 +1211,7 @@ def decode_bytes(buf: bytes, *, cpu_hz: float | None = None, xenalyze_compat: bo
                  name: str = "<bytes>") -> DecodeResult:
     """Decode a whole capture held in memory."""
     dec = StreamDecoder(cpu_hz, xenalyze_compat=xenalyze_compat, name=name)
+    dec._sort_batches = False
     mv = memoryview(buf)
     batches = []
     if not len(mv):
@@ -1213,6 +1235,7 @@ def decode_file(path, *, cpu_hz: float | None = None, xenalyze_compat: bool = Fa
     except OSError as exc:
         raise InputError(f"{name}: cannot read: {exc.strerror} (byte offset 0)") from None
     dec = StreamDecoder(cpu_hz, xenalyze_compat=xenalyze_compat, name=name)
+    dec._sort_batches = False
     batches = []
     with fh:
         first = True
