@@ -763,34 +763,31 @@ class StreamDecoder:
 
         # service time, local case: exit and entry of the I/O on its own pCPU, with no change
         # of vCPU in between (the common case)
-        lx = self._last_on_cpu(ex_i, io_i)
-        le = self._last_on_cpu(en_i, io_i)
-        ls = self._last_on_cpu(set_i, io_i)
-        ne = self._next_on_cpu(en_i, io_i)
-        nx = self._next_on_cpu(ex_i, io_i)
-        ns = self._next_on_cpu(set_i, io_i)
-        local = (lx >= 0) & (lx > le) & (lx > ls) & (ne >= 0) & ((nx < 0) | (ne < nx)) & \
-            ((ns < 0) | (ne < ns))
+        # One combined index of the records that open/close an exit or change the vCPU: the
+        # I/O is local when the last of them before it is an exit and the next one an entry.
+        rkind = np.zeros(n, np.int8)                 # 1 exit, 2 entry, 3 vCPU change
+        rkind[ex_i], rkind[en_i], rkind[set_i] = 1, 2, 3
+        r_i = np.flatnonzero(rkind)
+        lr = self._last_on_cpu(r_i, io_i)
+        nr = self._next_on_cpu(r_i, io_i)
+        local = (lr >= 0) & (nr >= 0)
+        local &= (rkind[np.maximum(lr, 0)] == 1) & (rkind[np.maximum(nr, 0)] == 2)
         if local.any():
             rk = np.zeros(n, np.int32)
             rk[ex_i] = np.arange(nex, dtype=np.int32)
-            tx = ex_tsc[rk[lx[local]]]
+            tx = ex_tsc[rk[lr[local]]]
             rk[en_i] = np.arange(len(en_i), dtype=np.int32)
-            tn = en_tsc[rk[ne[local]]]
+            tn = en_tsc[rk[nr[local]]]
             cyc = tn.astype(np.int64) - tx.astype(np.int64)
             batch["service_ns"][local] = np.where(
                 cyc >= 0, (cyc.astype(np.float64) * (1e9 / self.cpu_hz)).astype(np.int64), -1)
         # the rest go through the per-vCPU pass, with only the exits/entries that can matter:
         # exits not closed on their pCPU (the vCPU left first) and entries whose exit is not
         # on their pCPU (the first entry after the vCPU came back)
-        ex_ne = self._next_on_cpu(en_i, ex_i, strict=True)
-        ex_nx = self._next_on_cpu(ex_i, ex_i, strict=True)
-        ex_ns = self._next_on_cpu(set_i, ex_i, strict=True)
-        ex_closed = (ex_ne >= 0) & ((ex_nx < 0) | (ex_ne < ex_nx)) & ((ex_ns < 0) | (ex_ne < ex_ns))
-        en_lx = self._last_on_cpu(ex_i, en_i, strict=True)
-        en_le = self._last_on_cpu(en_i, en_i, strict=True)
-        en_ls = self._last_on_cpu(set_i, en_i, strict=True)
-        en_local = (en_lx >= 0) & (en_lx > en_le) & (en_lx > en_ls)
+        nx_r = self._next_on_cpu(r_i, ex_i, strict=True)
+        ex_closed = (nx_r >= 0) & (rkind[np.maximum(nx_r, 0)] == 2)
+        lx_r = self._last_on_cpu(r_i, en_i, strict=True)
+        en_local = (lx_r >= 0) & (rkind[np.maximum(lx_r, 0)] == 1)
         bx, bn, fi = ~ex_closed, ~en_local, ~local
         self._feed_no += 1
         seq0 = self._feed_no << 32
