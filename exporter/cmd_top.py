@@ -218,14 +218,17 @@ def run_source(args, src, filt=None) -> int:
             if what not in model.expand_all:
                 model.toggle_all(what)
     _interrupt_on_term()
-    _start(src)
-    _check_privileges(src)
-    t0 = time.monotonic()      # after start(): probe compilation is not part of any interval
     try:
+        if not args.batch:     # compiling probes takes a moment; the view replaces this line
+            print(f"iotrace top: starting the {getattr(src, 'name', '')} source...",
+                  file=sys.stderr, flush=True)
+        _start(src)
+        _check_privileges(src)
+        t0 = time.monotonic()  # after start(): probe compilation is not part of any interval
         take = Sampler([src])
         # The first refresh counts everything since the source started (a replay at --speed 0
-        # already has all its totals now): the baseline is empty totals at t0. A remote exporter's totals
-        # predate us, so there the first scrape is the baseline.
+        # already has all its totals now): the baseline is empty totals at t0. A remote
+        # exporter's totals predate us, so there the first scrape is the baseline.
         first = take()
         if not getattr(src, "totals_predate_start", False):
             first.t, first.totals = t0, {}
@@ -265,12 +268,9 @@ def _check_privileges(src) -> None:
         time.sleep(0.05)
     if not failed:
         return
-    try:
-        src.stop()
-    finally:
-        why = f" ({st.error})" if st.error else ""
-        raise UserError(f"the {src.name} source could not start without root{why}: run as root, "
-                        "or watch the host's 'iotrace serve' with --from URL")
+    why = f" ({st.error})" if st.error else ""
+    raise UserError(f"the {src.name} source could not start without root{why}: run as root, "
+                    "or watch the host's 'iotrace serve' with --from URL")
 
 
 def _on_term(signum, frame):
