@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 
 
 def make_capture(mb: int) -> str:

@@ -84,7 +84,7 @@ def test_compat_mode_matches_real_xenalyze(real_xentrace):
     assert {k: c for k, (c, _) in xa.items()} == dict(counts)
     # service times are xenalyze's arc_cycles: compare the average cycles per key
     hz = 2.4e9
-    for key, (n, avg_cyc) in xa.items():
+    for key, (_n, avg_cyc) in xa.items():
         sel = ev[(ev["domid"] == key[0]) & (ev["vcpu"] == key[1]) & (ev["dir"] == key[2])
                  & (ev["addr"] == key[3])]
         ours = np.mean(sel["service_ns"]) * hz / 1e9

@@ -16,10 +16,14 @@ API (used by synth.py's tests, live.py, ``iotrace report`` through ``iotrace.cap
 
     dec = StreamDecoder(cpu_hz=None, xenalyze_compat=False, name="<stream>")
     batch = dec.feed(chunk)   # events of the complete records so far (ts order within the batch);
-                              # keeps per-pCPU/per-vCPU state and the partial-record tail
-    batch = dec.finish()      # end of input: flushes held-back events, notes truncation
-    dec.records, dec.lost_records, dec.decode_errors, dec.warnings, dec.offset (bytes consumed),
-    dec.truncated_at (set by finish)
+                              # keeps per-pCPU/per-vCPU state and the partial-record tail. An I/O
+                              # whose exit spans a reschedule waits until every pCPU's records up
+                              # to its TSC have been read (the watermark, see _advance_watermark)
+    batch = dec.finish()      # end of input: flushes waiting events, notes truncation
+    dec.records, dec.lost_records, dec.decode_errors, dec.warnings, dec.windows,
+    dec.offset (bytes consumed), dec.truncated_at (set by finish)
+
+Whatever the chunking, the events (multiset) are the same as decode_bytes gives (tested).
 
 Errors: a file that is not a xentrace capture (empty, random bytes, missing, a directory) raises
 ``iotrace.errors.InputError`` with one line naming the file and the byte offset. A capture cut in
@@ -38,29 +42,49 @@ What an event is (facts in ``catalogue.py``, checked against Xen's sources):
 * ts_ns: the record's TSC (records without a TSC take the previous TSC of the same pCPU) times
   1e9 / cpu_hz; cpu_hz defaults to xenalyze's DEFAULT_CPU_HZ (2.4 GHz).
 * service_ns: for an I/O record inside a VM exit of its vCPU (after a VMEXIT, before that vCPU's
-  next VMENTRY, on whichever pCPU it resumes), VMENTRY TSC - VMEXIT TSC; -1 when unknown.
+  next VMENTRY, on whichever pCPU it resumes), VMENTRY TSC - VMEXIT TSC; -1 when unknown. Records
+  of unknown owner are timed within their pCPU's own stream.
 
 ``xenalyze_compat=True`` counts instead like ``xenalyze --summary --with-pio-enumeration
---with-mmio-enumeration`` (tools/xentrace/xenalyze.c): records are replayed in TSC order through a
-per-vCPU exit state machine: an I/O counts only if it comes while its vCPU's exit is open
-(hvm_handler_process needs vmexit_valid) and nothing claimed the exit's post-process slot first
-(hvm_set_postprocess: first I/O, page-fault, CR/MSR write, MSR read or VMCALL handler wins); the
-exit closes at VMENTRY or when the vCPU becomes runnable (sched_runstate_process), so a read that
-completes after the vCPU waited for qemu is dropped; a lost-records record invalidates the
-current exit; 64-bit PIO is an error (dropped); MMIO needs its data words (data_valid), is keyed by
-a 32-bit address (``unsigned int pa``) and VGA MMIO 0xa0000 <= gpa < 0xbffff is skipped
-(mmio_enumeration_skip_vga defaults to 1); records of unknown owner (xenalyze's default domain,
-not shown in its summary) are dropped. service_ns is xenalyze's arc_cycles. Shadow-paging
-handlers (TRC_SHADOW) that also claim the slot are not modelled.
+--with-mmio-enumeration`` (tools/xentrace/xenalyze.c), replaying in TSC order (records without a
+TSC carry their pCPU's last one) a per-vCPU exit state machine:
 
-Performance: record boundaries can only be found sequentially (a header gives its record's
-length), so that single step is a 60-line C loop (``xtwalk.c``, built by ``make`` into
-``_xtwalk.so`` and loaded with ctypes); every other step (field gathers, TSC fill, attribution,
-service times) is column-wise NumPy over the record table. Without the shared library the walk
-falls back to pure NumPy: pointer doubling over each window (next[i] = i + len(i); the chain from a
-window's first word is enumerated level by level), O(n log n) instead of O(n), about 5-10x slower
-but with the same results (tests run both). Set IOTRACE_XT_NUMPY=1 to force the fallback.
-Input is processed in chunks (16 MiB by default), so memory is bounded by the chunk plus the events.
+* an I/O record counts only while its vCPU's exit is open (hvm_handler_process: vmexit_valid);
+  the exit opens at VMEXIT and closes at VMENTRY, or when the vCPU becomes runnable
+  (sched_runstate_process, not on a vCPU's first runstate record), so a read that completes after
+  the vCPU waited for qemu is dropped; at most one I/O per exit;
+* the first I/O record of the exit claims its post-process slot (hvm_set_postprocess), unless a
+  page-fault, CR write, MSR read/write or VMCALL handler claimed it first; later I/O records of
+  the same exit still update the in-flight data: port I/O counts the first direction with the
+  last port; MMIO the last gpa and direction, and only if one of its records had data
+  (data_valid); 64-bit port I/O is an error and ignored;
+* MMIO is keyed by a 32-bit address (io_address.pa is unsigned int); VGA 0xa0000 <= gpa <
+  0xbffff (full gpa) is skipped, mmio_enumeration_skip_vga defaulting to 1;
+* a lost-records record is handled at its first lost TSC (process_lost_records: the pCPU's vCPU
+  and every vCPU not running lose their open exit) and again at its own TSC
+  (process_lost_records_end: the vCPU it names becomes current);
+* records of unknown owner (xenalyze's default domain, not shown in its summary) are dropped;
+* service_ns is xenalyze's arc_cycles. Not modelled: shadow-paging handlers (TRC_SHADOW) that
+  also claim the slot, and xenalyze's TSC-skew corrections. Checked against the real xenalyze
+  (Xen 4.17, which predates the SVM exit ids) on the real capture and on synthetic ones.
+
+Performance (bench/xentrace_decode.py): record boundaries can only be found sequentially (a
+header gives its record's length), so that single step is a short C loop (``xtwalk.c``, built by
+``make`` into ``_xtwalk.so`` and loaded with ctypes; it also reports where each window starts).
+Everything else is column-wise NumPy, in file order, on the subsets that matter (I/O, exits,
+entries, scheduler and lost records): "the last record of kind K before record i on i's pCPU" is a
+prefix-maximum over the file order checked against i's window, with a per-pCPU carry over earlier
+windows and earlier feeds, so nothing is sorted per pCPU. The service time of an I/O is found on
+its own pCPU when the exit and the entry enclose it there (the common case); only exits that span
+a reschedule go through a per-vCPU pass sorted by TSC across pCPUs. A per-record Python loop is
+about 20x slower than xenalyze; this is within 2x (the bench prints the ratio).
+
+Without the shared library the walk falls back to pure NumPy: pointer doubling over each window
+(next[i] = i + len(i); the chain from a window's first word is enumerated level by level), O(n
+log n) instead of O(n) and several times slower, with the same results (tests run both). Set
+IOTRACE_XT_NUMPY=1 to force it. IOTRACE_XT_FULLPATH=1 selects the whole-table per-pCPU path that
+the compat mode uses, as a cross-check of the fast path (tests compare them). Input is processed
+in chunks (16 MiB by default), so memory is bounded by a chunk's working set plus the events.
 """
 from __future__ import annotations
 
