@@ -83,6 +83,15 @@ def fit(text: str, width: int, right: bool) -> str:
     return text.rjust(width) if right else text.ljust(width)
 
 
+def _cell(c: Column, row: Row, width: int) -> str:
+    if c.id == "busiest":
+        full = c.get(row)
+        if len(full) > width and row.busiest and len(row.busiest) <= width:
+            full = row.busiest              # no room for the share: the name matters more
+        return fit(full, width, c.right)
+    return fit(c.get(row), width, c.right)
+
+
 def render_row(row: Row, cols) -> str:
     """One table line. Child rows (vCPUs, ranges, addresses) have no ID, so their indented label
     takes the ID and NAME columns together (longer range names fit in 80 columns)."""
@@ -90,9 +99,9 @@ def render_row(row: Row, cols) -> str:
             and cols[1][0].id == "name":
         label = "  " * row.level + row.name
         first = fit(label, cols[0][1] + 1 + cols[1][1], False)
-        rest = [fit(c.get(row), w, c.right) for c, w in cols[2:]]
+        rest = [_cell(c, row, w) for c, w in cols[2:]]
         return marker(row) + " ".join([first] + rest)
-    return marker(row) + " ".join(fit(c.get(row), w, c.right) for c, w in cols)
+    return marker(row) + " ".join(_cell(c, row, w) for c, w in cols)
 
 
 def render_header(cols) -> str:

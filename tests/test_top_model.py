@@ -288,3 +288,26 @@ def test_sampler_keeps_last_totals_of_a_failing_source(fed):
     m.update(good)
     m.update(bad)
     assert m.view().rows[0].req_rate == 0
+
+
+def test_view_layout_fits_and_keeps_busiest_names():
+    from iotrace.top_model import Row
+    from iotrace.top_view import layout, render_header, render_row, too_small_lines
+    row = Row("domain", 0, 14, "dom14", reqs=105, req_rate=24.0, byte_rate=0.0, read_rate=24.0,
+              write_rate=0.0, busiest="pci-bar-io", busiest_share=1.0, p50=74.9e-6, p95=125e-6)
+    child = Row("range", 1, 14, "ide-secondary", reqs=3, req_rate=0.0, busiest="0xae00",
+                busiest_share=0.5)
+    for width in (60, 80, 100, 160, 250):
+        cols = layout(width)
+        for line in (render_header(cols), render_row(row, cols), render_row(child, cols)):
+            assert len(line) <= width - 1, (width, line)
+    cols80 = layout(80)
+    assert [c.id for c, _ in cols80][-1] == "lost"
+    line = render_row(row, cols80)
+    assert " pci-bar-io " in line                           # share dropped, name kept whole
+    assert "  ide-secondary " in render_row(child, cols80)  # child labels use the ID column too
+    wide = layout(160)
+    assert "pci-bar-io:100%" in render_row(row, wide) and {"reqs", "avg"} <= {c.id for c, _ in wide}
+    assert "REQS" not in render_header(cols80)
+    msg = too_small_lines(30, 5)
+    assert msg[0].startswith("Terminal too small (30x5)") and all(len(x) <= 29 for x in msg)
