@@ -84,7 +84,7 @@ Without the shared library the walk falls back to pure NumPy: pointer doubling o
 log n) instead of O(n) and several times slower, with the same results (tests run both). Set
 IOTRACE_XT_NUMPY=1 to force it. IOTRACE_XT_FULLPATH=1 selects the whole-table per-pCPU path that
 the compat mode uses, as a cross-check of the fast path (tests compare them). Input is processed
-in chunks (16 MiB by default), so memory is bounded by a chunk's working set plus the events.
+in chunks (8 MiB by default), so memory is bounded by a chunk's working set plus the events.
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ from iotrace.errors import InputError
 
 from . import catalogue as C
 
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 8 << 20
 _SEG_WORDS = 1 << 18          # NumPy fallback: pointer doubling over at most this many words
 
 # Trace classes of xen/include/public/trace.h (bits 16-27 of an event id); a record whose class
