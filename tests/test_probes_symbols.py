@@ -5,6 +5,7 @@ import ctypes as ct
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,34 @@ def test_header_sizes_compiled_by_gcc(tmp_path):
         "_Static_assert(sizeof(struct ioreq_event) == 56, \"\");"
         "_Static_assert(sizeof(struct inflight) == 48, \"\");\nint main(void){return 0;}\n")
     subprocess.run(["gcc", "-c", "-o", str(tmp_path / "t.o"), str(src)], check=True)
+
+
+def test_process_map_follows_real_device_models(tmp_path):
+    """Real stand-in processes (no root needed): seen with their domid and -name, the PV backend
+    (-xen-attach) skipped, and dropped once gone (after the grace period)."""
+    exe = sr.build("7.2")
+    stream = sr.BUNDLED_STREAM
+    dm = subprocess.Popen([str(exe), "-xen-domid", "77", "-name", "guest=alpha,debug-threads=on",
+                           "-replay", str(stream), "-hold"], stdout=subprocess.DEVNULL)
+    # a process whose argv looks like the per-domain PV backend (handles no ioreqs)
+    pv = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "-xen-domid", "78",
+                           "-xen-attach", "-M", "xenpv"])
+    pm = discovery.ProcessMap(grace_s=0.2)
+    try:
+        assert sr.wait_for(lambda: dm.pid in pm.refresh()[0], 10)
+        alive, gone = pm.refresh()
+        info = alive[dm.pid]
+        assert (info.domid, info.name, info.exe) == (77, "alpha", str(exe))
+        assert pv.poll() is None and "-xen-attach" in discovery.read_cmdline(pv.pid)
+        assert pv.pid not in alive and pm.lookup(pv.pid) is None
+        assert pm.lookup(dm.pid) is info                 # captured once
+        dm.terminate()
+        dm.wait(10)
+        alive, _ = pm.refresh()
+        assert dm.pid not in alive                       # dead: no longer listed
+        assert sr.wait_for(lambda: dm.pid in pm.refresh()[1], 5)
+        assert dm.pid not in pm.known()
+    finally:
+        for p in (dm, pv):
+            p.kill()
+            p.wait()
