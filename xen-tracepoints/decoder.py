@@ -64,7 +64,8 @@ TSC carry their pCPU's last one) a per-vCPU exit state machine:
   and every vCPU not running lose their open exit) and again at its own TSC
   (process_lost_records_end: the vCPU it names becomes current);
 * records of unknown owner (xenalyze's default domain, not shown in its summary) are dropped;
-* service_ns is xenalyze's arc_cycles. Not modelled: shadow-paging handlers (TRC_SHADOW) that
+* service_ns is xenalyze's arc_cycles. This mode is a Python loop over the rows above (a parity
+  tool: 24 s on the 63 MB bench capture, where xenalyze takes 1 s). Not modelled: shadow-paging handlers (TRC_SHADOW) that
   also claim the slot, and xenalyze's TSC-skew corrections. Checked against the real xenalyze
   (Xen 4.17, which predates the SVM exit ids) on the real capture and on synthetic ones.
 
@@ -81,7 +82,9 @@ about 20x slower than xenalyze; this is within 2x (the bench prints the ratio).
 
 Without the shared library the walk falls back to pure NumPy: pointer doubling over each window
 (next[i] = i + len(i); the chain from a window's first word is enumerated level by level), O(n
-log n) instead of O(n) and several times slower, with the same results (tests run both). Set
+log n) instead of O(n), with the same results (tests run both); with Python work per window it is
+much slower on captures of many small windows (22 s instead of 1.5 s on the 63 MB bench capture,
+whose windows hold ~40 records; real xentrace windows are buffer-sized). Set
 IOTRACE_XT_NUMPY=1 to force it. IOTRACE_XT_FULLPATH=1 selects the whole-table per-pCPU path that
 the compat mode uses, as a cross-check of the fast path (tests compare them). Input is processed
 in chunks (8 MiB by default), so memory is bounded by a chunk's working set plus the events.
