@@ -48,6 +48,17 @@ def default_binaries() -> list[str]:
 
 
 class QemuProbeSource:
+    """``iotrace.source.Source`` over uprobes on handle_ioreq.
+
+    addrmap: range names; binaries: extra device model binaries (``--binary``); strict: any binary
+    that cannot be resolved or attached raises ``ProbeError`` (else it is a warning, counted in
+    ``stats().probes_failed``). Keyword-only: mode "metrics" | "events"; timing: the return probe
+    for service times (a second trap per request); defaults: also probe the Debian binary and the
+    binaries of running device models; send_vcpu_offset: an int, or {path: int}, for binaries whose
+    XenIOState layout the table and the QEMU banner do not tell; keep_addr: keep raw addresses in
+    the keys (the collector folds them into ranges); ringbuf_pages: ring buffer size (events).
+    """
+
     name = "qemu"
 
     def __init__(self, addrmap: AddressMap | None = None, binaries=None, strict: bool = False,

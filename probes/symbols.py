@@ -16,8 +16,10 @@ binary cancels out): with a symbol table the whole caller body is one delta rang
 the exact return address after the call is.
 
 USDT: QEMU built with the ``dtrace`` trace backend (RHEL-style) has a ``qemu:handle_ioreq`` probe in
-``.note.stapsdt``; it is detected and reported here (Debian builds use the ``log`` backend and have
-none, so this path cannot be exercised on these machines).
+``.note.stapsdt``; it is detected and reported (``iotrace probe-info``), but not attached to: it
+fires inside handle_ioreq after the prologue, where neither the return address (buffered or not)
+nor ``state`` (for send_vcpu) is reliably at hand, so the function entry stays the hook. Debian
+builds use the ``log`` backend and have no USDT, so this could not be tested here.
 
 No third-party ELF library: the few structures needed (ELF64 header, section and program headers,
 notes, Elf64_Sym) are read with ``struct`` (layouts from the System V gABI / elf.h).
@@ -311,9 +313,11 @@ def resolve(path: str, table: dict | None = None, debug_root: str = DEBUG_ROOT) 
             res.send_vcpu_offset = int(entry["send_vcpu"])
             res.send_vcpu_from = f"table ({entry.get('name', res.build_id)})"
     if not found:
-        res.error = (f"{real}: cannot find {FUNC} (build-id {res.build_id or 'none'}): install its "
-                     f"debug symbols (/usr/lib/debug/.build-id/...), or add an entry for this "
-                     f"build-id to probes/{TABLE_FILE} (see `iotrace probe-info --help`)")
+        usdt = (" (its USDT probe qemu:handle_ioreq alone cannot give the vCPU or tell buffered "
+                "requests apart)") if res.usdt else ""
+        res.error = (f"{real}: cannot find {FUNC} (build-id {res.build_id or 'none'}){usdt}: "
+                     f"install its debug symbols (/usr/lib/debug/.build-id/...), or add an entry "
+                     f"for this build-id to probes/{TABLE_FILE} (see `iotrace probe-info --help`)")
         return res
     if res.send_vcpu_offset is None:
         ver = elf.qemu_version()

@@ -282,6 +282,7 @@ def test_record_cli_sigterm_flushes_everything(bins, tmp_path, iotrace_exe):
     finally:
         if rec.poll() is None:
             rec.kill()
+    assert _uprobe_lines(bins["7.2"]) == []
     r = read_recording(out)
     assert r.complete and r.lost_events == 0
     assert r.domains.get(931) == "rec"
