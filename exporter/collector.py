@@ -295,7 +295,9 @@ class IotraceCollector(Collector):
             return v
 
         counts: dict[tuple, list] = {}
-        svc: dict[tuple, list] = {}
+        svc: dict[tuple, list] = {}          # service key -> [n, sum_ns, row]
+        svc_row: list[int] = []               # per cell with service times: its row
+        svc_hist: list = []                   # ... and its log2 histogram
         touched: dict[int, set] = {}
         # Key -> (count key, service key): label work done once per key, not once per scrape.
         kcache = self._keycache.setdefault(name, {})
@@ -325,13 +327,14 @@ class IotraceCollector(Collector):
                 acc[0] += cell.count
                 acc[1] += cell.bytes
             if cell.service_n:
+                # histograms are summed below in one NumPy pass (no per-cell array arithmetic)
                 sacc = svc.get(sk)
                 if sacc is None:
-                    svc[sk] = [cell.service_n, cell.service_sum_ns, cell.hist.copy()]
-                else:
-                    sacc[0] += cell.service_n
-                    sacc[1] += cell.service_sum_ns
-                    sacc[2] += cell.hist
+                    sacc = svc[sk] = [0, 0, len(svc)]
+                sacc[0] += cell.service_n
+                sacc[1] += cell.service_sum_ns
+                svc_row.append(sacc[2])
+                svc_hist.append(cell.hist)
             if cell.count:
                 t = touched.get(domid)
                 if t is None:
@@ -363,17 +366,17 @@ class IotraceCollector(Collector):
                 byte_rows.append((labels, b))
 
         if svc:
-            keys = list(svc)
-            hists = np.stack([svc[k][2] for k in keys])
-            cum = np.cumsum(hists, axis=1)
-            # cumulative count of slots 0..k = durations < 2^k ns
-            cols = cum[:, [min(k, N_SLOTS - 1) for k in BUCKET_EXPONENTS]].tolist()
+            # cumulative count of slots 0..k = durations < 2^k ns, per cell, then summed per row
+            cum = np.cumsum(np.stack(svc_hist), axis=1)[:, _BUCKET_COLS]
+            rows = np.asarray(svc_row, dtype=np.int64)
+            order = np.argsort(rows, kind="stable")
+            rows = rows[order]
+            starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+            per_row = np.add.reduceat(cum[order], starts, axis=0).tolist()
             hist_rows = fam["iotrace_ioreq_service_seconds"].rows
-            for i, k in enumerate(keys):
-                domid, tl, rng = k
-                n, sum_ns, _ = svc[k]
+            for (domid, tl, rng), (n, sum_ns, i) in svc.items():
                 dn, ds = dlabels(domid)
-                hist_rows.append(((name, dn, ds, tl, rng), (cols[i], n, sum_ns / 1e9)))
+                hist_rows.append(((name, dn, ds, tl, rng), (per_row[i], n, sum_ns / 1e9)))
 
         # Domains: those the source lists plus those that only appear in the totals.
         src_first = getattr(src, "range_first_seen", None)
@@ -402,6 +405,7 @@ class IotraceCollector(Collector):
 _TYPE_LABEL = dict(TYPE_NAMES)
 _DIR_LABEL = dict(DIR_NAMES)
 _BUCKET_LE = tuple(repr(b) for b in BUCKET_BOUNDS_SECONDS)
+_BUCKET_COLS = [min(k, N_SLOTS - 1) for k in BUCKET_EXPONENTS]
 
 
 class Family:
