@@ -11,7 +11,7 @@ API (used by synth.py's tests, live.py, ``iotrace report`` through ``iotrace.cap
     res.lost_records    # sum of TRC_LOST_RECORDS counts
     res.decode_errors   # records that could not be decoded (bad layout, junk ids, overruns)
     res.truncated_at    # byte offset of the first incomplete record/window, or None
-    res.warnings        # list[str], one line each
+    res.warnings        # list[str], one line each (without the file name: the caller adds it)
     res.windows         # cpu_change windows seen
 
     dec = StreamDecoder(cpu_hz=None, xenalyze_compat=False, name="<stream>")
@@ -438,7 +438,7 @@ class StreamDecoder:
     # -- internals
     def _warn(self, msg: str) -> None:
         if len(self.warnings) < 100:
-            self.warnings.append(f"{self.name}: {msg}")
+            self.warnings.append(msg)          # the caller names the file
 
     @staticmethod
     def _resync(w: np.ndarray, start: int) -> int | None:
