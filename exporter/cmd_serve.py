@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 from prometheus_client import CollectorRegistry
 
@@ -133,6 +134,28 @@ def _start_sources(sources, strict: bool) -> None:
         log.info("source %s started", src.name)
 
 
+STRICT_SETTLE_SECONDS = 1.5
+
+
+def _check_settled(sources) -> None:
+    """--strict: a source that dies right after start (xentrace exiting at once, say) failed to
+    start too. Give each a moment, then demand it is up with no failed attachment."""
+    deadline = time.monotonic() + STRICT_SETTLE_SECONDS
+    while True:
+        bad = []
+        for src in sources:
+            st = src.stats()
+            if not st.up or st.probes_failed:
+                bad.append(f"source {src.name}: "
+                           f"{'down' if not st.up else f'{st.probes_failed} probe(s) failed'}"
+                           f"{': ' + st.error if st.error else ''}")
+        if not bad:
+            return
+        if time.monotonic() >= deadline:
+            raise UserError("; ".join(bad) + " (--strict)")
+        time.sleep(0.1)
+
+
 def _stop_sources(sources) -> None:
     for src in sources:
         try:
@@ -152,7 +175,9 @@ def _monitor(sources, stop: threading.Event) -> None:
             except Exception as exc:
                 state = (False, f"stats() failed: {exc}", None)
             prev = last.get(src.name)
-            if prev is not None and prev != state:
+            if prev is None and not state[0]:
+                log.error("source %s is down: %s", src.name, state[1] or "no reason given")
+            elif prev is not None and prev != state:
                 up, err, failed = state
                 if not up:
                     log.error("source %s is down: %s", src.name, err or "no reason given")
@@ -197,6 +222,8 @@ def run(args) -> int:
         old[signal.SIGPIPE] = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         _start_sources(sources, args.strict)       # on failure: the finally below cleans up
+        if args.strict:
+            _check_settled(sources)
         server.start()
         log.info("serving %s/metrics (%s)", server.url, desc)
         monitor = threading.Thread(target=_monitor, args=(sources, stop), name="monitor",

@@ -276,3 +276,48 @@ def test_promtool_accepts_the_output(tmp_path):
     r = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True,
                        timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _on_xen() -> bool:
+    try:
+        with open("/sys/hypervisor/type") as fh:
+            return fh.read().strip() == "xen"
+    except OSError:
+        return False
+
+
+@pytest.mark.integration
+def test_cli_failed_source_is_down_but_served_or_fatal_when_strict(iotrace_exe):
+    """No Xen hypervisor here: the real xentrace exits at once. Without --strict the exporter
+    keeps serving with iotrace_source_up 0 and says why in the log; with --strict it exits."""
+    require_tool("xentrace")
+    if _on_xen():
+        pytest.skip("running on Xen: xentrace would work")
+    port = free_port()
+    p = subprocess.Popen([iotrace_exe, "serve", "--source", "xentrace",
+                          "--web.listen-address", f"127.0.0.1:{port}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/metrics", timeout=30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            body = get(f"http://127.0.0.1:{port}/metrics")[2]
+            if b'iotrace_source_up{source="xentrace"} 0' in body:
+                break
+            time.sleep(0.2)
+        assert b'iotrace_source_up{source="xentrace"} 0' in body
+        assert b"iotrace_build_info" in body
+        time.sleep(1.5)                                  # the monitor's first look
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=15)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0
+    assert "source xentrace is down: xentrace exited" in err, err
+    r = run_cli(iotrace_exe, "--source", "xentrace", "--strict")
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("iotrace serve: source xentrace: down: xentrace exited"), r.stderr
+    assert "Traceback" not in r.stderr
