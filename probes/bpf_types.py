@@ -23,13 +23,12 @@ class IoreqKey(ct.Structure):
                 ("addr", ct.c_uint64)]
 
 
+HIST_SLOTS = 40
+
+
 class IoreqStats(ct.Structure):
     _fields_ = [("count", ct.c_uint64), ("bytes", ct.c_uint64), ("svc_n", ct.c_uint64),
-                ("svc_sum_ns", ct.c_uint64)]
-
-
-class HistKey(ct.Structure):
-    _fields_ = [("k", IoreqKey), ("slot", ct.c_uint32), ("_pad", ct.c_uint32)]
+                ("svc_sum_ns", ct.c_uint64), ("hist", ct.c_uint64 * HIST_SLOTS)]
 
 
 class IoreqEvent(ct.Structure):
@@ -47,13 +46,13 @@ class Inflight(ct.Structure):
 
 
 # The sizes written in the header's comments.
-EXPECTED_SIZES = {XenIoreq: 32, IoreqKey: 24, IoreqStats: 32, HistKey: 32, IoreqEvent: 56,
+EXPECTED_SIZES = {XenIoreq: 32, IoreqKey: 24, IoreqStats: 352, IoreqEvent: 56,
                   Inflight: 48}
 
 # Counter indices (CNT_* in the header).
-CNT_LOST_EVENTS, CNT_STATS_FULL, CNT_READ_ERRORS, CNT_HIST_FULL, CNT_NO_ENTRY = range(5)
-N_COUNTERS = 5
-COUNTER_NAMES = ("lost_events", "stats_full", "read_errors", "hist_full", "no_entry")
+CNT_LOST_EVENTS, CNT_STATS_FULL, CNT_READ_ERRORS, CNT_NO_ENTRY = range(4)
+N_COUNTERS = 4
+COUNTER_NAMES = ("lost_events", "stats_full", "read_errors", "no_entry")
 
 # The ring buffer record as a NumPy dtype (same layout), for batch conversion of many events.
 EVENT_RECORD_DTYPE = np.dtype({

@@ -11,7 +11,7 @@
  *                   zeroed local ioreq_t with no vCPU (send_vcpu is stale) -> vcpu -1.
  *   EVENT_MODE      1: one ring buffer record per request; 0: in-kernel aggregation only.
  *   TIMING          1: a return probe measures the service time (a second trap per request).
- *   STATS_ENTRIES, HIST_ENTRIES, RINGBUF_PAGES   map sizes.
+ *   STATS_ENTRIES, RINGBUF_PAGES   map sizes.
  *
  * Hot path in metrics mode without timing: one user read of the ioreq_t (+ return address and
  * send_vcpu), one lookup-or-init and two atomic adds. With timing the entry only fills the thread's
@@ -24,13 +24,32 @@
 
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
 
+static __always_inline void count(int idx)
+{
+    u64 *c = counters.lookup(&idx);
+    if (c)
+        (*c)++;
+}
+
 #if EVENT_MODE
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 #else
-BPF_HASH(stats, struct ioreq_key, struct ioreq_stats, STATS_ENTRIES);
-#if TIMING
-BPF_F_TABLE("hash", struct hist_key, u64, hist, HIST_ENTRIES, BPF_F_NO_PREALLOC);
-#endif
+/* Entries are allocated as keys appear (352-byte values: no preallocation of the whole map). */
+BPF_F_TABLE("hash", struct ioreq_key, struct ioreq_stats, stats, STATS_ENTRIES, BPF_F_NO_PREALLOC);
+/* A zeroed value to initialise new entries from (too big for the 512-byte BPF stack). */
+BPF_ARRAY(zero_stats, struct ioreq_stats, 1);
+
+static __always_inline struct ioreq_stats *stats_for(struct ioreq_key *k)
+{
+    int idx = 0;
+    struct ioreq_stats *zero = zero_stats.lookup(&idx);
+    if (!zero)
+        return 0;
+    struct ioreq_stats *s = stats.lookup_or_try_init(k, zero);
+    if (!s)
+        count(CNT_STATS_FULL);
+    return s;
+}
 #endif
 
 #if TIMING
@@ -38,13 +57,6 @@ BPF_F_TABLE("hash", struct hist_key, u64, hist, HIST_ENTRIES, BPF_F_NO_PREALLOC)
  * goes away with the thread). */
 BPF_TASK_STORAGE(inflight, struct inflight);
 #endif
-
-static __always_inline void count(int idx)
-{
-    u64 *c = counters.lookup(&idx);
-    if (c)
-        (*c)++;
-}
 
 /* Bit length of ns: the slot of iotrace.aggregate.log2_slots (0 ns -> slot 0). */
 static __always_inline u32 slot_of(u64 v)
@@ -132,12 +144,9 @@ int on_entry(struct pt_regs *ctx)
     emit(bpf_ktime_get_ns(), pid_tgid, &k, req.data, req.count,
          (req.flags & IOREQ_FLAG_DATA_IS_PTR) ? 1 : 0, (req.flags & IOREQ_FLAG_DF) ? 1 : 0, -1);
 #else
-    struct ioreq_stats zero = {};
-    struct ioreq_stats *s = stats.lookup_or_try_init(&k, &zero);
-    if (!s) {
-        count(CNT_STATS_FULL);
+    struct ioreq_stats *s = stats_for(&k);
+    if (!s)
         return 0;
-    }
     __sync_fetch_and_add(&s->count, 1);
     __sync_fetch_and_add(&s->bytes, (u64)req.size * req.count);
 #endif
@@ -160,25 +169,17 @@ int on_return(struct pt_regs *ctx)
     emit(in->ts_ns, bpf_get_current_pid_tgid(), &in->k, in->data, in->count, in->data_is_ptr,
          in->df, (s64)d);
 #else
-    struct ioreq_stats zero = {};
-    struct ioreq_stats *s = stats.lookup_or_try_init(&in->k, &zero);
-    if (!s) {
-        count(CNT_STATS_FULL);
+    struct ioreq_stats *s = stats_for(&in->k);
+    if (!s)
         return 0;
-    }
     __sync_fetch_and_add(&s->count, 1);
     __sync_fetch_and_add(&s->bytes, (u64)in->k.size * in->count);
     __sync_fetch_and_add(&s->svc_n, 1);
     __sync_fetch_and_add(&s->svc_sum_ns, d);
-    struct hist_key hk = {};
-    hk.k = in->k;
-    hk.slot = slot_of(d);
-    u64 one = 0;
-    u64 *h = hist.lookup_or_try_init(&hk, &one);
-    if (h)
-        __sync_fetch_and_add(h, 1);
-    else
-        count(CNT_HIST_FULL);
+    u32 slot = slot_of(d);
+    if (slot >= HIST_SLOTS)
+        slot = HIST_SLOTS - 1;
+    __sync_fetch_and_add(&s->hist[slot], 1);
 #endif
 #endif
     return 0;

@@ -31,19 +31,18 @@ struct ioreq_key {
     u64 addr;
 };                      /* 24 */
 
+/* Service-time histogram slots kept in kernel: slot = bit length of the duration in ns, as in
+ * iotrace.aggregate (slot 0: 0 ns, slot k: [2^(k-1), 2^k) ns); the last slot also takes anything
+ * longer (2^38 ns = 275 s and up). Inside the value: one lookup per request serves every field. */
+#define HIST_SLOTS 40
+
 struct ioreq_stats {
     u64 count;          /* requests */
     u64 bytes;          /* size x count */
     u64 svc_n;          /* requests with a service time (return probe seen) */
     u64 svc_sum_ns;
-};                      /* 32 */
-
-/* Service-time histogram: slot = bit length of the duration in ns (iotrace.aggregate's slots). */
-struct hist_key {
-    struct ioreq_key k;
-    u32 slot;
-    u32 _pad;
-};                      /* 32 */
+    u64 hist[HIST_SLOTS];
+};                      /* 352 */
 
 /* Event mode: one record per request through the ring buffer (snoop, record). */
 struct ioreq_event {
@@ -77,8 +76,7 @@ struct inflight {
 #define CNT_LOST_EVENTS   0   /* ring buffer full */
 #define CNT_STATS_FULL    1   /* stats map full: request not counted */
 #define CNT_READ_ERRORS   2   /* ioreq_t could not be read */
-#define CNT_HIST_FULL     3   /* histogram map full: service time not binned */
-#define CNT_NO_ENTRY      4   /* return without entry (attached mid-request), or no slot */
-#define N_COUNTERS        5
+#define CNT_NO_ENTRY      3   /* return without entry (attached mid-request), or no slot */
+#define N_COUNTERS        4
 
 #endif

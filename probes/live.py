@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from iotrace.addrmap import AddressMap
-from iotrace.aggregate import N_SLOTS, Aggregator, Cell, Key
+from iotrace.aggregate import Aggregator, Cell, Key
 from iotrace.errors import ProbeError
 from iotrace.events import EVENT_DTYPE
 from iotrace.source import DomainInfo, SourceStats
@@ -225,7 +225,6 @@ class QemuProbeSource:
         unattributed = 0
         for ps in self.sets:
             items = ps.stats_items()
-            hists = ps.hist_items()
             if not items:
                 continue
             n = len(items)
@@ -235,7 +234,6 @@ class QemuProbeSource:
             rng = self.addrmap.lookup(types, addrs)
             names = self.addrmap.names
             domid_of = {int(t): self._domid(int(t)) for t in np.unique(tgid)}
-            by_raw: dict[tuple, Key] = {}
             for i, (k, v) in enumerate(items):
                 domid = domid_of[k.tgid]
                 if domid is not None and k.tgid not in self._alive:
@@ -245,7 +243,6 @@ class QemuProbeSource:
                     continue
                 key = Key(domid, k.vcpu, k.type, k.dir, names[int(rng[i])],
                           k.addr if self.keep_addr else 0)
-                by_raw[(k.tgid, k.vcpu, k.type, k.dir, k.size, k.addr)] = key
                 cell = out.get(key)
                 if cell is None:
                     cell = out[key] = Cell()
@@ -253,11 +250,9 @@ class QemuProbeSource:
                 cell.bytes += v.bytes
                 cell.service_n += v.svc_n
                 cell.service_sum_ns += v.svc_sum_ns
-            for hk, c in hists:
-                k = hk.k
-                key = by_raw.get((k.tgid, k.vcpu, k.type, k.dir, k.size, k.addr))
-                if key is not None and hk.slot < N_SLOTS:
-                    out[key].hist[hk.slot] += c
+                if v.svc_n:
+                    cell.hist[:T.HIST_SLOTS] += np.frombuffer(v.hist, dtype=np.uint64).astype(
+                        np.int64)
         self._stats.extra["unattributed"] = unattributed
         return out
 

@@ -21,7 +21,6 @@ PROGRAM = os.path.join(PROBES_DIR, "ioreq.bpf.c")
 EMPTY_PROGRAM = os.path.join(PROBES_DIR, "empty.bpf.c")
 
 STATS_ENTRIES = 65536
-HIST_ENTRIES = 262144
 RINGBUF_PAGES = 256          # 1 MiB: ~18,700 events of 56 bytes
 
 
@@ -35,14 +34,12 @@ def import_bcc():
 
 
 def cflags_for(res: Resolution, mode: str, timing: bool,
-               stats_entries: int = STATS_ENTRIES, hist_entries: int = HIST_ENTRIES,
-               ringbuf_pages: int = RINGBUF_PAGES) -> list[str]:
+               stats_entries: int = STATS_ENTRIES, ringbuf_pages: int = RINGBUF_PAGES) -> list[str]:
     flags = [f"-I{PROBES_DIR}",
              f"-DSEND_VCPU_OFF={res.send_vcpu_offset:#x}",
              f"-DEVENT_MODE={1 if mode == 'events' else 0}",
              f"-DTIMING={1 if timing else 0}",
              f"-DSTATS_ENTRIES={stats_entries}",
-             f"-DHIST_ENTRIES={hist_entries}",
              f"-DRINGBUF_PAGES={ringbuf_pages}"]
     if res.buffered is not None:
         flags += ["-DHAVE_BUF=1", f"-DBUF_LO={res.buffered[0]}LL", f"-DBUF_HI={res.buffered[1]}LL"]
@@ -103,8 +100,6 @@ class ProbeSet:
         pairs = []
         if self.mode == "metrics":
             pairs.append(("stats", T.IoreqKey, T.IoreqStats))
-            if self.timing:
-                pairs.append(("hist", T.HistKey, ct.c_uint64))
         for name, key, leaf in pairs:
             table = self.bpf[name.encode()]
             if key is not None and ct.sizeof(table.Key) != ct.sizeof(key):
@@ -149,11 +144,6 @@ class ProbeSet:
         return [(self._copy(k, T.IoreqKey), self._copy(v, T.IoreqStats))
                 for k, v in self._items("stats")]
 
-    def hist_items(self) -> list[tuple]:
-        if not self.timing:
-            return []
-        return [(self._copy(k, T.HistKey), int(getattr(v, "value", v))) for k, v in self._items("hist")]
-
     def _items(self, name: str):
         table = self.bpf[name.encode()]
         try:
@@ -170,16 +160,14 @@ class ProbeSet:
         if self.mode != "metrics" or not tgids:
             return 0
         n = 0
-        for name in ("stats", "hist") if self.timing else ("stats",):
-            table = self.bpf[name.encode()]
-            for k in list(table.keys()):
-                tgid = k.k.tgid if name == "hist" else k.tgid
-                if tgid in tgids:
-                    try:
-                        del table[k]
-                        n += 1
-                    except KeyError:
-                        pass
+        table = self.bpf[b"stats"]
+        for k in list(table.keys()):
+            if k.tgid in tgids:
+                try:
+                    del table[k]
+                    n += 1
+                except KeyError:
+                    pass
         return n
 
     def open_ring(self, callback) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from iotrace.aggregate import SLOT_LOWER_NS, SLOT_UPPER_NS
 from iotrace.events import TYPE_CODES
 from iotrace.probes import standin_runner as sr
 from iotrace.probes import stream as st
@@ -109,6 +110,8 @@ def test_metrics_counts_equal_truth_at_full_speed(bins, tmp_path, linux_boot_csv
         for k, c in mine.items():
             assert c.service_n == c.count and c.hist.sum() == c.count
             assert c.service_sum_ns > 0
+            # the kernel's slots are iotrace.aggregate's: the sum lies within the slots' bounds
+            assert (c.hist * SLOT_LOWER_NS).sum() <= c.service_sum_ns < (c.hist * SLOT_UPPER_NS).sum()
         assert {k.range for k in mine if k.vcpu == -1} == {"vga-lowmem"}
         st_ = src.stats()
         assert st_.lost == 0 and st_.probes_attached == 2 and st_.probes_failed == 0

@@ -163,7 +163,7 @@ def test_ctypes_mirrors_match_the_header():
     documented = {m.group(1): int(m.group(2)) for m in
                   re.finditer(r"struct (\w+) \{.*?\n\};\s*/\* (\d+) \*/", text, re.S)}
     mirrors = {"xen_ioreq": T.XenIoreq, "ioreq_key": T.IoreqKey, "ioreq_stats": T.IoreqStats,
-               "hist_key": T.HistKey, "ioreq_event": T.IoreqEvent, "inflight": T.Inflight}
+               "ioreq_event": T.IoreqEvent, "inflight": T.Inflight}
     assert set(documented) == set(mirrors)
     for name, cls in mirrors.items():
         assert ct.sizeof(cls) == documented[name], name
@@ -181,6 +181,7 @@ def test_header_sizes_compiled_by_gcc(tmp_path):
         "_Static_assert(offsetof(struct xen_ioreq, flags) == 30, \"\");"
         "_Static_assert(offsetof(struct xen_ioreq, type) == 31, \"\");"
         "_Static_assert(sizeof(struct ioreq_key) == 24, \"\");"
+        "_Static_assert(sizeof(struct ioreq_stats) == 352, \"\");"
         "_Static_assert(sizeof(struct ioreq_event) == 56, \"\");"
         "_Static_assert(sizeof(struct inflight) == 48, \"\");\nint main(void){return 0;}\n")
     subprocess.run(["gcc", "-c", "-o", str(tmp_path / "t.o"), str(src)], check=True)
