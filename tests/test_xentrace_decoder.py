@@ -307,13 +307,12 @@ def test_fast_path_equals_full_table_path(monkeypatch):
     assert (_canon(fast) == _canon(full)).all()
 
 
-def test_numpy_walk_equals_c_walk(monkeypatch):
+def test_numpy_walk_equals_c_walk():
     if D._C_WALK is None:
         pytest.skip("_xtwalk.so not built (make xtwalk); the NumPy walk is the one in use")
     t = _capture()
     buf = t.data + window(0, pio(1, 1))[:-2]       # end mid-record
     w = np.frombuffer(buf[:len(buf) // 4 * 4], "<u4")
-    monkeypatch.setattr(D, "_SEG_WORDS", 64)        # force segment joins in the NumPy walk
     outs = []
     for fn in (D._walk_c, D._walk_numpy):
         st = np.zeros(8, np.int64)
@@ -329,7 +328,6 @@ def test_numpy_fallback_decodes_the_same(monkeypatch):
     t = _capture()
     ref = _canon(D.decode_bytes(t.data).events)
     monkeypatch.setattr(D, "_C_WALK", None)
-    monkeypatch.setattr(D, "_SEG_WORDS", 1000)
     assert D.walker_name() == "numpy"
     assert (_canon(D.decode_bytes(t.data).events) == ref).all()
 

@@ -95,3 +95,24 @@ def test_a_whole_valid_capture_is_clean():
     res = check(BASE)
     assert res.decode_errors == 0 and res.truncated_at is None and not res.warnings
     assert len(res.events) == SEED.io_records
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, len(BASE) - 1), st.integers(0, 255)), max_size=30),
+       st.integers(12, len(BASE)))
+def test_numpy_walk_equals_c_walk_on_damaged_captures(flips, cut):
+    if D._C_WALK is None:
+        return                               # nothing to compare against (make xtwalk)
+    buf = bytearray(BASE[:cut])
+    for pos, val in flips:
+        if pos < len(buf):
+            buf[pos] = val
+    w = np.frombuffer(bytes(buf[:len(buf) // 4 * 4]), "<u4")
+    outs = []
+    for fn in (D._walk_c, D._walk_numpy):
+        st_ = np.zeros(8, np.int64)
+        outs.append((fn(w, st_), st_))
+    (c, cst), (nw, nst) = outs
+    for a, b in zip(c, nw):
+        assert np.array_equal(a, b)
+    assert np.array_equal(cst[:7], nst[:7])

@@ -80,11 +80,10 @@ its own pCPU when the exit and the entry enclose it there (the common case); onl
 a reschedule go through a per-vCPU pass sorted by TSC across pCPUs. A per-record Python loop is
 about 20x slower than xenalyze; this is within 2x (the bench prints the ratio).
 
-Without the shared library the walk falls back to pure NumPy: pointer doubling over each window
-(next[i] = i + len(i); the chain from a window's first word is enumerated level by level), O(n
-log n) instead of O(n), with the same results (tests run both); with Python work per window it is
-much slower on captures of many small windows (22 s instead of 1.5 s on the 63 MB bench capture,
-whose windows hold ~40 records; real xentrace windows are buffer-sized). Set
+Without the shared library the walk falls back to pure NumPy: pointer doubling over all windows
+of a chunk at once (next[i] = i + len(i); the chains from the windows' first words are enumerated
+level by level), O(n log w) for windows of w words instead of O(n), with the same results (tests
+and a fuzz test compare both): 6.2 s instead of 1.5 s on the 63 MB bench capture. Set
 IOTRACE_XT_NUMPY=1 to force it. IOTRACE_XT_FULLPATH=1 selects the whole-table per-pCPU path that
 the compat mode uses, as a cross-check of the fast path (tests compare them). Input is processed
 in chunks (8 MiB by default), so memory is bounded by a chunk's working set plus the events.
@@ -104,7 +103,6 @@ from iotrace.errors import InputError
 from . import catalogue as C
 
 CHUNK_BYTES = 8 << 20
-_SEG_WORDS = 1 << 18          # NumPy fallback: pointer doubling over at most this many words
 
 # Trace classes of xen/include/public/trace.h (bits 16-27 of an event id); a record whose class
 # is none of these is junk (counted in decode_errors).
@@ -182,39 +180,18 @@ def _walk_c(w: np.ndarray, st: np.ndarray):
             np.concatenate(wcs))
 
 
-def _chain(h: np.ndarray) -> tuple[np.ndarray, int]:
-    """Record starts of the chain from word 0 of ``h`` that fit entirely in ``h``, and the
-    position where the chain leaves it (len(h) if it ends exactly there). Pure NumPy."""
-    L = len(h)
-    ln = 1 + ((h >> 28) & 7).astype(np.int64) + 2 * (h >> 31).astype(np.int64)
-    nxt = np.arange(L, dtype=np.int64) + ln
-    fits = nxt <= L
-    nxt = np.where(fits, nxt, L)
-    # Levels J_k = next^(2^k), with L (outside) absorbing.
-    jumps = [np.append(nxt, L)]
-    span = 1
-    while span < L:
-        j = jumps[-1]
-        jumps.append(j[j])
-        span *= 2
-    pos = np.zeros(1, dtype=np.int64)
-    for j in reversed(jumps):
-        nxtpos = j[pos]
-        pos = np.stack([pos, nxtpos], axis=1).reshape(-1)
-        pos = pos[pos < L]
-    pos = np.unique(pos)
-    if len(pos) and not fits[pos[-1]]:
-        return pos[:-1], int(pos[-1])
-    return pos, L
-
-
 def _walk_numpy(w: np.ndarray, st: np.ndarray):
-    """Same contract as xt_walk in xtwalk.c, window by window, with pointer doubling."""
+    """Same contract as xt_walk in xtwalk.c, in NumPy.
+
+    Windows are delimited by their headers, so a Python loop finds them (3 words each). Records
+    inside all windows are then found at once by pointer doubling: next[i] = i + len(i) (a sink
+    past the window's data), J_k = next^(2^k), and the chain from each window's first word is
+    enumerated level by level - O(n log w) for windows of w words."""
     n = len(w)
     pos, remain, cpu = int(st[_ST_POS]), int(st[_ST_REMAIN]), int(st[_ST_CPU])
-    offs, cpus, wfs, wcs = [], [], [], []
-    count = 0
     st[_ST_STATUS] = _XT_END
+    seg_s, seg_e, seg_cpu, seg_wend = [], [], [], []
+    win_start, win_cpu = [], []                 # data start and pCPU of each window begun here
     while pos < n:
         if st[_ST_SKIP]:
             take = min(remain, n - pos)
@@ -231,38 +208,74 @@ def _walk_numpy(w: np.ndarray, st: np.ndarray):
             if int(w[pos]) != C.CPU_CHANGE_HEADER or nbytes & 3:
                 st[_ST_STATUS] = _XT_BAD_WINDOW
                 break
-            cpu = int(np.int32(np.uint32(w[pos + 1]).view(np.int32)))
+            cpu = int(np.uint32(w[pos + 1]).view(np.int32))
             remain = nbytes >> 2
             pos += 3
             st[_ST_WINDOWS] += 1
-            wfs.append(count)
-            wcs.append(cpu)
+            win_start.append(pos)
+            win_cpu.append(cpu)
             continue
-        seg_end = min(pos + remain, n, pos + _SEG_WORDS)
-        starts, stop = _chain(w[pos:seg_end])
-        if len(starts):
-            offs.append(starts + pos)
-            cpus.append(np.full(len(starts), cpu, dtype=np.int32))
-            count += len(starts)
-        used = stop
-        pos += used
-        remain -= used
-        if pos < seg_end:
-            # The record at pos does not fit in the segment.
-            h = int(w[pos])
-            ln = 1 + ((h >> 28) & 7) + 2 * (h >> 31)
-            if ln > remain:
-                st[_ST_ERRORS] += 1
-                st[_ST_SKIP] = 1
-            elif pos + ln > n:
-                st[_ST_STATUS] = _XT_PARTIAL
-                break
-            # else: only the segment was cut; continue from pos.
+        end = min(pos + remain, n)
+        seg_s.append(pos)
+        seg_e.append(end)
+        seg_cpu.append(cpu)
+        seg_wend.append(pos + remain)
+        remain -= end - pos
+        pos = end
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int32))
+    wf_out = np.zeros(0, np.int64)
+    wc_out = np.array(win_cpu, np.int32)
+    recs = empty[0]
+    if seg_s:
+        ss, se = np.array(seg_s, np.int64), np.array(seg_e, np.int64)
+        sink = n
+        ar = np.arange(n, dtype=np.int64)
+        ln = 1 + ((w >> 28) & 7).astype(np.int64) + 2 * (w >> 31).astype(np.int64)
+        sid = np.searchsorted(ss, ar, side="right") - 1
+        lim = np.where(sid >= 0, se[np.maximum(sid, 0)], 0)
+        inside = ar < lim
+        nxt = ar + ln
+        over = inside & (nxt > lim)
+        jump = np.where(inside & ~over, nxt, sink)
+        jump = np.where(jump == lim, sink, jump)            # chain ends exactly at the end
+        jumps = [np.append(jump, sink).astype(np.int32)]
+        span, longest = 1, int((se - ss).max())
+        while span < longest:
+            j = jumps[-1]
+            jumps.append(j[j])
+            span *= 2
+        cur = ss.copy()
+        for j in reversed(jumps):
+            nx_ = j[cur]
+            cur = np.concatenate([cur, nx_[nx_ < sink]])
+        recs = np.sort(cur)
+        recs = recs[recs < se[np.searchsorted(ss, recs, side="right") - 1]]
+        stop = recs[over[recs]]                 # records that do not fit their segment
+        if len(stop):
+            recs = recs[~over[recs]]
+            for p in stop.tolist():
+                i = int(np.searchsorted(ss, p, side="right") - 1)
+                wend = seg_wend[i]
+                if p + int(ln[p]) > wend:        # runs past its window: count, skip the rest
+                    st[_ST_ERRORS] += 1
+                    if wend > n:
+                        st[_ST_SKIP] = 1
+                        remain = wend - n
+                        pos = n
+                else:                            # cut by the end of the data: wait for more
+                    st[_ST_STATUS] = _XT_PARTIAL
+                    pos, remain = p, wend - p
+        rcpu = np.array(seg_cpu, np.int32)[np.searchsorted(ss, recs, side="right") - 1]
+        if win_start:
+            wf_out = np.searchsorted(recs, np.array(win_start, np.int64)).astype(np.int64)
+    elif win_start:
+        wf_out = np.zeros(len(win_start), np.int64)
+    if not seg_s:
+        rcpu = empty[1]
+    if win_start and len(wf_out) != len(win_start):   # pragma: no cover - defensive
+        wf_out = np.searchsorted(recs, np.array(win_start, np.int64)).astype(np.int64)
     st[_ST_POS], st[_ST_REMAIN], st[_ST_CPU] = pos, remain, cpu
-    wf, wc = np.array(wfs, np.int64), np.array(wcs, np.int32)
-    if not offs:
-        return np.zeros(0, np.int64), np.zeros(0, np.int32), wf, wc
-    return np.concatenate(offs), np.concatenate(cpus), wf, wc
+    return recs.astype(np.int64), rcpu, wf_out, wc_out
 
 
 def _walk(w: np.ndarray, st: np.ndarray):
