@@ -6,6 +6,8 @@ A private build of the stand-in device model replays a stream at full speed (-sp
   empty entry      an empty BPF program (probes/empty.bpf.c) on handle_ioreq's entry
   empty entry+ret  empty programs on the entry and the return (the same two probe points as the
                    default metrics mode)
+  reads only       an entry program making only the three user-memory reads of the real one
+                   (ioreq_t, return address, send_vcpu): what reading the arguments costs
   metrics          iotrace metrics mode: in-kernel aggregation, entry + return probe (service time)
   metrics no-svc   metrics mode with --no-service-time: entry probe only
   events           event mode (snoop/record): ring buffer, entry + return, a consumer polling
@@ -59,11 +61,11 @@ def run_once(exe: str, stream: str, domid: int) -> float:
 
 
 class Empty:
-    def __init__(self, exe: str, ret: bool):
+    def __init__(self, exe: str, ret: bool, entry: bytes = b"empty_entry"):
         res = resolve(exe)
-        self.bpf = import_bcc().BPF(src_file=EMPTY_PROGRAM.encode())
-        self.bpf.attach_uprobe(name=exe.encode(), addr=res.func_vaddr, fn_name=b"empty_entry",
-                               pid=-1)
+        self.bpf = import_bcc().BPF(src_file=EMPTY_PROGRAM.encode(),
+                                    cflags=[f"-I{os.path.dirname(EMPTY_PROGRAM)}"])
+        self.bpf.attach_uprobe(name=exe.encode(), addr=res.func_vaddr, fn_name=entry, pid=-1)
         if ret:
             self.bpf.attach_uretprobe(name=exe.encode(), addr=res.func_vaddr,
                                       fn_name=b"empty_return", pid=-1)
@@ -106,6 +108,8 @@ CONFIGS = [
     ("none", "no probe", None),
     ("empty1", "empty entry uprobe", lambda exe: Empty(exe, False)),
     ("empty2", "empty entry + return uprobe", lambda exe: Empty(exe, True)),
+    ("reads1", "entry doing only the 3 user-memory reads", lambda exe: Empty(exe, False,
+                                                                            b"reads_entry")),
     ("metrics1", "metrics mode, entry only (--no-service-time)", lambda exe: Metrics(exe, False)),
     ("metrics2", "metrics mode, entry + return (default)", lambda exe: Metrics(exe, True)),
     ("events", "event mode, entry + return, ring buffer", lambda exe: Events(exe)),
