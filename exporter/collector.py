@@ -279,7 +279,9 @@ class IotraceCollector(Collector):
                     out.extend(map(str.__add__, prefixes, map(fmt, values)))
                 self._prefixes[f.name] = new    # only the series of this scrape: bounded
         out.append("")
-        return "\n".join(out).encode("utf-8")
+        text = "\n".join(out)
+        del out, fams          # free the lines before the bytes copy is made (peak memory)
+        return text.encode("utf-8")
 
     def _collect_source(self, src, view, now, vcpu_label, fam):
         name = view.name
@@ -340,6 +342,7 @@ class IotraceCollector(Collector):
                 if t is None:
                     t = touched[domid] = set()
                 t.add(ck[4])
+        view.totals = {}      # the copy is folded in: free it before rendering (peak memory)
 
         dom_labels = {}
 
