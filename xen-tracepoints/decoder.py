@@ -103,6 +103,7 @@ from iotrace.errors import InputError
 from . import catalogue as C
 
 CHUNK_BYTES = 8 << 20
+_HOLD_WINDOW_BYTES = 4 << 20   # an incomplete window up to this size waits for its end
 
 # Trace classes of xen/include/public/trace.h (bits 16-27 of an event id); a record whose class
 # is none of these is junk (counted in decode_errors).
@@ -348,6 +349,7 @@ class StreamDecoder:
         self._tail = b""
         self._st = np.zeros(8, dtype=np.int64)
         self._started = False
+        self._errs_seen = 0
         # per pCPU
         self._last_tsc: dict[int, int] = {}
         self._owner: dict[int, tuple[int, int]] = {}
@@ -367,7 +369,7 @@ class StreamDecoder:
         self._sort_batches = True
 
     # -- public
-    def feed(self, chunk: bytes) -> np.ndarray:
+    def feed(self, chunk: bytes, *, _final: bool = False) -> np.ndarray:
         if self._finished:
             raise RuntimeError("feed() after finish()")
         buf = self._tail + bytes(chunk) if self._tail else bytes(chunk)
@@ -413,12 +415,25 @@ class StreamDecoder:
             self._warn(f"corrupt window header at byte offset {at}; skipped "
                        f"{(nxt - pos) * 4} bytes to the next window")
             st[_ST_POS] = nxt
-        self.windows = int(st[_ST_WINDOWS])
         pos = int(st[_ST_POS])
         off = np.concatenate(offs) if len(offs) > 1 else offs[0]
         cpu = np.concatenate(cpus) if len(cpus) > 1 else cpus[0]
         wf = np.concatenate(wfs) if len(wfs) > 1 else wfs[0]
         wc = np.concatenate(wcs) if len(wcs) > 1 else wcs[0]
+        # A window begun in this feed but not complete yet waits for the rest (up to
+        # _HOLD_WINDOW_BYTES): xentrace writes a window at once, and an exit decoded together
+        # with its entry is timed on the spot instead of waiting for the watermark.
+        if (not _final and st[_ST_REMAIN] > 0 and not st[_ST_SKIP] and len(wf)
+                and st[_ST_STATUS] != _XT_BAD_WINDOW and st[_ST_ERRORS] == self._errs_seen):
+            first = int(wf[-1])
+            hdr_pos = int(off[first]) - 3 if first < len(off) else pos - 3
+            if (nwords - hdr_pos) * 4 <= _HOLD_WINDOW_BYTES:
+                off, cpu, wf, wc = off[:first], cpu[:first], wf[:-1], wc[:-1]
+                st[_ST_POS] = pos = hdr_pos
+                st[_ST_REMAIN] = 0
+                st[_ST_WINDOWS] -= 1
+        self._errs_seen = int(st[_ST_ERRORS])
+        self.windows = int(st[_ST_WINDOWS])
         out = self._process(w, off, cpu, wf, wc)
         self._tail = buf[pos * 4:]
         self.offset += pos * 4
@@ -427,6 +442,7 @@ class StreamDecoder:
     def finish(self) -> np.ndarray:
         if self._finished:
             return E.empty(0)
+        held = self.feed(b"", _final=True) if self._tail else E.empty(0)
         self._finished = True
         if not self._started:
             raise InputError(f"{self.name}: not a xentrace capture: "
@@ -440,13 +456,17 @@ class StreamDecoder:
             self._warn(f"capture truncated at byte offset {self.offset} ({what}; the window "
                        f"announced {remain * 4} more bytes); every complete record was decoded")
         if self._compat is not None:
-            return self._compat.run(np.zeros(0, _CROW), _TSC_INF)
+            return E.concat([held, self._compat.run(np.zeros(0, _CROW), _TSC_INF)])
         z = np.zeros(0, np.int64)
         zb = np.zeros(0, bool)
         # every waiting row is now final; I/O whose VMENTRY never came keep service_ns -1
-        return self._service(E.empty(0), z, zb, zb, np.zeros(0, np.int32),
+        rest = self._service(E.empty(0), z, zb, zb, np.zeros(0, np.int32),
                              np.zeros(0, np.int32), np.zeros(0, np.uint64), 0, final=True,
                              cpu_s=z)
+        out = E.concat([held, rest])
+        if len(out) > 1 and self._sort_batches:
+            out = _sel(out, np.argsort(out["ts_ns"], kind="stable"))
+        return out
 
     # -- internals
     def _warn(self, msg: str) -> None:
