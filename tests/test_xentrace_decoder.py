@@ -341,3 +341,21 @@ def test_catalogue_ids_match_xen_trace_h():
     assert C.event_name(C.TRC_HVM_SVM_EXIT64) == "svm_exit64"
     with pytest.raises(ValueError):
         C.header(1, 8, False)
+
+
+def test_stream_yields_events_before_the_end_of_input():
+    # reads of a few bytes (a pipe from xentrace): a window is decoded once it is complete, so
+    # exits closed inside it are timed and emitted at once, not at EOF
+    from iotrace.xentrace import synth
+    t = synth.generate(21, steps=150)
+    dec = D.StreamDecoder()
+    early = sum(len(dec.feed(t.data[i:i + 7])) for i in range(0, len(t.data), 7))
+    late = len(dec.finish())
+    total = sum(t.truth.values())
+    assert early + late == total
+    assert early >= total // 2
+
+
+def test_bad_cpu_hz_is_an_input_error():
+    with pytest.raises(InputError, match="cpu_hz must be positive"):
+        D.decode_bytes(window(0, pio(1, 1)), cpu_hz=-1.0)
