@@ -78,6 +78,16 @@ def _no_gc():
                 gc.enable()
 
 
+class _Pending:
+    """One rendering in progress, shared by the scrapes that arrive meanwhile."""
+
+    __slots__ = ("done", "body")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.body: bytes | None = None
+
+
 class _SourceView:
     """What one collection read from one source (or why it could not)."""
 
@@ -116,6 +126,8 @@ class IotraceCollector(Collector):
         self._render_lock = threading.Lock()
         self._prefixes: dict[str, dict] = {}
         self._keycache: dict[str, dict] = {}
+        self._pending_lock = threading.Lock()
+        self._pending: _Pending | None = None
 
     # -- reading the sources ---------------------------------------------------------------------
     def _read(self, src) -> _SourceView:
@@ -234,9 +246,29 @@ class IotraceCollector(Collector):
 
         Rendering ~10^5 samples through prometheus_client costs seconds; here the label part of
         every line is cached between scrapes (series are stable), so a scrape formats numbers only.
+
+        Scrapes that arrive while a rendering is under way share its result instead of starting
+        their own: many concurrent scrapers cost one collection, not one each (CPU and memory).
         """
-        with _no_gc():
-            return self._render_text()
+        while True:
+            with self._pending_lock:
+                job = self._pending
+                mine = job is None
+                if mine:
+                    job = self._pending = _Pending()
+            if not mine:
+                job.done.wait()
+                if job.body is not None:
+                    return job.body
+                continue                       # that rendering failed: do our own
+            try:
+                with _no_gc():
+                    job.body = self._render_text()
+                return job.body
+            finally:
+                with self._pending_lock:
+                    self._pending = None
+                job.done.set()
 
     def _render_text(self) -> bytes:
         fams = self._snapshot()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -289,3 +291,38 @@ def test_worst_case_bound_holds():
     assert per_metric["iotrace_ioreq_service_seconds"] <= bound["iotrace_ioreq_service_seconds"]
     # the bound is reached: every pair exists once per vcpu value and direction
     assert per_metric["iotrace_ioreqs"] == bound["iotrace_ioreqs_total"]
+
+
+class SlowSource(FedSource):
+    """A source whose totals take a while to read (a big BPF map, a busy lock)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def totals(self):
+        self.reads += 1
+        time.sleep(0.4)
+        return super().totals()
+
+
+def test_concurrent_scrapes_share_one_rendering():
+    s = SlowSource()
+    s.start()
+    s.feed(batch(ROWS))
+    _, col = registry_for([s])
+    bodies = []
+    threads = [threading.Thread(target=lambda: bodies.append(col.render_text()))
+               for _ in range(6)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+        time.sleep(0.01)
+    for t in threads:
+        t.join(10)
+    assert len(bodies) == 6 and len(set(bodies)) == 1
+    assert s.reads <= 2                      # not one read per scraper
+    assert time.monotonic() - t0 < 2.0
+    # a later scrape renders afresh
+    s.feed(batch([(3, 0, TYPE_PIO, DIR_READ, 0x60, 1, 1, -1)]))
+    assert col.render_text() != bodies[0] and s.reads >= 2
