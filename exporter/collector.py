@@ -126,6 +126,7 @@ class IotraceCollector(Collector):
         self._render_lock = threading.Lock()
         self._prefixes: dict[str, dict] = {}
         self._keycache: dict[str, dict] = {}
+        self._labelcache: dict[str, dict] = {}
         self._pending_lock = threading.Lock()
         self._pending: _Pending | None = None
 
@@ -386,16 +387,21 @@ class IotraceCollector(Collector):
 
         io_rows = fam["iotrace_ioreqs"].rows
         byte_rows = fam["iotrace_ioreq_bytes"].rows
-        vcpu_str = {}
-        for (domid, vcpu, tl, dl, rng), (count, b) in counts.items():
-            dn, ds = dlabels(domid)
-            if vcpu_label:
-                vs = vcpu_str.get(vcpu)
-                if vs is None:
-                    vs = vcpu_str[vcpu] = str(vcpu)
-                labels = (name, dn, ds, vs, tl, dl, rng)
-            else:
-                labels = (name, dn, ds, tl, dl, rng)
+        # The same label tuple object every scrape (while the domain keeps its name): the text
+        # renderer's prefix cache then matches by identity instead of comparing strings.
+        lcache = self._labelcache.setdefault(name, {})
+        if len(lcache) > 2 * len(counts) + 1024:
+            lcache.clear()
+        for ck, (count, b) in counts.items():
+            ent = lcache.get(ck)
+            dn = names.get(ck[0]) if names else None
+            if ent is None or ent[0] != dn:
+                domid, vcpu, tl, dl, rng = ck
+                dname, ds = dlabels(domid)
+                labels = (name, dname, ds) + ((str(vcpu),) if vcpu_label else ()) + \
+                    (tl, dl, rng)
+                ent = lcache[ck] = (dn, labels)
+            labels = ent[1]
             io_rows.append((labels, count))
             if b > 0:
                 byte_rows.append((labels, b))
