@@ -65,10 +65,10 @@ def run(args) -> int:
 
         def take(batch):
             nonlocal lost_seen
-            for dm in src._pm.known().values():
-                if names.get(dm.domid) != dm.name:
-                    names[dm.domid] = dm.name
-                    writer.set_domain(dm.domid, dm.name)
+            for domid, name in src.domain_names().items():
+                if names.get(domid) != name:
+                    names[domid] = name
+                    writer.set_domain(domid, name)
             if len(batch):
                 writer.write(batch)
             lost = src.counters()["lost_events"]

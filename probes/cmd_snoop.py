@@ -129,8 +129,7 @@ def run(args) -> int:
         while not stop["flag"] and (deadline is None or time.monotonic() < deadline):
             batch = src.poll(100)
             if len(batch):
-                for dm in src._pm.known().values():
-                    names[dm.domid] = dm.name
+                names.update(src.domain_names())
                 batch, rng = flt.apply(batch, names)
                 out = [format_line(ev, src.addrmap.names[int(r)],
                                    names.get(int(ev["domid"]), f"dom{int(ev['domid'])}"),

@@ -136,6 +136,10 @@ class QemuProbeSource:
             if off is not None and not res.send_vcpu_from.startswith("table"):
                 res.send_vcpu_offset = off
                 res.send_vcpu_from = "command line"
+            elif res.send_vcpu_from.startswith("default"):
+                self.warn(f"{res.path}: XenIOState layout unknown (no table entry, no QEMU "
+                          f"banner): assuming send_vcpu at {res.send_vcpu_offset:#x} (QEMU <= 8.0); "
+                          f"use --send-vcpu-offset 0x48 for QEMU >= 8.1")
             try:
                 ps = ProbeSet(res, self.mode, self.timing, ringbuf_pages=self.ringbuf_pages)
             except ProbeError as exc:
@@ -206,6 +210,11 @@ class QemuProbeSource:
         with self._lock:
             self._refresh_domains()
             return dict(self._domains)
+
+    def domain_names(self) -> dict[int, str]:
+        """domid -> name of every device model seen so far (including those that went away
+        recently), without touching /proc: cheap enough for every batch of events."""
+        return {dm.domid: dm.name for dm in self._pm.known().values()}
 
     def _domid(self, tgid: int) -> int | None:
         dm = self._pm.lookup(int(tgid))
@@ -318,6 +327,9 @@ class QemuProbeSource:
                 dom[tg == t] = d
         out["domid"] = dom
         keep = dom >= 0               # processes without -xen-domid (e.g. -xen-attach) are skipped
+        if not keep.all():
+            self._stats.extra["unattributed"] = (self._stats.extra.get("unattributed", 0)
+                                                 + int((~keep).sum()))
         out = out[keep]
         if len(out) > 1 and np.any(np.diff(out["ts_ns"].astype(np.int64)) < 0):
             out = out[np.argsort(out["ts_ns"], kind="stable")]
