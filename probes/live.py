@@ -119,6 +119,8 @@ class QemuProbeSource:
     def start(self) -> None:
         if self._started:
             return
+        if os.geteuid() != 0:
+            raise ProbeError("the qemu-dm probes need root (loading BPF programs and uprobes)")
         self._started = True
         for path in self.binaries():
             try:

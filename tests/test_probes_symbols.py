@@ -216,3 +216,19 @@ def test_process_map_follows_real_device_models(tmp_path):
         for p in (dm, pv):
             p.kill()
             p.wait()
+
+
+def test_without_root_one_line(iotrace_exe):
+    """Not root: one clear line, exit 1, no BCC noise or traceback."""
+    import os
+    import shutil
+    argv = [iotrace_exe, "snoop", "--duration", "1"]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if not setpriv:
+            pytest.skip("setpriv not installed")
+        argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "iotrace snoop: the qemu-dm probes need root (loading BPF programs " \
+                               "and uprobes)"
