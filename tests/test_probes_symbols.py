@@ -232,3 +232,20 @@ def test_without_root_one_line(iotrace_exe):
     assert r.returncode == 1
     assert r.stderr.strip() == "iotrace snoop: the qemu-dm probes need root (loading BPF programs " \
                                "and uprobes)"
+
+
+def test_snoop_ebpf_prints_the_program(capsys):
+    debian_dm()
+    assert main(["snoop", "--ebpf"]) == 0
+    out = capsys.readouterr().out
+    assert "#define SEND_VCPU_OFF 0x50" in out and "#define EVENT_MODE 1" in out
+    assert "#define BUF_LO 3611LL" in out              # 0x521dfb - 0x520fe0
+    assert "int on_entry(struct pt_regs *ctx)" in out and "struct xen_ioreq {" in out
+    assert main(["snoop", "--ebpf", "--no-service-time"]) == 0
+    assert "#define TIMING 0" in capsys.readouterr().out
+
+
+def test_default_binaries_include_the_debian_device_model():
+    from iotrace.probes.live import default_binaries
+    debian_dm()
+    assert str(DEBIAN_DM) in default_binaries()
