@@ -149,10 +149,10 @@ def _check_settled(sources) -> None:
                 bad.append(f"source {src.name}: "
                            f"{'down' if not st.up else f'{st.probes_failed} probe(s) failed'}"
                            f"{': ' + st.error if st.error else ''}")
-        if not bad:
-            return
-        if time.monotonic() >= deadline:
+        if bad:
             raise UserError("; ".join(bad) + " (--strict)")
+        if time.monotonic() >= deadline:
+            return                      # up and attached for the whole settling period
         time.sleep(0.1)
 
 
