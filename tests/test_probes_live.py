@@ -210,9 +210,9 @@ def test_churn_and_nothing_left_behind(bins, tmp_path):
             ta = tmp_path / "a.json"
             a = start_standin(exe, 911, ta, hold=True)
             procs.append(a)
-            assert wait_for(ta.exists)
+            assert wait_for(ta.exists), a.stderr
             assert totals_counts(src.totals(), 911) == truth_counts(ta)
-            assert 911 in src.domains()
+            assert 911 in src.domains(), (src.domains(), src._pm.known())
             stop(a)
             tb = tmp_path / "b.json"
             b = start_standin(exe, 912, tb, hold=True)
@@ -222,8 +222,9 @@ def test_churn_and_nothing_left_behind(bins, tmp_path):
             # and its entries leave the kernel maps (a reused pid starts afresh)
             def tgids():
                 return {k.tgid for ps in src.sets for k, _ in ps.stats_items()}
-            assert wait_for(lambda: 911 not in src.domains() and a.pid not in tgids(), 10)
-            assert 912 in src.domains() and b.pid in tgids()
+            assert wait_for(lambda: 911 not in src.domains() and a.pid not in tgids(), 10), \
+                (src.domains(), tgids(), a.pid)
+            assert 912 in src.domains() and b.pid in tgids(), (src.domains(), tgids(), b.pid)
             tot = src.totals()
             assert totals_counts(tot, 911) == Counter()
             assert totals_counts(tot, 912) == truth_counts(tb)
