@@ -41,11 +41,14 @@ BPF_ARRAY(zero_stats, struct ioreq_stats, 1);
 
 static __always_inline struct ioreq_stats *stats_for(struct ioreq_key *k)
 {
+    struct ioreq_stats *s = stats.lookup(k);
+    if (s)
+        return s;                       /* the hot path: one hash lookup */
     int idx = 0;
     struct ioreq_stats *zero = zero_stats.lookup(&idx);
     if (!zero)
         return 0;
-    struct ioreq_stats *s = stats.lookup_or_try_init(k, zero);
+    s = stats.lookup_or_try_init(k, zero);
     if (!s)
         count(CNT_STATS_FULL);
     return s;
