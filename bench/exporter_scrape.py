@@ -195,7 +195,7 @@ def main() -> int:
     ap.add_argument("--vcpus", type=int, default=4)
     ap.add_argument("--ranges", type=int, default=30)
     ap.add_argument("--scrapes", type=int, default=30)
-    ap.add_argument("--rates", default="0,200000",
+    ap.add_argument("--rates", default="0,20000",
                     help="guest request rates (requests/s) to run with, comma separated")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
