@@ -42,12 +42,12 @@ class IoreqEvent(ct.Structure):
 class Inflight(ct.Structure):
     _fields_ = [("ts_ns", ct.c_uint64), ("k", IoreqKey), ("data", ct.c_uint64),
                 ("count", ct.c_uint32), ("data_is_ptr", ct.c_uint8), ("df", ct.c_uint8),
-                ("active", ct.c_uint16)]
+                ("active", ct.c_uint16), ("req", ct.c_uint64)]
 
 
 # The sizes written in the header's comments.
 EXPECTED_SIZES = {XenIoreq: 32, IoreqKey: 24, IoreqStats: 352, IoreqEvent: 56,
-                  Inflight: 48}
+                  Inflight: 56}
 
 # Counter indices (CNT_* in the header).
 CNT_LOST_EVENTS, CNT_STATS_FULL, CNT_READ_ERRORS, CNT_NO_ENTRY = range(4)

@@ -29,7 +29,9 @@ examples:
 
 columns: TIME (wall clock), DOMAIN, VCPU (-1: buffered request, no vCPU), TYPE (pio, mmio,
 pci_config, ...), DIR, ADDRESS, RANGE (named by the address map), SIZE (bytes), COUNT (rep),
-DATA (value; "*" marks a guest buffer address), SVC_US (time qemu took to serve it).
+DATA (the value written, or the device model's answer to a read; "*" marks a guest buffer
+address; with --no-service-time there is no return probe and reads show 0), SVC_US (time from
+handle_ioreq's entry to its return, including the return probe's own trap: a floor of a few us).
 DATA is guest data (keystrokes pass through port 0x60): treat the output accordingly.
 """
 

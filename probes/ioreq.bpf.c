@@ -142,6 +142,7 @@ int on_entry(struct pt_regs *ctx)
     in->data_is_ptr = (req.flags & IOREQ_FLAG_DATA_IS_PTR) ? 1 : 0;
     in->df = (req.flags & IOREQ_FLAG_DF) ? 1 : 0;
     in->active = 1;
+    in->req = PT_REGS_PARM2(ctx);
     in->ts_ns = bpf_ktime_get_ns();
 #elif EVENT_MODE
     emit(bpf_ktime_get_ns(), pid_tgid, &k, req.data, req.count,
@@ -169,7 +170,12 @@ int on_return(struct pt_regs *ctx)
     in->active = 0;
     u64 d = now - in->ts_ns;
 #if EVENT_MODE
-    emit(in->ts_ns, bpf_get_current_pid_tgid(), &in->k, in->data, in->count, in->data_is_ptr,
+    /* A read's value is what the device model answered: handle_ioreq writes it into req->data
+     * (@8), and req (the caller's stack copy, or handle_buffered_iopage's local) is still live. */
+    u64 data = in->data;
+    if (in->k.dir == 1 && !in->data_is_ptr)
+        bpf_probe_read_user(&data, sizeof(data), (void *)(in->req + 8));
+    emit(in->ts_ns, bpf_get_current_pid_tgid(), &in->k, data, in->count, in->data_is_ptr,
          in->df, (s64)d);
 #else
     struct ioreq_stats *s = stats_for(&in->k);

@@ -70,7 +70,8 @@ struct inflight {
     u8 data_is_ptr;
     u8 df;
     u16 active;         /* 1 between entry and return */
-};                      /* 48 */
+    u64 req;            /* the ioreq_t's address: a read's data is filled in by the time it returns */
+};                      /* 56 */
 
 /* Indices of the per-CPU counters array. */
 #define CNT_LOST_EVENTS   0   /* ring buffer full */

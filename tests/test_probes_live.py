@@ -145,6 +145,9 @@ def test_events_real_speed_two_domains_two_layouts(bins, tmp_path):
             assert {k[1] for k in want} == {-1, 0, 1}
         assert src.stats().lost == 0
         assert (batch["service_ns"] > 0).all()
+        # reads carry the device model's answer (read at return): the stand-in's 16550 LSR
+        lsr = batch[(batch["type"] == 0) & (batch["addr"] == 0x3FD) & (batch["dir"] == 1)]
+        assert len(lsr) > 100 and set(lsr["data"].tolist()) <= {0x60, 0x61}
         # at real speed the replay spreads over the stream's duration (0.43 s)
         mine = batch[batch["domid"] == 902]
         assert (mine["ts_ns"].max() - mine["ts_ns"].min()) / 1e9 > 0.3
