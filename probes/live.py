@@ -38,6 +38,22 @@ DEBIAN_DM = "/usr/libexec/xen-qemu-system-i386"
 DEFAULT_BINARIES = (DEBIAN_DM,)
 
 
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+def has_bpf_privileges() -> bool:
+    """Effective capabilities allow loading tracing BPF programs and attaching uprobes: CAP_BPF and
+    CAP_PERFMON (kernel >= 5.8), or CAP_SYS_ADMIN (e.g. root under deploy/iotrace.service's
+    bounding set, or plain root)."""
+    try:
+        with open("/proc/self/status") as f:
+            eff = next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return os.geteuid() == 0
+    has = lambda cap: bool(eff >> cap & 1)  # noqa: E731
+    return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
+
+
 def default_binaries() -> list[str]:
     """The Debian device model if installed, plus the binaries of running device models."""
     out = [p for p in DEFAULT_BINARIES if os.path.exists(p)]
@@ -119,8 +135,9 @@ class QemuProbeSource:
     def start(self) -> None:
         if self._started:
             return
-        if os.geteuid() != 0:
-            raise ProbeError("the qemu-dm probes need root (loading BPF programs and uprobes)")
+        if not has_bpf_privileges():
+            raise ProbeError("the qemu-dm probes need root (CAP_BPF and CAP_PERFMON, or "
+                             "CAP_SYS_ADMIN: loading BPF programs and uprobes)")
         self._started = True
         for path in self.binaries():
             try:

@@ -347,3 +347,29 @@ def test_missing_symbol_strict_is_one_line(iotrace_exe):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "nothing attached" in r.stderr.splitlines()[-1]
+
+
+def test_capabilities_of_the_systemd_unit_are_enough(bins, tmp_path, iotrace_exe):
+    """Root restricted to CAP_BPF + CAP_PERFMON (deploy/iotrace.service's bounding set) records."""
+    import shutil
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        pytest.skip("setpriv not installed")
+    out, truth = tmp_path / "r.iotrec", tmp_path / "t.json"
+    rec = subprocess.Popen([setpriv, "--inh-caps=-all", "--bounding-set=-all,+bpf,+perfmon",
+                            iotrace_exe, "record", "-o", str(out), "--binary", bins["7.2"],
+                            "--no-default-binaries"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_line(rec, "writing")
+        p = start_standin(bins["7.2"], 951, truth, speed=0, name="capped")
+        assert p.wait(20) == 0
+        time.sleep(0.3)
+        rec.send_signal(signal.SIGTERM)
+        _, err = rec.communicate(timeout=20)
+        assert rec.returncode == 0, err
+    finally:
+        if rec.poll() is None:
+            rec.kill()
+    r = read_recording(out)
+    assert event_counts(r.events, 951) == truth_counts(truth)

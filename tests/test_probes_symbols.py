@@ -230,8 +230,8 @@ def test_without_root_one_line(iotrace_exe):
         argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
-    assert r.stderr.strip() == "iotrace snoop: the qemu-dm probes need root (loading BPF programs " \
-                               "and uprobes)"
+    assert r.stderr.strip() == "iotrace snoop: the qemu-dm probes need root (CAP_BPF and " \
+                               "CAP_PERFMON, or CAP_SYS_ADMIN: loading BPF programs and uprobes)"
 
 
 def test_snoop_ebpf_prints_the_program(capsys):
