@@ -95,8 +95,9 @@ def _build_live(kind: str, addrmap, args):
         kw = {"strict": args.strict, "warn": lambda msg: log.warning("source qemu: %s", msg)}
         if args.binary:
             kw["binaries"] = list(args.binary)
-        return cls(addrmap=addrmap, **kw)
-    return cls(addrmap=addrmap)
+        return cls(addrmap=addrmap, keep_addr=False, **kw)
+    # Metrics are per range, never per address: sources fold addresses away before a scrape.
+    return cls(addrmap=addrmap, keep_addr=False)
 
 
 def build_sources(args, addrmap) -> list:
@@ -206,7 +207,7 @@ def run(args) -> int:
     if args.replay:
         desc += f" ({args.replay})"
     server = ExporterServer(registry, args.listen_address, web, description=desc,
-                            fast_text=collector.render_text)
+                            fast_text=collector.render_chunks)
 
     stop = threading.Event()
 

@@ -128,13 +128,6 @@ LIVE = {"qemu": ("iotrace.probes.live", "QemuProbeSource"),
         "xentrace": ("iotrace.xentrace.live", "XentraceLiveSource")}
 
 
-def _keep_addresses(src) -> None:
-    """Event sources keep per-address cells only when asked; top's address expansion needs them."""
-    agg = getattr(src, "_agg", None)
-    if agg is not None and hasattr(agg, "keep_addr"):
-        agg.keep_addr = True
-
-
 def build_source(args):
     picked = [n for n, v in (("--replay", args.replay), ("--from", args.from_url),
                              ("--source", args.source)) if v]
@@ -156,10 +149,9 @@ def build_source(args):
     addrmap = AddressMap.load(args.config) if args.config else None
     if args.replay:
         from .source_replay import ReplaySource
-        src = ReplaySource(args.replay, speed=1.0 if args.speed is None else args.speed,
-                           addrmap=addrmap)
-        _keep_addresses(src)
-        return src
+        # top expands domains down to addresses: every source keeps per-address cells for it.
+        return ReplaySource(args.replay, speed=1.0 if args.speed is None else args.speed,
+                            addrmap=addrmap, keep_addr=True)
     kind = args.source or "qemu"
     modname, clsname = LIVE[kind]
     try:
@@ -169,12 +161,10 @@ def build_source(args):
     cls = getattr(mod, clsname, None)
     if cls is None:
         raise UserError(f"--source {kind}: {modname} has no {clsname}")
-    kwargs = {"addrmap": addrmap}
+    kwargs = {"addrmap": addrmap, "keep_addr": True}
     if args.binary:
         kwargs["binaries"] = list(args.binary)
-    src = cls(**kwargs)
-    _keep_addresses(src)
-    return src
+    return cls(**kwargs)
 
 
 def _start(src) -> None:

@@ -30,14 +30,14 @@ class ReplaySource(EventSource):
     has_probes = False
 
     def __init__(self, path: str, speed: float = 0.0, addrmap: AddressMap | None = None,
-                 cpu_hz: float | None = None, clock=time.time):
+                 cpu_hz: float | None = None, clock=time.time, keep_addr: bool = False):
         if speed < 0 or speed != speed:
             raise UserError(f"--speed must be 0 (all at once) or a positive factor, got {speed}")
         if not os.path.isfile(path):
             # checked here, before the port is bound; decoding errors come at start()
             raise InputError(f"{path}: no such file" if not os.path.exists(path)
                              else f"{path}: not a regular file")
-        super().__init__(addrmap)
+        super().__init__(addrmap, keep_addr=keep_addr)
         self.path = path
         self.speed = float(speed)
         self.cpu_hz = cpu_hz

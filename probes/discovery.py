@@ -11,10 +11,10 @@ Domain names: xenstore ``/local/domain/N/name`` when ``xenstore-read`` works, el
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass
+
+from iotrace import domains
 
 PROC = "/proc"
 
@@ -89,23 +89,9 @@ def parse_dm_cmdline(argv: list[str]) -> tuple[int, str | None] | None:
     return domid, name or None
 
 
-_XENSTORE = shutil.which("xenstore-read")
-
-
-def xenstore_name(domid: int) -> str | None:
-    if not _XENSTORE:
-        return None
-    try:
-        out = subprocess.run([_XENSTORE, f"/local/domain/{domid}/name"], capture_output=True,
-                             text=True, timeout=2)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    name = out.stdout.strip()
-    return name if out.returncode == 0 and name else None
-
-
-def domain_name(domid: int, qemu_name: str | None) -> str:
-    return xenstore_name(domid) or qemu_name or f"dom{domid}"
+# Names come from iotrace.domains (xenstore, else -name, else domN), shared with the xentrace source.
+xenstore_name = domains.xenstore_name
+domain_name = domains.domain_name
 
 
 def inspect(pid: int, proc: str = PROC) -> DmProcess | None:

@@ -34,6 +34,7 @@ from collections import deque
 
 import numpy as np
 
+from iotrace.domains import domain_name
 from iotrace.errors import InputError, UserError
 from iotrace.source import DomainInfo, EventSource
 
@@ -160,6 +161,9 @@ class XentraceLiveSource(EventSource):
         now = time.time()
         dec = self._decoder
         seen = np.unique(batch["domid"]) if len(batch) else ()
+        # Names of domains seen for the first time, looked up outside the lock (xenstore).
+        new_names = {int(d): domain_name(int(d)) for d in seen
+                     if int(d) >= 0 and int(d) != IDLE_DOMAIN and int(d) not in self._domains}
         self.feed(batch)
         with self._lock:
             st = self._stats
@@ -174,7 +178,8 @@ class XentraceLiveSource(EventSource):
                     continue
                 info = self._domains.get(d)
                 if info is None:
-                    info = self._domains[d] = DomainInfo(d, f"dom{d}", first_seen=now)
+                    info = self._domains[d] = DomainInfo(d, new_names.get(d) or f"dom{d}",
+                                                         first_seen=now)
                 info.last_seen = now
 
     def _fail(self, msg: str) -> None:
