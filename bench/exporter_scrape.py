@@ -106,7 +106,7 @@ def child(args) -> int:
         # CPU time of the scraping thread itself: what a scrape costs, whatever else runs
         # (the wall time also includes waiting for the GIL and the CPUs).
         c0 = time.thread_time()
-        body = col.render_text()
+        body = col.render_chunks()     # what `iotrace serve` hands its HTTP server
         cpu_ms.append((time.thread_time() - c0) * 1e3)
         return body
 

@@ -31,6 +31,7 @@ from .addrmap import OTHER, TYPE_RANGE_NAMES, AddressMap
 from .aggregate import N_SLOTS
 from .events import DIR_NAMES, TYPE_NAMES
 from .settings import ExporterSettings
+from .source import totals_columns
 
 log = logging.getLogger("iotrace.serve")
 
@@ -91,11 +92,11 @@ class _Pending:
 class _SourceView:
     """What one collection read from one source (or why it could not)."""
 
-    __slots__ = ("name", "totals", "domains", "stats", "error")
+    __slots__ = ("name", "columns", "domains", "stats", "error")
 
     def __init__(self, name):
         self.name = name
-        self.totals = {}
+        self.columns = None        # iotrace.source.TotalsColumns
         self.domains = {}
         self.stats = None
         self.error = None
@@ -125,8 +126,9 @@ class IotraceCollector(Collector):
         self.last_duration = 0.0
         self._render_lock = threading.Lock()
         self._prefixes: dict[str, dict] = {}
-        self._keycache: dict[str, dict] = {}
-        self._labelcache: dict[str, dict] = {}
+        self._keycache: dict[str, dict] = {}     # source -> {Key: (count key, service key)}
+        self._pcache: dict[str, dict] = {}       # source -> {sample: {labels: line prefix}}
+        self._layouts: dict[str, _Layout] = {}   # source -> its layout of the last scrape
         self._pending_lock = threading.Lock()
         self._pending: _Pending | None = None
 
@@ -136,7 +138,7 @@ class IotraceCollector(Collector):
         try:
             view.stats = src.stats()
             view.domains = src.domains()
-            view.totals = src.totals()
+            view.columns = totals_columns(src)
         except Exception as exc:  # a broken source must not break the scrape of the others
             view.error = f"{type(exc).__name__}: {exc}"
             log.warning("source %s: cannot read totals: %s", src.name, view.error)
@@ -243,10 +245,16 @@ class IotraceCollector(Collector):
             yield m
 
     def render_text(self) -> bytes:
-        """The same metrics as ``collect()``, in the text format 0.0.4, fast.
+        """The same metrics as ``collect()``, in the text format 0.0.4, fast."""
+        return b"".join(self.render_chunks())
 
-        Rendering ~10^5 samples through prometheus_client costs seconds; here the label part of
-        every line is cached between scrapes (series are stable), so a scrape formats numbers only.
+    def render_chunks(self) -> list[bytes]:
+        """``render_text()`` in pieces (to write or compress one after the other, without the
+        copy that joins them).
+
+        The big families are built column-wise (``_Layout``): per series, the label part of its
+        lines is cached between scrapes (series are stable), so a scrape sums columns with NumPy
+        and formats numbers only.
 
         Scrapes that arrive while a rendering is under way share its result instead of starting
         their own: many concurrent scrapers cost one collection, not one each (CPU and memory).
@@ -264,57 +272,75 @@ class IotraceCollector(Collector):
                 continue                       # that rendering failed: do our own
             try:
                 with _no_gc():
-                    job.body = self._render_text()
+                    job.body = self._render_chunks()
                 return job.body
             finally:
                 with self._pending_lock:
                     self._pending = None
                 job.done.set()
 
-    def _render_text(self) -> bytes:
+    def _render_chunks(self) -> list[bytes]:
         fams = self._snapshot()
-        out = []
+        out: list[bytes] = []
         with self._render_lock:
             for f in fams:
+                # Every line starts with "\n" (kept in the cached prefixes): a family's lines are
+                # one "".join of alternating prefixes and values; the body ends with "\n".
                 tname = f.name + "_total" if f.type == "counter" else f.name
-                out.append(f"# HELP {tname} {_escape_help(f.help)}\n# TYPE {tname} {f.type}")
-                if not f.rows:
-                    continue
-                old = self._prefixes.get(f.name, {})
-                new = {}
-                if f.type == "histogram":
-                    bname, cname, sname = (f.name + "_bucket", f.name + "_count",
-                                           f.name + "_sum")
-                    le_names = f.labelnames + ("le",)
-                    for labels, (buckets, n, total) in f.rows:
-                        pre = old.get(labels)
-                        if pre is None:
-                            pre = tuple(_line_prefix(bname, le_names, labels + (le,))
-                                        for le in _BUCKET_LE + ("+Inf",)) + \
-                                (_line_prefix(cname, f.labelnames, labels),
-                                 _line_prefix(sname, f.labelnames, labels))
-                        new[labels] = pre
-                        vals = list(map(str, buckets))
-                        vals += (str(n), str(n), _fmt(total))
-                        out.append("\n".join(map(str.__add__, pre, vals)))
-                else:
-                    sname = tname
-                    prefixes = []
-                    for labels, _ in f.rows:
-                        pre = old.get(labels)
-                        if pre is None:
-                            pre = _line_prefix(sname, f.labelnames, labels)
-                        new[labels] = pre
-                        prefixes.append(pre)
-                    values = [v for _, v in f.rows]
-                    # counts are ints (exact, and str() is the fast path); gauges may be floats
-                    fmt = str if f.type == "counter" else _fmt
-                    out.extend(map(str.__add__, prefixes, map(fmt, values)))
-                self._prefixes[f.name] = new    # only the series of this scrape: bounded
-        out.append("")
-        text = "\n".join(out)
-        del out, fams          # free the lines before the bytes copy is made (peak memory)
-        return text.encode("utf-8")
+                head = f"# HELP {tname} {_escape_help(f.help)}\n# TYPE {tname} {f.type}"
+                if out:
+                    head = "\n" + head
+                out.append(head.encode())
+                if f.rows:
+                    out.append(self._render_rows(f, tname).encode())
+                for block in f.blocks:
+                    out.append(block.render().encode())
+                del f.rows, f.blocks          # free each family once it is encoded (peak memory)
+        out.append(b"\n")
+        return out
+
+    def _render_rows(self, f: "Family", tname: str) -> str:
+        """The lines of a family's (few) rows, through the per-family prefix cache."""
+        old = self._prefixes.get(f.name, {})
+        new = {}
+        parts = []
+        if f.type == "histogram":
+            for labels, (buckets, n, total) in f.rows:
+                pre = old.get(labels)
+                if pre is None:
+                    pre = _hist_prefixes(f.name, f.labelnames, labels)
+                new[labels] = pre
+                vals = list(map(str, buckets))
+                vals += (str(n), str(n), _fmt(total))
+                for p, v in zip(pre, vals):
+                    parts += (p, v)
+        else:
+            pres = []
+            for labels, _ in f.rows:
+                pre = old.get(labels)
+                if pre is None:
+                    pre = "\n" + _line_prefix(tname, f.labelnames, labels)
+                new[labels] = pre
+                pres.append(pre)
+            values = [v for _, v in f.rows]
+            # counts are ints (exact, and str() is the fast path); gauges may be floats
+            parts = [None] * (2 * len(pres))
+            parts[0::2] = pres
+            parts[1::2] = list(map(str, values)) if f.type == "counter" else _fmt_many(values)
+        self._prefixes[f.name] = new    # only the series of this scrape: bounded
+        return "".join(parts)
+
+    def _layout(self, name: str, keys: list, names: dict, vcpu_label: bool) -> "_Layout":
+        lay = self._layouts.get(name)
+        if lay is not None and lay.vcpu_label == vcpu_label and lay.names == names and \
+                lay.keys == keys:         # identity first: the same Key objects compare fast
+            return lay
+        kcache = self._keycache.setdefault(name, {})
+        if len(kcache) > 4 * len(keys) + 1024:
+            kcache.clear()
+        pcache = self._pcache.setdefault(name, {})
+        lay = self._layouts[name] = _Layout(name, keys, names, vcpu_label, kcache, pcache)
+        return lay
 
     def _collect_source(self, src, view, now, vcpu_label, fam):
         name = view.name
@@ -329,95 +355,13 @@ class IotraceCollector(Collector):
                 v = visible[domid] = self._visible(name, domid, view, now)
             return v
 
-        counts: dict[tuple, list] = {}
-        svc: dict[tuple, list] = {}          # service key -> [n, sum_ns, row]
-        svc_row: list[int] = []               # per cell with service times: its row
-        svc_hist: list = []                   # ... and its log2 histogram
+        cols = view.columns
         touched: dict[int, set] = {}
-        # Key -> (count key, service key): label work done once per key, not once per scrape.
-        kcache = self._keycache.setdefault(name, {})
-        if len(kcache) > 4 * len(view.totals) + 1024:
-            kcache.clear()
-        for key, cell in view.totals.items():
-            if not cell.count and not cell.service_n:
-                continue
-            kc = kcache.get(key)
-            if kc is None:
-                tlabel = _TYPE_LABEL.get(key.type) or OTHER
-                kc = kcache[key] = (
-                    (key.domid, key.vcpu if vcpu_label else None, tlabel,
-                     _DIR_LABEL.get(key.dir) or OTHER, key.range),
-                    (key.domid, tlabel, key.range))
-            ck, sk = kc
-            domid = ck[0]
-            v = visible.get(domid)
-            if v is None:
-                v = is_visible(domid)
-            if not v:
-                continue
-            acc = counts.get(ck)
-            if acc is None:
-                counts[ck] = [cell.count, cell.bytes]
-            else:
-                acc[0] += cell.count
-                acc[1] += cell.bytes
-            if cell.service_n:
-                # histograms are summed below in one NumPy pass (no per-cell array arithmetic)
-                sacc = svc.get(sk)
-                if sacc is None:
-                    sacc = svc[sk] = [0, 0, len(svc)]
-                sacc[0] += cell.service_n
-                sacc[1] += cell.service_sum_ns
-                svc_row.append(sacc[2])
-                svc_hist.append(cell.hist)
-            if cell.count:
-                t = touched.get(domid)
-                if t is None:
-                    t = touched[domid] = set()
-                t.add(ck[4])
-        view.totals = {}      # the copy is folded in: free it before rendering (peak memory)
-
-        dom_labels = {}
-
-        def dlabels(domid):
-            d = dom_labels.get(domid)
-            if d is None:
-                d = dom_labels[domid] = (domain_label(domid, names), str(domid))
-            return d
-
-        io_rows = fam["iotrace_ioreqs"].rows
-        byte_rows = fam["iotrace_ioreq_bytes"].rows
-        # The same label tuple object every scrape (while the domain keeps its name): the text
-        # renderer's prefix cache then matches by identity instead of comparing strings.
-        lcache = self._labelcache.setdefault(name, {})
-        if len(lcache) > 2 * len(counts) + 1024:
-            lcache.clear()
-        for ck, (count, b) in counts.items():
-            ent = lcache.get(ck)
-            dn = names.get(ck[0]) if names else None
-            if ent is None or ent[0] != dn:
-                domid, vcpu, tl, dl, rng = ck
-                dname, ds = dlabels(domid)
-                labels = (name, dname, ds) + ((str(vcpu),) if vcpu_label else ()) + \
-                    (tl, dl, rng)
-                ent = lcache[ck] = (dn, labels)
-            labels = ent[1]
-            io_rows.append((labels, count))
-            if b > 0:
-                byte_rows.append((labels, b))
-
-        if svc:
-            # cumulative count of slots 0..k = durations < 2^k ns, per cell, then summed per row
-            cum = np.cumsum(np.stack(svc_hist), axis=1)[:, _BUCKET_COLS]
-            rows = np.asarray(svc_row, dtype=np.int64)
-            order = np.argsort(rows, kind="stable")
-            rows = rows[order]
-            starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-            per_row = np.add.reduceat(cum[order], starts, axis=0).tolist()
-            hist_rows = fam["iotrace_ioreq_service_seconds"].rows
-            for (domid, tl, rng), (n, sum_ns, i) in svc.items():
-                dn, ds = dlabels(domid)
-                hist_rows.append(((name, dn, ds, tl, rng), (per_row[i], n, sum_ns / 1e9)))
+        if cols is not None and len(cols):
+            lay = self._layout(name, cols.keys, names, vcpu_label)
+            view.columns = None
+            self._fold(lay, cols, is_visible, touched, fam)
+            del cols                  # the columns are summed: free them before rendering
 
         # Domains: those the source lists plus those that only appear in the totals.
         src_first = getattr(src, "range_first_seen", None)
@@ -428,7 +372,7 @@ class IotraceCollector(Collector):
                 for k in [k for k in self._first_seen if k[0] == name and k[1] == domid]:
                     del self._first_seen[k]
                 continue
-            dn, ds = dlabels(domid)
+            dn, ds = domain_label(domid, names), str(domid)
             fam["iotrace_domain_info"].add((ds, dn, name), 1)
             rngs = touched.get(domid, set())
             fam["iotrace_domain_ranges_seen"].add((name, dn, ds), len(rngs))
@@ -442,24 +386,301 @@ class IotraceCollector(Collector):
                 fam["iotrace_probes_attached"].add((name, dn, ds),
                                                    view.domains[domid].probes_attached)
 
+    @staticmethod
+    def _fold(lay: "_Layout", cols, is_visible, touched: dict, fam: dict) -> None:
+        """Sum the cells of one source into its series (all NumPy, no step per cell)."""
+        count, nbytes, sn, ssum = cols.count, cols.bytes, cols.service_n, cols.service_sum_ns
+        # cells with neither requests nor service times make no series
+        active = (count != 0) | (sn != 0)
+        if active.all():
+            g_act = None
+        else:
+            count = np.where(active, count, 0)
+            nbytes = np.where(active, nbytes, 0)
+            g_act = lay.c.sum(active.astype(np.int64)) > 0
+        g_count = lay.c.sum(count)
+        g_bytes = lay.c.sum(nbytes)
+        g_touch = lay.c.sum((count != 0).astype(np.int64)) > 0
+        # histogram: per cell, the counts of the slots between two bucket bounds (13 columns
+        # instead of 64), summed per series, then cumulated: durations < 2^k ns
+        svc = sn != 0
+        seg = np.add.reduceat(cols.hist, _SEG_STARTS, axis=1)[:, :len(_BUCKET_LE)]
+        if svc.all():
+            g_svc = None
+        else:
+            sn, ssum = np.where(svc, sn, 0), np.where(svc, ssum, 0)
+            seg[~svc] = 0
+            g_svc = lay.s.sum(svc.astype(np.int64)) > 0
+        g_sn = lay.s.sum(sn)
+        g_sum = lay.s.sum(ssum) / 1e9
+        g_cum = np.cumsum(lay.s.sum(seg), axis=1)
+        del seg
+
+        vis = np.fromiter(map(is_visible, lay.domids), dtype=bool, count=len(lay.domids))
+        all_vis = bool(vis.all())
+        c_vis = None if all_vis else vis[lay.c_domi]
+        s_vis = None if all_vis else vis[lay.s_domi]
+
+        rows = _select(g_act, c_vis)
+        fam["iotrace_ioreqs"].blocks.append(
+            _CounterBlock(lay, "iotrace_ioreqs_total", rows, g_count))
+        fam["iotrace_ioreq_bytes"].blocks.append(
+            _CounterBlock(lay, "iotrace_ioreq_bytes_total", _select(g_bytes > 0, c_vis),
+                          g_bytes))
+        rows = _select(g_svc, s_vis)
+        if rows is None or len(rows):
+            fam["iotrace_ioreq_service_seconds"].blocks.append(
+                _HistBlock(lay, rows, g_cum, g_sn, g_sum))
+
+        # ranges touched per visible domain
+        t = g_touch if c_vis is None else g_touch & c_vis
+        pairs = np.zeros(len(lay.dr_pairs), dtype=bool)
+        pairs[lay.c_dr[t]] = True
+        dr_pairs = lay.dr_pairs
+        for p in np.flatnonzero(pairs).tolist():
+            domid, rng = dr_pairs[p]
+            s = touched.get(domid)
+            if s is None:
+                s = touched[domid] = set()
+            s.add(rng)
+
 
 _TYPE_LABEL = dict(TYPE_NAMES)
 _DIR_LABEL = dict(DIR_NAMES)
 _BUCKET_LE = tuple(repr(b) for b in BUCKET_BOUNDS_SECONDS)
 _BUCKET_COLS = [min(k, N_SLOTS - 1) for k in BUCKET_EXPONENTS]
+# Slot segments [0, c0], (c0, c1], ... (c11, c12] of the log2 histogram (and the rest): their
+# cumulative sums are the bucket counts (slots 0..c_j).
+_SEG_STARTS = np.array([0] + [c + 1 for c in _BUCKET_COLS], dtype=np.intp)
+assert _SEG_STARTS[-1] < N_SLOTS and (np.diff(_SEG_STARTS) > 0).all()
+
+
+def _select(mask, vis):
+    """Row indices where ``mask`` (None: all) and ``vis`` (None: all) hold; None for all rows."""
+    if mask is None:
+        mask = vis
+    elif vis is not None:
+        mask = mask & vis
+    if mask is None or mask.all():
+        return None
+    return np.flatnonzero(mask)
+
+
+class _Groups:
+    """Rows of a column summed per group (``gid``: group index of each row, 0..n_groups-1)."""
+
+    __slots__ = ("identity", "order", "starts")
+
+    def __init__(self, gid: np.ndarray, n_groups: int):
+        n = len(gid)
+        self.identity = n == n_groups and bool((gid == np.arange(n)).all())
+        self.order = self.starts = None
+        if not self.identity:
+            self.order = np.argsort(gid, kind="stable")
+            s = gid[self.order]
+            self.starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+
+    def sum(self, col: np.ndarray) -> np.ndarray:
+        if self.identity:
+            return col
+        return np.add.reduceat(col[self.order], self.starts, axis=0)
+
+
+class _Layout:
+    """How one source's cells fold into series: built when its keys (or domain names) change,
+    reused by every scrape until then, with the label strings of every series."""
+
+    def __init__(self, name, keys, names, vcpu_label, kcache, pcache):
+        self.name, self.keys, self.names, self.vcpu_label = name, keys, names, vcpu_label
+        self._pcache = pcache
+        # Key -> (count key, service key): label work done once per key.
+        pairs = []
+        for key in keys:
+            kc = kcache.get(key)
+            if kc is None:
+                tlabel = _TYPE_LABEL.get(key.type) or OTHER
+                kc = kcache[key] = (
+                    (key.domid, key.vcpu if vcpu_label else None, tlabel,
+                     _DIR_LABEL.get(key.dir) or OTHER, key.range),
+                    (key.domid, tlabel, key.range))
+            pairs.append(kc)
+        n = len(keys)
+        cidx: dict = {}
+        sidx: dict = {}
+        cg = np.fromiter((cidx.setdefault(ck, len(cidx)) for ck, _ in pairs), np.int64, n)
+        sg = np.fromiter((sidx.setdefault(sk, len(sidx)) for _, sk in pairs), np.int64, n)
+        del pairs
+        self.c = _Groups(cg, len(cidx))
+        self.s = _Groups(sg, len(sidx))
+        domi: dict = {}
+        dri: dict = {}
+        dom_labels = {}
+
+        def dlabels(domid):
+            d = dom_labels.get(domid)
+            if d is None:
+                d = dom_labels[domid] = (domain_label(domid, names), str(domid))
+            return d
+
+        self.c_labels = []
+        c_domi, c_dr = [], []
+        for domid, vcpu, tl, dl, rng in cidx:
+            dname, ds = dlabels(domid)
+            self.c_labels.append((name, dname, ds) + ((str(vcpu),) if vcpu_label else ()) +
+                                 (tl, dl, rng))
+            c_domi.append(domi.setdefault(domid, len(domi)))
+            c_dr.append(dri.setdefault((domid, rng), len(dri)))
+        self.s_labels = []
+        s_domi = []
+        for domid, tl, rng in sidx:
+            dname, ds = dlabels(domid)
+            self.s_labels.append((name, dname, ds, tl, rng))
+            s_domi.append(domi.setdefault(domid, len(domi)))
+        self.domids = list(domi)
+        self.c_domi = np.array(c_domi, dtype=np.intp)
+        self.s_domi = np.array(s_domi, dtype=np.intp)
+        self.c_dr = np.array(c_dr, dtype=np.intp)
+        self.dr_pairs = list(dri)
+        self.io_labelnames = ("source", "domain", "domid") + \
+            (("vcpu",) if vcpu_label else ()) + ("type", "dir", "range")
+        self._prefix_lists: dict[str, list] = {}
+
+    def prefixes(self, sample: str) -> list:
+        """The "\\n<sample>{labels} " of every series of ``sample`` (16 per histogram series:
+        13 buckets, +Inf, _count, _sum), made on first use and kept with the layout."""
+        out = self._prefix_lists.get(sample)
+        if out is not None:
+            return out
+        old = self._pcache.get(sample, {})
+        new = {}
+        out = []
+        if sample == _HIST:
+            for labels in self.s_labels:
+                pre = old.get(labels)
+                if pre is None:
+                    pre = _hist_prefixes(_HIST, _HIST_LABELS, labels)
+                new[labels] = pre
+                out.extend(pre)
+        else:
+            for labels in self.c_labels:
+                pre = old.get(labels)
+                if pre is None:
+                    pre = "\n" + _line_prefix(sample, self.io_labelnames, labels)
+                new[labels] = pre
+                out.append(pre)
+        self._pcache[sample] = new     # only the series of this layout: bounded
+        self._prefix_lists[sample] = out
+        return out
+
+
+_HIST = "iotrace_ioreq_service_seconds"
+_HIST_LABELS = ("source", "domain", "domid", "type", "range")
+_HIST_LINES = len(_BUCKET_LE) + 3                  # buckets, +Inf, _count, _sum
+
+
+def _hist_prefixes(name, labelnames, labels) -> tuple:
+    le_names = labelnames + ("le",)
+    return tuple("\n" + _line_prefix(name + "_bucket", le_names, labels + (le,))
+                 for le in _BUCKET_LE + ("+Inf",)) + \
+        ("\n" + _line_prefix(name + "_count", labelnames, labels),
+         "\n" + _line_prefix(name + "_sum", labelnames, labels))
+
+
+def _gather(items: list, rows) -> list:
+    if rows is None:
+        return items
+    rows = rows.tolist()
+    if not rows:
+        return []
+    return [items[i] for i in rows]
+
+
+class _CounterBlock:
+    """The series of one counter family from one source: values of the layout's count groups
+    (``rows``: the groups to export, None for all)."""
+
+    __slots__ = ("lay", "sample", "rows", "values")
+
+    def __init__(self, lay, sample, rows, values):
+        self.lay, self.sample, self.rows = lay, sample, rows
+        self.values = values if rows is None else values[rows]
+
+    def iter_samples(self, names):
+        labels = _gather(self.lay.c_labels, self.rows)
+        for lab, v in zip(labels, self.values.tolist()):
+            yield self.sample, names, lab, v
+
+    def render(self) -> str:
+        pre = self.lay.prefixes(self.sample)
+        if self.rows is not None:
+            pre = _gather(pre, self.rows)
+        parts = [None] * (2 * len(pre))
+        parts[0::2] = pre
+        parts[1::2] = map(str, self.values.tolist())
+        return "".join(parts)
+
+
+class _HistBlock:
+    """The histogram series of one source: cumulative bucket counts, count and sum per service
+    group of the layout (``rows``: the groups to export, None for all)."""
+
+    __slots__ = ("lay", "rows", "cum", "n", "sums")
+
+    def __init__(self, lay, rows, cum, n, sums):
+        self.lay, self.rows = lay, rows
+        if rows is not None:
+            cum, n, sums = cum[rows], n[rows], sums[rows]
+        self.cum, self.n, self.sums = cum, n, sums
+
+    def iter_samples(self, names):
+        b, c, s = _HIST + "_bucket", _HIST + "_count", _HIST + "_sum"
+        le_names = names + ("le",)
+        labels = _gather(self.lay.s_labels, self.rows)
+        for lab, buckets, n, total in zip(labels, self.cum.tolist(), self.n.tolist(),
+                                          self.sums.tolist()):
+            for le, v in zip(_BUCKET_LE, buckets):
+                yield b, le_names, lab + (le,), v
+            yield b, le_names, lab + ("+Inf",), n
+            yield c, names, lab, n
+            yield s, names, lab, total
+
+    def render(self) -> str:
+        k = len(self.n)
+        pre = self.lay.prefixes(_HIST)
+        if self.rows is not None:
+            pre = _gather(pre, (self.rows[:, None] * _HIST_LINES +
+                                np.arange(_HIST_LINES)).ravel())
+        nb = len(_BUCKET_LE)
+        ints = np.empty((k, nb + 2), dtype=np.int64)
+        ints[:, :nb] = self.cum
+        ints[:, nb] = ints[:, nb + 1] = self.n           # +Inf bucket and _count
+        istr = list(map(str, ints.ravel().tolist()))
+        del ints
+        vals = [None] * (k * _HIST_LINES)
+        for j in range(nb + 2):
+            vals[j::_HIST_LINES] = istr[j::nb + 2]
+        del istr
+        vals[nb + 2::_HIST_LINES] = _fmt_many(self.sums.tolist())
+        parts = [None] * (2 * len(vals))
+        parts[0::2] = pre
+        parts[1::2] = vals
+        del vals
+        return "".join(parts)
 
 
 class Family:
-    """One metric family of a snapshot: rows of (label values, value).
+    """One metric family of a snapshot: rows of (label values, value), and blocks (column-wise
+    series of one source, see ``_CounterBlock``/``_HistBlock``).
 
     Histogram rows hold (cumulative bucket counts, count, sum) as their value.
     """
 
-    __slots__ = ("name", "type", "labelnames", "help", "rows")
+    __slots__ = ("name", "type", "labelnames", "help", "rows", "blocks")
 
     def __init__(self, name, typ, labelnames, help_text):
         self.name, self.type, self.labelnames, self.help = name, typ, tuple(labelnames), help_text
         self.rows: list = []
+        self.blocks: list = []
 
     def add(self, labels: tuple, value) -> None:
         self.rows.append((labels, value))
@@ -484,6 +705,8 @@ class Family:
         else:
             for labels, value in self.rows:
                 yield self.name, names, labels, value
+        for block in self.blocks:
+            yield from block.iter_samples(names)
 
 
 def _escape_help(text: str) -> str:
@@ -512,6 +735,20 @@ def _fmt(value) -> str:
     if value.is_integer() and abs(value) < 2 ** 53:
         return str(int(value))
     return repr(value)
+
+
+def _fmt_many(values: list) -> list[str]:
+    """``[_fmt(v) for v in values]``, with NumPy finding the few values repr() does not write
+    as _fmt does (integral, NaN, infinite)."""
+    if not values:
+        return []
+    a = np.asarray(values, dtype=np.float64)
+    out = list(map(repr, a.tolist()))      # Python floats (whatever numbers came in)
+    with np.errstate(invalid="ignore"):
+        special = ~np.isfinite(a) | (a == np.trunc(a))
+    for i in np.flatnonzero(special).tolist():
+        out[i] = _fmt(values[i])
+    return out
 
 
 def worst_case_series_per_domain(addrmap: AddressMap, vcpus: int,
