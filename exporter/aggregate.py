@@ -182,19 +182,26 @@ class Aggregator:
             np.minimum.at(svc_min, inverse[known], svc[known])
             np.maximum.at(svc_max, inverse[known], svc[known])
         names = self.addrmap.names
-        for i, u in enumerate(uniq.tolist()):
+        cells = self.cells
+        # Python numbers for the per-key loop (indexing NumPy arrays per key costs several times
+        # more); rint rounds half to even like round() did.
+        for u, c, nb, sn, ss, lo, hi, h in zip(
+                uniq.tolist(), counts.tolist(), np.rint(nbytes).tolist(), svc_n.tolist(),
+                np.rint(svc_sum).tolist(), svc_min.tolist(), svc_max.tolist(), hist):
             key = Key(u[0], u[1], u[2], u[3], names[u[4]], u[5])
-            cell = self.cells.get(key)
+            cell = cells.get(key)
             if cell is None:
-                cell = self.cells[key] = Cell()
-            cell.count += int(counts[i])
-            cell.bytes += int(round(nbytes[i]))
-            cell.service_n += int(svc_n[i])
-            cell.service_sum_ns += int(round(svc_sum[i]))
-            cell.hist += hist[i]
-            if svc_n[i]:
-                cell.service_min_ns = _opt(min, cell.service_min_ns, int(svc_min[i]))
-                cell.service_max_ns = _opt(max, cell.service_max_ns, int(svc_max[i]))
+                cell = cells[key] = Cell()
+            cell.count += c
+            cell.bytes += int(nb)
+            if sn:
+                cell.service_n += sn
+                cell.service_sum_ns += int(ss)
+                cell.hist += h
+                old = cell.service_min_ns
+                cell.service_min_ns = lo if old is None or lo < old else old
+                old = cell.service_max_ns
+                cell.service_max_ns = hi if old is None or hi > old else old
 
     def add_cell(self, key: Key, cell: Cell) -> None:
         """Add pre-aggregated totals (e.g. one BPF map entry) under ``key``."""

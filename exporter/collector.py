@@ -18,6 +18,7 @@ import gc
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterable, Sequence
 
@@ -124,6 +125,7 @@ class IotraceCollector(Collector):
         self._first_seen: dict[tuple[str, int, str], float] = {}
         self._hidden_logged: set[tuple[str, int]] = set()
         self.last_duration = 0.0
+        self.last_render_cpu = 0.0       # CPU seconds the last text rendering took (all of it)
         self._render_lock = threading.Lock()
         self._prefixes: dict[str, dict] = {}
         self._keycache: dict[str, dict] = {}     # source -> {Key: (count key, service key)}
@@ -131,6 +133,16 @@ class IotraceCollector(Collector):
         self._layouts: dict[str, _Layout] = {}   # source -> its layout of the last scrape
         self._pending_lock = threading.Lock()
         self._pending: _Pending | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    def _renderer(self) -> ThreadPoolExecutor:
+        """The one thread that renders: the HTTP server runs each scrape on a new thread, and
+        glibc gives threads their own malloc arenas, each keeping the freed megabytes of the
+        renderings done there (the RSS grew with the number of scrape threads)."""
+        with self._pending_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="iotrace-render")
+            return self._executor
 
     # -- reading the sources ---------------------------------------------------------------------
     def _read(self, src) -> _SourceView:
@@ -272,7 +284,7 @@ class IotraceCollector(Collector):
                 continue                       # that rendering failed: do our own
             try:
                 with _no_gc():
-                    job.body = self._render_chunks()
+                    job.body = self._renderer().submit(self._render_chunks).result()
                 return job.body
             finally:
                 with self._pending_lock:
@@ -280,6 +292,7 @@ class IotraceCollector(Collector):
                 job.done.set()
 
     def _render_chunks(self) -> list[bytes]:
+        c0 = time.thread_time()
         fams = self._snapshot()
         out: list[bytes] = []
         with self._render_lock:
@@ -297,6 +310,7 @@ class IotraceCollector(Collector):
                     out.append(block.render().encode())
                 del f.rows, f.blocks          # free each family once it is encoded (peak memory)
         out.append(b"\n")
+        self.last_render_cpu = time.thread_time() - c0
         return out
 
     def _render_rows(self, f: "Family", tname: str) -> str:
@@ -355,40 +369,48 @@ class IotraceCollector(Collector):
                 v = visible[domid] = self._visible(name, domid, view, now)
             return v
 
+        src_first = getattr(src, "range_first_seen", None)
+        src_first = src_first() if callable(src_first) and view.error is None else {}
         cols = view.columns
-        touched: dict[int, set] = {}
+        n_ranges: dict[int, int] = {}      # visible domain with cells -> ranges it touched
         if cols is not None and len(cols):
             lay = self._layout(name, cols.keys, names, vcpu_label)
             view.columns = None
-            self._fold(lay, cols, is_visible, touched, fam)
+            touched = self._fold(lay, cols, is_visible, fam)
             del cols                  # the columns are summed: free them before rendering
+            # first-seen time of every (domain, range) touched
+            first = self._first_seen
+            values = []
+            for domid, rng in _gather(lay.dr_pairs, touched):
+                t = src_first.get((domid, rng)) if src_first else None
+                if t is None:
+                    t = first.setdefault((name, domid, rng), now)
+                values.append(float(t))
+            fam[_FIRST].blocks.append(_RowsBlock(lay, _FIRST, touched, values))
+            per_dom = np.bincount(lay.dr_domi if touched is None else lay.dr_domi[touched],
+                                  minlength=len(lay.domids))
+            n_ranges = {d: n for d, n in zip(lay.domids, per_dom.tolist()) if n}
 
         # Domains: those the source lists plus those that only appear in the totals.
-        src_first = getattr(src, "range_first_seen", None)
-        src_first = src_first() if callable(src_first) and view.error is None else {}
         has_probes = getattr(src, "has_probes", name == "qemu")
-        for domid in sorted(set(view.domains) | set(touched)):
+        for domid in sorted(set(view.domains) | set(n_ranges)):
             if not is_visible(domid):
                 for k in [k for k in self._first_seen if k[0] == name and k[1] == domid]:
                     del self._first_seen[k]
                 continue
             dn, ds = domain_label(domid, names), str(domid)
             fam["iotrace_domain_info"].add((ds, dn, name), 1)
-            rngs = touched.get(domid, set())
-            fam["iotrace_domain_ranges_seen"].add((name, dn, ds), len(rngs))
-            for rng in sorted(rngs):
-                t = src_first.get((domid, rng)) if src_first else None
-                if t is None:
-                    t = self._first_seen.setdefault((name, domid, rng), now)
-                fam["iotrace_range_first_seen_timestamp_seconds"].add((name, dn, ds, rng),
-                                                                      float(t))
+            fam["iotrace_domain_ranges_seen"].add((name, dn, ds), n_ranges.get(domid, 0))
             if has_probes and domid in view.domains:
                 fam["iotrace_probes_attached"].add((name, dn, ds),
                                                    view.domains[domid].probes_attached)
 
     @staticmethod
-    def _fold(lay: "_Layout", cols, is_visible, touched: dict, fam: dict) -> None:
-        """Sum the cells of one source into its series (all NumPy, no step per cell)."""
+    def _fold(lay: "_Layout", cols, is_visible, fam: dict):
+        """Sum the cells of one source into its series (all NumPy, no step per cell).
+
+        Returns the (domain, range) pairs (``lay.dr_pairs`` indices, None for all) the visible
+        domains touched."""
         count, nbytes, sn, ssum = cols.count, cols.bytes, cols.service_n, cols.service_sum_ns
         # cells with neither requests nor service times make no series
         active = (count != 0) | (sn != 0)
@@ -436,13 +458,7 @@ class IotraceCollector(Collector):
         t = g_touch if c_vis is None else g_touch & c_vis
         pairs = np.zeros(len(lay.dr_pairs), dtype=bool)
         pairs[lay.c_dr[t]] = True
-        dr_pairs = lay.dr_pairs
-        for p in np.flatnonzero(pairs).tolist():
-            domid, rng = dr_pairs[p]
-            s = touched.get(domid)
-            if s is None:
-                s = touched[domid] = set()
-            s.add(rng)
+        return _select(pairs, None)
 
 
 _TYPE_LABEL = dict(TYPE_NAMES)
@@ -541,6 +557,8 @@ class _Layout:
         self.s_domi = np.array(s_domi, dtype=np.intp)
         self.c_dr = np.array(c_dr, dtype=np.intp)
         self.dr_pairs = list(dri)
+        self.dr_domi = np.array([domi[d] for d, _ in dri], dtype=np.intp)
+        self.dr_labels = [(name,) + dlabels(d) + (rng,) for d, rng in dri]
         self.io_labelnames = ("source", "domain", "domid") + \
             (("vcpu",) if vcpu_label else ()) + ("type", "dir", "range")
         self._prefix_lists: dict[str, list] = {}
@@ -562,10 +580,12 @@ class _Layout:
                 new[labels] = pre
                 out.extend(pre)
         else:
-            for labels in self.c_labels:
+            labelnames, all_labels = (_FIRST_LABELS, self.dr_labels) if sample == _FIRST else \
+                (self.io_labelnames, self.c_labels)
+            for labels in all_labels:
                 pre = old.get(labels)
                 if pre is None:
-                    pre = "\n" + _line_prefix(sample, self.io_labelnames, labels)
+                    pre = "\n" + _line_prefix(sample, labelnames, labels)
                 new[labels] = pre
                 out.append(pre)
         self._pcache[sample] = new     # only the series of this layout: bounded
@@ -574,6 +594,8 @@ class _Layout:
 
 
 _HIST = "iotrace_ioreq_service_seconds"
+_FIRST = "iotrace_range_first_seen_timestamp_seconds"
+_FIRST_LABELS = ("source", "domain", "domid", "range")
 _HIST_LABELS = ("source", "domain", "domid", "type", "range")
 _HIST_LINES = len(_BUCKET_LE) + 3                  # buckets, +Inf, _count, _sum
 
@@ -617,6 +639,27 @@ class _CounterBlock:
         parts = [None] * (2 * len(pre))
         parts[0::2] = pre
         parts[1::2] = map(str, self.values.tolist())
+        return "".join(parts)
+
+
+class _RowsBlock:
+    """Gauge values of the layout's (domain, range) pairs (``rows``: the pairs to export, None
+    for all), ``values`` in that order."""
+
+    __slots__ = ("lay", "sample", "rows", "values")
+
+    def __init__(self, lay, sample, rows, values):
+        self.lay, self.sample, self.rows, self.values = lay, sample, rows, values
+
+    def iter_samples(self, names):
+        for lab, v in zip(_gather(self.lay.dr_labels, self.rows), self.values):
+            yield self.sample, names, lab, v
+
+    def render(self) -> str:
+        pre = _gather(self.lay.prefixes(self.sample), self.rows)
+        parts = [None] * (2 * len(pre))
+        parts[0::2] = pre
+        parts[1::2] = _fmt_many(self.values)
         return "".join(parts)
 
 
