@@ -103,11 +103,11 @@ def child(args) -> int:
     cpu_ms = []
 
     def render():
+        # what `iotrace serve` hands its HTTP server: the pieces as they are made
+        yield from col.iter_chunks()
         # CPU time of the rendering thread itself: what a scrape costs, whatever else runs
         # (the wall time also includes waiting for the GIL and the CPUs).
-        body = col.render_chunks()     # what `iotrace serve` hands its HTTP server
         cpu_ms.append(col.last_render_cpu * 1e3)
-        return body
 
     srv = ExporterServer(reg, f"127.0.0.1:{args.port}", fast_text=render)
     srv.start()

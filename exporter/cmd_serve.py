@@ -207,7 +207,7 @@ def run(args) -> int:
     if args.replay:
         desc += f" ({args.replay})"
     server = ExporterServer(registry, args.listen_address, web, description=desc,
-                            fast_text=collector.render_chunks)
+                            fast_text=collector.iter_chunks)
 
     stop = threading.Event()
 

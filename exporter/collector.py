@@ -1,10 +1,17 @@
 """The Prometheus collector of ``iotrace serve``: reads its sources at scrape time.
 
 Like client_python's process collector, it is given what it reads (the sources) as parameters and
-is registered on a private ``CollectorRegistry``. Every scrape calls ``Source.totals()``,
-``domains()`` and ``stats()`` — cheap copies of running totals — so the cost of a scrape depends on
-the number of series, never on the request rate of the guests (metrics mode reads totals; it does
-not replay events).
+is registered on a private ``CollectorRegistry``. Every scrape reads each source's totals once
+(``iotrace.source.totals_columns``: the source's ``totals_columns()`` where it has one, else
+``totals()``), ``domains()`` and ``stats()`` — cheap copies of running totals — so the cost of a
+scrape depends on the number of series, never on the request rate of the guests (metrics mode
+reads totals; it does not replay events).
+
+Scrape cost (issue #4, bench/exporter_scrape.py): the totals arrive as NumPy columns and are summed
+per series with group sums; which cells make which series, and the label text of every line, are
+kept between scrapes (``_Layout``, rebuilt when the source's keys or domain names change), so a
+scrape formats numbers and joins strings. The text is made on one long-lived thread, in pieces a
+scraper can compress while the next ones are made.
 
 Label values are bounded by construction: ``range`` comes from the address map (``other`` for the
 rest), ``type``/``dir`` from fixed tables (unknown type codes become ``other``), ``vcpu`` from the
@@ -16,9 +23,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterable, Sequence
 
@@ -44,6 +51,7 @@ BUCKET_EXPONENTS = tuple(range(10, 35, 2))
 BUCKET_BOUNDS_SECONDS = tuple((2 ** k) / 1e9 for k in BUCKET_EXPONENTS)
 
 UNKNOWN_DOMAIN = "unknown"
+RENDER_THREAD_IDLE_SECONDS = 60.0
 
 
 def domain_label(domid: int, names: dict[int, str] | None = None) -> str:
@@ -81,13 +89,49 @@ def _no_gc():
 
 
 class _Pending:
-    """One rendering in progress, shared by the scrapes that arrive meanwhile."""
+    """One rendering in progress, shared by the scrapes that arrive meanwhile: its chunks as
+    they are made, then whether it finished or failed."""
 
-    __slots__ = ("done", "body")
+    __slots__ = ("cond", "chunks", "finished", "error")
 
     def __init__(self):
-        self.done = threading.Event()
-        self.body: bytes | None = None
+        self.cond = threading.Condition()
+        self.chunks: list[bytes] = []
+        self.finished = False
+        self.error: BaseException | None = None
+
+    def put(self, chunk: bytes) -> None:
+        with self.cond:
+            self.chunks.append(chunk)
+            self.cond.notify_all()
+
+    def finish(self, error: BaseException | None) -> None:
+        with self.cond:
+            self.finished, self.error = True, error
+            self.cond.notify_all()
+
+    def stream(self):
+        """The chunks, each as soon as it is made; raises the rendering's error if it failed."""
+        i = 0
+        while True:
+            with self.cond:
+                while i == len(self.chunks) and not self.finished:
+                    self.cond.wait()
+                new = self.chunks[i:]
+                if not new:
+                    if self.error is not None:
+                        raise RuntimeError(f"rendering failed: {self.error}") from self.error
+                    return
+            i += len(new)
+            yield from new
+
+    def result(self) -> list[bytes]:
+        with self.cond:
+            while not self.finished:
+                self.cond.wait()
+        if self.error is not None:
+            raise RuntimeError(f"rendering failed: {self.error}") from self.error
+        return self.chunks
 
 
 class _SourceView:
@@ -133,16 +177,12 @@ class IotraceCollector(Collector):
         self._layouts: dict[str, _Layout] = {}   # source -> its layout of the last scrape
         self._pending_lock = threading.Lock()
         self._pending: _Pending | None = None
-        self._executor: ThreadPoolExecutor | None = None
-
-    def _renderer(self) -> ThreadPoolExecutor:
-        """The one thread that renders: the HTTP server runs each scrape on a new thread, and
-        glibc gives threads their own malloc arenas, each keeping the freed megabytes of the
-        renderings done there (the RSS grew with the number of scrape threads)."""
-        with self._pending_lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="iotrace-render")
-            return self._executor
+        # The one thread that renders (started on demand, ends after a minute without work):
+        # the HTTP server runs each scrape on a new thread, and glibc gives threads their own
+        # malloc arenas, each keeping the freed megabytes of the renderings done there (the RSS
+        # grew with the scrape threads). A daemon: a stuck source cannot hold up the exit.
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
 
     # -- reading the sources ---------------------------------------------------------------------
     def _read(self, src) -> _SourceView:
@@ -262,56 +302,83 @@ class IotraceCollector(Collector):
 
     def render_chunks(self) -> list[bytes]:
         """``render_text()`` in pieces (to write or compress one after the other, without the
-        copy that joins them).
+        copy that joins them)."""
+        return self._job().result()
+
+    def iter_chunks(self):
+        """``render_chunks()``, each piece as soon as it is made: a scraper can compress the
+        first families (zlib lets go of the GIL) while the next ones are rendered."""
+        return self._job().stream()
+
+    def _job(self) -> _Pending:
+        """The rendering under way, else a new one.
 
         The big families are built column-wise (``_Layout``): per series, the label part of its
         lines is cached between scrapes (series are stable), so a scrape sums columns with NumPy
         and formats numbers only.
 
-        Scrapes that arrive while a rendering is under way share its result instead of starting
-        their own: many concurrent scrapers cost one collection, not one each (CPU and memory).
+        Scrapes that arrive while a rendering is under way share it instead of starting their
+        own: many concurrent scrapers cost one collection, not one each (CPU and memory).
         """
-        while True:
-            with self._pending_lock:
-                job = self._pending
-                mine = job is None
-                if mine:
-                    job = self._pending = _Pending()
-            if not mine:
-                job.done.wait()
-                if job.body is not None:
-                    return job.body
-                continue                       # that rendering failed: do our own
-            try:
-                with _no_gc():
-                    job.body = self._renderer().submit(self._render_chunks).result()
-                return job.body
-            finally:
-                with self._pending_lock:
-                    self._pending = None
-                job.done.set()
+        with self._pending_lock:
+            job = self._pending
+            if job is None:
+                job = self._pending = _Pending()
+                self._jobs.put(job)
+                if self._worker is None:
+                    self._worker = threading.Thread(target=self._work, name="iotrace-render",
+                                                    daemon=True)
+                    self._worker.start()
+            return job
 
-    def _render_chunks(self) -> list[bytes]:
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=RENDER_THREAD_IDLE_SECONDS)
+            except queue.Empty:
+                with self._pending_lock:        # _job() queues and checks under this lock
+                    if self._jobs.empty():
+                        self._worker = None
+                        return
+                continue
+            self._run(job)
+
+    def _run(self, job: _Pending) -> None:
+        error = None
+        try:
+            with _no_gc():
+                self._render_chunks(job.put)
+        except Exception as exc:  # a collector bug: the scrapes answer 500, the next ones retry
+            log.exception("rendering the metrics failed")
+            error = exc
+        finally:
+            with self._pending_lock:
+                if self._pending is job:
+                    self._pending = None
+            job.finish(error)
+
+    def _render_chunks(self, put) -> None:
         c0 = time.thread_time()
         fams = self._snapshot()
-        out: list[bytes] = []
+        first = True
         with self._render_lock:
             for f in fams:
                 # Every line starts with "\n" (kept in the cached prefixes): a family's lines are
                 # one "".join of alternating prefixes and values; the body ends with "\n".
                 tname = f.name + "_total" if f.type == "counter" else f.name
                 head = f"# HELP {tname} {_escape_help(f.help)}\n# TYPE {tname} {f.type}"
-                if out:
+                if not first:
                     head = "\n" + head
-                out.append(head.encode())
+                first = False
                 if f.rows:
-                    out.append(self._render_rows(f, tname).encode())
+                    head += self._render_rows(f, tname)
+                put(head.encode())
                 for block in f.blocks:
-                    out.append(block.render().encode())
+                    for piece in block.render():
+                        put(piece.encode())
                 del f.rows, f.blocks          # free each family once it is encoded (peak memory)
-        out.append(b"\n")
         self.last_render_cpu = time.thread_time() - c0
-        return out
+        put(b"\n")
 
     def _render_rows(self, f: "Family", tname: str) -> str:
         """The lines of a family's (few) rows, through the per-family prefix cache."""
@@ -617,6 +684,19 @@ def _gather(items: list, rows) -> list:
     return [items[i] for i in rows]
 
 
+_PIECE_LINES = 8192       # ~1 MB of text: the scraper compresses a piece while the next is made
+
+
+def _pieces(prefixes: list, values: list):
+    """The lines prefix+value, as strings of up to _PIECE_LINES lines."""
+    for i in range(0, len(prefixes), _PIECE_LINES):
+        pre = prefixes[i:i + _PIECE_LINES]
+        parts = [None] * (2 * len(pre))
+        parts[0::2] = pre
+        parts[1::2] = values[i:i + _PIECE_LINES]
+        yield "".join(parts)
+
+
 class _CounterBlock:
     """The series of one counter family from one source: values of the layout's count groups
     (``rows``: the groups to export, None for all)."""
@@ -632,14 +712,11 @@ class _CounterBlock:
         for lab, v in zip(labels, self.values.tolist()):
             yield self.sample, names, lab, v
 
-    def render(self) -> str:
+    def render(self):
         pre = self.lay.prefixes(self.sample)
         if self.rows is not None:
             pre = _gather(pre, self.rows)
-        parts = [None] * (2 * len(pre))
-        parts[0::2] = pre
-        parts[1::2] = map(str, self.values.tolist())
-        return "".join(parts)
+        return _pieces(pre, list(map(str, self.values.tolist())))
 
 
 class _RowsBlock:
@@ -655,12 +732,9 @@ class _RowsBlock:
         for lab, v in zip(_gather(self.lay.dr_labels, self.rows), self.values):
             yield self.sample, names, lab, v
 
-    def render(self) -> str:
-        pre = _gather(self.lay.prefixes(self.sample), self.rows)
-        parts = [None] * (2 * len(pre))
-        parts[0::2] = pre
-        parts[1::2] = _fmt_many(self.values)
-        return "".join(parts)
+    def render(self):
+        return _pieces(_gather(self.lay.prefixes(self.sample), self.rows),
+                       _fmt_many(self.values))
 
 
 class _HistBlock:
@@ -687,7 +761,7 @@ class _HistBlock:
             yield c, names, lab, n
             yield s, names, lab, total
 
-    def render(self) -> str:
+    def render(self):
         k = len(self.n)
         pre = self.lay.prefixes(_HIST)
         if self.rows is not None:
@@ -704,11 +778,7 @@ class _HistBlock:
             vals[j::_HIST_LINES] = istr[j::nb + 2]
         del istr
         vals[nb + 2::_HIST_LINES] = _fmt_many(self.sums.tolist())
-        parts = [None] * (2 * len(vals))
-        parts[0::2] = pre
-        parts[1::2] = vals
-        del vals
-        return "".join(parts)
+        return _pieces(pre, vals)
 
 
 class Family:

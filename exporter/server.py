@@ -125,24 +125,29 @@ class _Handler(BaseHTTPRequestHandler):
         # one. OpenMetrics (prometheus_client's encoder) for clients that accept nothing else.
         use_fast = fast is not None and (not accept.strip() or "text/plain" in accept
                                          or "*/*" in accept)
+        extra = {}
         try:
             if use_fast:
                 body, ctype = fast(), CONTENT_TYPE_PLAIN_0_0_4
             else:
                 body = encoder(self.server.registry)
+            chunks = [body] if isinstance(body, bytes) else body
+            if "gzip" in self.headers.get("Accept-Encoding", ""):
+                # Level 1: several times faster than the default 6 on a body of many megabytes,
+                # for a body about 1.1x as big (label sets repeat: it still shrinks ~25x). Each
+                # piece is compressed as it arrives: zlib lets go of the GIL, so this overlaps
+                # with the rendering of the next pieces.
+                z = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)    # gzip container
+                body = [z.compress(c) for c in chunks]
+                body.append(z.flush())
+                extra["Content-Encoding"] = "gzip"
+            else:
+                body = list(chunks)
         except Exception as exc:  # a collector bug: say so, keep serving
             log.exception("collecting metrics failed")
             self._send(500, f"error collecting metrics: {exc}\n".encode(),
                        "text/plain; charset=utf-8")
             return
-        extra = {}
-        if "gzip" in self.headers.get("Accept-Encoding", ""):
-            # Level 1: several times faster than the default 9 on a body of many megabytes, for
-            # a body about 1.5x as big (label sets repeat: it still shrinks ~20x).
-            z = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)    # gzip container
-            body = [z.compress(c) for c in (body if isinstance(body, list) else [body])]
-            body.append(z.flush())
-            extra["Content-Encoding"] = "gzip"
         self._send(200, body, ctype, extra)
 
 
@@ -191,8 +196,9 @@ class ExporterServer:
     def __init__(self, registry, listen_address: str = DEFAULT_LISTEN, web_config=None,
                  timeout_seconds: float = 30.0, description: str = "", fast_text=None):
         """``fast_text``: optional callable returning the registry's metrics in the text format
-        0.0.4, as bytes or as a list of bytes to send one after the other
-        (``IotraceCollector.render_text`` / ``render_chunks``), used instead of prometheus_client's
+        0.0.4, as bytes or as pieces to send one after the other (a list, or an iterator that
+        makes them: ``IotraceCollector.render_text`` / ``render_chunks`` / ``iter_chunks``),
+        used instead of prometheus_client's
         encoder for that format when the registry holds only that collector."""
         host, port = parse_listen_address(listen_address)
         family = socket.AF_INET

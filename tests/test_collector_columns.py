@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import threading
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -254,9 +255,9 @@ def test_concurrent_renders_one_thread_same_body():
     bodies, threads = [], set()
     orig = col._render_chunks
 
-    def spy():
+    def spy(put):
         threads.add(threading.get_ident())
-        return orig()
+        return orig(put)
 
     col._render_chunks = spy
     ts = [threading.Thread(target=lambda: bodies.append(col.render_text())) for _ in range(8)]
@@ -278,7 +279,7 @@ def test_server_sends_chunks_plain_and_gzip():
     col = IotraceCollector([s])
     reg = CollectorRegistry()
     reg.register(col)
-    srv = ExporterServer(reg, "127.0.0.1:0", fast_text=col.render_chunks)
+    srv = ExporterServer(reg, "127.0.0.1:0", fast_text=col.iter_chunks)
     srv.start()
     try:
         url = srv.url + "/metrics"
@@ -301,3 +302,62 @@ def test_server_sends_chunks_plain_and_gzip():
             assert r.read() == b"" and int(r.headers["Content-Length"]) > 1000
     finally:
         srv.shutdown()
+
+
+def test_failed_rendering_is_500_then_recovers():
+    s = Fed()
+    s.start()
+    s.feed(random_batch(np.random.default_rng(8), 200))
+    col = IotraceCollector([s])
+    reg = CollectorRegistry()
+    reg.register(col)
+    orig, calls = col._snapshot, []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("collector bug")
+        return orig()
+
+    col._snapshot = flaky
+    srv = ExporterServer(reg, "127.0.0.1:0", fast_text=col.iter_chunks)
+    srv.start()
+    try:
+        for enc in ("gzip", "identity"):
+            req = urllib.request.Request(srv.url + "/metrics", headers={"Accept-Encoding": enc})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    code, body = r.status, r.read()
+            except urllib.error.HTTPError as exc:
+                code, body = exc.code, exc.read()
+            if enc == "gzip":
+                assert code == 500 and b"collector bug" in body
+            else:
+                assert code == 200 and b"iotrace_ioreqs_total{" in body
+        with pytest.raises(RuntimeError):
+            calls.clear()
+            col.render_text()
+        assert b"iotrace_ioreqs_total{" in col.render_text()
+    finally:
+        srv.shutdown()
+
+
+def test_render_thread_ends_when_idle_and_comes_back(monkeypatch):
+    import time
+
+    import iotrace.collector as collector_mod
+    monkeypatch.setattr(collector_mod, "RENDER_THREAD_IDLE_SECONDS", 0.2)
+    s = Fed()
+    s.start()
+    s.feed(random_batch(np.random.default_rng(9), 100))
+    col = IotraceCollector([s])
+    first = col.render_text()
+    worker = col._worker
+    assert worker is not None and worker.daemon
+    worker.join(5)
+    assert not worker.is_alive() and col._worker is None
+    time.sleep(0.05)
+    again = col.render_text()
+    assert again[:again.rindex(b"iotrace_scrape_duration")] == \
+        first[:first.rindex(b"iotrace_scrape_duration")]
+    assert col._worker is not None and col._worker is not worker
