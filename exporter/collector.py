@@ -411,17 +411,21 @@ class IotraceCollector(Collector):
         self._prefixes[f.name] = new    # only the series of this scrape: bounded
         return "".join(parts)
 
-    def _layout(self, name: str, keys: list, names: dict, vcpu_label: bool) -> "_Layout":
+    def _layout(self, name: str, keys: list, names: dict, vcpu_label: bool):
+        """The layout for these keys, and None or the order to read the columns in."""
         lay = self._layouts.get(name)
-        if lay is not None and lay.vcpu_label == vcpu_label and lay.names == names and \
-                lay.keys == keys:         # identity first: the same Key objects compare fast
-            return lay
+        if lay is not None and lay.vcpu_label == vcpu_label and lay.names == names:
+            if lay.keys == keys:          # identity first: the same Key objects compare fast
+                return lay, None
+            order = lay.order_of(keys)
+            if order is not None:
+                return lay, order
         kcache = self._keycache.setdefault(name, {})
         if len(kcache) > 4 * len(keys) + 1024:
             kcache.clear()
         pcache = self._pcache.setdefault(name, {})
         lay = self._layouts[name] = _Layout(name, keys, names, vcpu_label, kcache, pcache)
-        return lay
+        return lay, None
 
     def _collect_source(self, src, view, now, vcpu_label, fam):
         name = view.name
@@ -441,9 +445,9 @@ class IotraceCollector(Collector):
         cols = view.columns
         n_ranges: dict[int, int] = {}      # visible domain with cells -> ranges it touched
         if cols is not None and len(cols):
-            lay = self._layout(name, cols.keys, names, vcpu_label)
+            lay, order = self._layout(name, cols.keys, names, vcpu_label)
             view.columns = None
-            touched = self._fold(lay, cols, is_visible, fam)
+            touched = self._fold(lay, cols, order, is_visible, fam)
             del cols                  # the columns are summed: free them before rendering
             # first-seen time of every (domain, range) touched
             first = self._first_seen
@@ -473,12 +477,17 @@ class IotraceCollector(Collector):
                                                    view.domains[domid].probes_attached)
 
     @staticmethod
-    def _fold(lay: "_Layout", cols, is_visible, fam: dict):
+    def _fold(lay: "_Layout", cols, order, is_visible, fam: dict):
         """Sum the cells of one source into its series (all NumPy, no step per cell).
 
         Returns the (domain, range) pairs (``lay.dr_pairs`` indices, None for all) the visible
         domains touched."""
         count, nbytes, sn, ssum = cols.count, cols.bytes, cols.service_n, cols.service_sum_ns
+        # per cell: the counts of the slots between two bucket bounds (13 columns, not 64)
+        seg = np.add.reduceat(cols.hist, _SEG_STARTS, axis=1)[:, :len(_BUCKET_LE)]
+        if order is not None:           # the layout's row order
+            count, nbytes, sn, ssum, seg = count[order], nbytes[order], sn[order], ssum[order], \
+                seg[order]
         # cells with neither requests nor service times make no series
         active = (count != 0) | (sn != 0)
         if active.all():
@@ -490,10 +499,8 @@ class IotraceCollector(Collector):
         g_count = lay.c.sum(count)
         g_bytes = lay.c.sum(nbytes)
         g_touch = lay.c.sum((count != 0).astype(np.int64)) > 0
-        # histogram: per cell, the counts of the slots between two bucket bounds (13 columns
-        # instead of 64), summed per series, then cumulated: durations < 2^k ns
+        # histogram: slot segments summed per series, then cumulated: durations < 2^k ns
         svc = sn != 0
-        seg = np.add.reduceat(cols.hist, _SEG_STARTS, axis=1)[:, :len(_BUCKET_LE)]
         if svc.all():
             g_svc = None
         else:
@@ -595,40 +602,45 @@ class _Layout:
         del pairs
         self.c = _Groups(cg, len(cidx))
         self.s = _Groups(sg, len(sidx))
-        domi: dict = {}
+        # (source, domain, domid) labels per domain, vcpu label strings: made once here
+        dlab = {d: (name, domain_label(d, names), str(d)) for d in {ck[0] for ck in cidx}}
+        vcpus = {v: str(v) for v in {ck[1] for ck in cidx}} if vcpu_label else {}
+        self.c_labels = [dlab[d] + ((vcpus[v], tl, dl, rng) if vcpu_label else (tl, dl, rng))
+                         for d, v, tl, dl, rng in cidx]
+        self.s_labels = [dlab[d] + (tl, rng) for d, tl, rng in sidx]
+        domi = {d: i for i, d in enumerate(dlab)}
         dri: dict = {}
-        dom_labels = {}
-
-        def dlabels(domid):
-            d = dom_labels.get(domid)
-            if d is None:
-                d = dom_labels[domid] = (domain_label(domid, names), str(domid))
-            return d
-
-        self.c_labels = []
-        c_domi, c_dr = [], []
-        for domid, vcpu, tl, dl, rng in cidx:
-            dname, ds = dlabels(domid)
-            self.c_labels.append((name, dname, ds) + ((str(vcpu),) if vcpu_label else ()) +
-                                 (tl, dl, rng))
-            c_domi.append(domi.setdefault(domid, len(domi)))
-            c_dr.append(dri.setdefault((domid, rng), len(dri)))
-        self.s_labels = []
-        s_domi = []
-        for domid, tl, rng in sidx:
-            dname, ds = dlabels(domid)
-            self.s_labels.append((name, dname, ds, tl, rng))
-            s_domi.append(domi.setdefault(domid, len(domi)))
+        self.c_domi = np.fromiter((domi[ck[0]] for ck in cidx), np.intp, len(cidx))
+        self.c_dr = np.fromiter((dri.setdefault((ck[0], ck[4]), len(dri)) for ck in cidx),
+                                np.intp, len(cidx))
+        self.s_domi = np.fromiter((domi[sk[0]] for sk in sidx), np.intp, len(sidx))
         self.domids = list(domi)
-        self.c_domi = np.array(c_domi, dtype=np.intp)
-        self.s_domi = np.array(s_domi, dtype=np.intp)
-        self.c_dr = np.array(c_dr, dtype=np.intp)
         self.dr_pairs = list(dri)
         self.dr_domi = np.array([domi[d] for d, _ in dri], dtype=np.intp)
-        self.dr_labels = [(name,) + dlabels(d) + (rng,) for d, rng in dri]
+        self.dr_labels = [dlab[d] + (rng,) for d, rng in dri]
+        self._row: dict | None = None            # Key -> row, for order_of()
         self.io_labelnames = ("source", "domain", "domid") + \
             (("vcpu",) if vcpu_label else ()) + ("type", "dir", "range")
         self._prefix_lists: dict[str, list] = {}
+
+    def order_of(self, keys: list):
+        """For the same keys in another order (a source that lists its cells in map order,
+        with new Key objects), the rows of ``keys`` to take, in this layout's order; None when
+        ``keys`` are not the same set."""
+        n = len(self.keys)
+        if len(keys) != n:
+            return None
+        if self._row is None:
+            self._row = {k: i for i, k in enumerate(self.keys)}
+        try:
+            rows = np.fromiter(map(self._row.__getitem__, keys), np.intp, n)
+        except KeyError:
+            return None
+        if n and np.bincount(rows, minlength=n).max() != 1:
+            return None
+        order = np.empty(n, dtype=np.intp)
+        order[rows] = np.arange(n)
+        return order
 
     def prefixes(self, sample: str) -> list:
         """The "\\n<sample>{labels} " of every series of ``sample`` (16 per histogram series:

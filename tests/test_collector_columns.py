@@ -361,3 +361,34 @@ def test_render_thread_ends_when_idle_and_comes_back(monkeypatch):
     assert again[:again.rindex(b"iotrace_scrape_duration")] == \
         first[:first.rindex(b"iotrace_scrape_duration")]
     assert col._worker is not None and col._worker is not worker
+
+
+class ShuffledMapSource(MapSource):
+    """Map-order cells: new Key objects, in another order on every read."""
+
+    def __init__(self, cells, seed=0):
+        super().__init__(cells)
+        self.rng = np.random.default_rng(seed)
+
+    def totals(self):
+        items = list(super().totals().items())
+        self.rng.shuffle(items)
+        return {Key(*k): c for k, c in items}
+
+
+def test_reordered_keys_reuse_the_layout():
+    f = Fed(keep_addr=True)
+    f.feed(random_batch(np.random.default_rng(12), 3000))
+    m = ShuffledMapSource(f._agg.cells)
+    col = IotraceCollector([m])
+    want = truth(f.totals(), "qemu", {}, True)
+    assert_same(exported(col.render_text().decode()), want)
+    lay = col._layouts["qemu"]
+    for _ in range(3):
+        assert_same(exported(col.render_text().decode()), want)
+        assert col._layouts["qemu"] is lay
+    # a new key: a new layout, still right
+    f.feed(random_batch(np.random.default_rng(13), 50, domains=(9,)))
+    want = truth(f.totals(), "qemu", {}, True)
+    assert_same(exported(col.render_text().decode()), want)
+    assert col._layouts["qemu"] is not lay
