@@ -19,7 +19,7 @@ examples:
   iotrace report --config ranges.yaml rec.iotr   # a recording, with the operator's address names
 
 capture a trace on a Dom0 (HVM + scheduler classes):
-  xentrace -D -e 0x0008f000 -T 10 /var/tmp/trace.bin
+  xentrace -D -e hvm -e sched -T 10 /var/tmp/trace.bin
 """
 
 
