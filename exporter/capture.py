@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, open_input
 
 
 @dataclass
@@ -29,15 +29,8 @@ class Capture:
 
 def load_capture(path: str, *, cpu_hz: float | None = None, xenalyze_compat: bool = False) -> Capture:
     """Decode a recording or a xentrace file; raise InputError (one line) if it is neither."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(64)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not a capture file") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    with open_input(path, "a capture file") as fh:
+        head = fh.read(64)
     if not head:
         raise InputError(f"{path}: empty file, not a xentrace capture or an iotrace recording")
 

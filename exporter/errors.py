@@ -13,3 +13,19 @@ class InputError(UserError):
 class ProbeError(UserError):
     """A probe could not be set up (missing symbol, no permission, BCC missing)."""
     exit_code = 1
+
+
+def open_input(path, what: str, suffix: str = ""):
+    """Open an input file for binary reading; any OSError becomes one InputError line naming it.
+
+    ``what`` completes "is a directory, not <what>"; ``suffix`` is appended to every message
+    (e.g. " (byte offset 0)" where the caller reports offsets)."""
+    p = str(path)
+    try:
+        return open(p, "rb")
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file{suffix}") from None
+    except IsADirectoryError:
+        raise InputError(f"{p}: is a directory, not {what}{suffix}") from None
+    except OSError as exc:
+        raise InputError(f"{p}: cannot read: {exc.strerror}{suffix}") from None

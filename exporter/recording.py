@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, open_input
 from .events import EVENT_DTYPE, empty
 
 MAGIC = b"\x89IOTREC\n"
@@ -239,15 +239,8 @@ def _file_dtype(meta: dict, path: str) -> np.dtype:
 def read_recording(path: str | os.PathLike) -> Recording:
     """Read a recording; InputError (file and offset) when its header or a chunk is damaged."""
     p = str(path)
-    try:
-        with open(p, "rb") as fh:
-            blob = fh.read()
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{p}: is a directory, not a recording") from None
-    except OSError as exc:
-        raise InputError(f"{p}: cannot read: {exc.strerror}") from None
+    with open_input(p, "a recording") as fh:
+        blob = fh.read()
     size = len(blob)
     if not is_recording(blob):
         raise InputError(f"{p}: offset 0: not an iotrace recording (bad magic)")

@@ -80,7 +80,6 @@ def run(args) -> int:
             take(src.poll(100))
         take(src.drain())
         writer.close()
-        st = src.stats()
         print(f"iotrace record: {writer.events_written} event(s) from {len(names)} domain(s), "
               f"{lost_seen} lost, in {args.output}", file=sys.stderr)
     finally:

@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from iotrace.addrmap import AddressMap
-from iotrace.errors import InputError
+from iotrace.errors import InputError, open_input
 from iotrace.events import (DIR_NAMES, DIR_READ, DIR_WRITE, TYPE_MMIO, TYPE_NAMES, TYPE_PCI_CONFIG,
                             TYPE_PIO, empty)
 
@@ -100,16 +100,9 @@ class ForwardStats:
 
 def _open_text(path: str | os.PathLike):
     p = str(path)
-    try:
-        with open(p, "rb") as fh:
-            gz = fh.read(2) == b"\x1f\x8b"
-        raw = gzip.open(p, "rb") if gz else open(p, "rb")
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{p}: is a directory, not a CSV capture") from None
-    except OSError as exc:
-        raise InputError(f"{p}: cannot read: {exc.strerror}") from None
+    with open_input(p, "a CSV capture") as fh:
+        gz = fh.read(2) == b"\x1f\x8b"
+    raw = gzip.open(p, "rb") if gz else open_input(p, "a CSV capture")
     return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
 
 
@@ -331,15 +324,8 @@ def cache_dir() -> Path:
 def stream_for(path: str | os.PathLike) -> Path:
     """A stream file for ``path``: itself if it is one, else the CSV converted (cached by content)."""
     p = Path(path)
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(8)
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{p}: is a directory, not a stream or CSV file") from None
-    except OSError as exc:
-        raise InputError(f"{p}: cannot read: {exc.strerror}") from None
+    with open_input(p, "a stream or CSV file") as fh:
+        head = fh.read(8)
     if is_stream(head):
         return p
     h = hashlib.sha256()

@@ -162,7 +162,7 @@ def test_rows_without_value_sort_last(fed):
 def test_filters(fed):
     clock, m = Clock(), Model()
     step(m, fed, clock, 0)
-    v = step(m, fed, clock, 1.0,
+    step(m, fed, clock, 1.0,
              batch(300, 1, 0, events.TYPE_PIO, 0x3f8, events.DIR_WRITE, 1),
              batch(50, 1, 1, events.TYPE_PIO, 0x1f0, events.DIR_READ, 2),
              batch(100, 2, -1, events.TYPE_MMIO, 0xa0000, events.DIR_WRITE, 8))

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import re
-import struct
 import subprocess
 from collections import Counter
 

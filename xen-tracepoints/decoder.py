@@ -98,7 +98,7 @@ from pathlib import Path
 import numpy as np
 
 from iotrace import events as E
-from iotrace.errors import InputError
+from iotrace.errors import InputError, open_input
 
 from . import catalogue as C
 
@@ -1283,14 +1283,7 @@ def decode_file(path, *, cpu_hz: float | None = None, xenalyze_compat: bool = Fa
                 chunk_bytes: int = CHUNK_BYTES) -> DecodeResult:
     """Decode a xentrace file, reading it in chunks (bounded memory)."""
     name = str(path)
-    try:
-        fh = open(path, "rb")
-    except FileNotFoundError:
-        raise InputError(f"{name}: no such file (byte offset 0)") from None
-    except IsADirectoryError:
-        raise InputError(f"{name}: is a directory, not a xentrace capture (byte offset 0)") from None
-    except OSError as exc:
-        raise InputError(f"{name}: cannot read: {exc.strerror} (byte offset 0)") from None
+    fh = open_input(path, "a xentrace capture", " (byte offset 0)")
     dec = StreamDecoder(cpu_hz, xenalyze_compat=xenalyze_compat, name=name)
     dec._sort_batches = False
     batches = []
