@@ -21,6 +21,7 @@ known alive. The metric contract is documented in docs/metrics.md.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import queue
@@ -414,7 +415,8 @@ class IotraceCollector(Collector):
     def _layout(self, name: str, keys: list, names: dict, vcpu_label: bool):
         """The layout for these keys, and None or the order to read the columns in."""
         lay = self._layouts.get(name)
-        if lay is not None and lay.vcpu_label == vcpu_label and lay.names == names:
+        same = lay is not None and lay.vcpu_label == vcpu_label and lay.labels_hold(names)
+        if same:
             if lay.keys == keys:          # identity first: the same Key objects compare fast
                 return lay, None
             order = lay.order_of(keys)
@@ -424,7 +426,11 @@ class IotraceCollector(Collector):
         if len(kcache) > 4 * len(keys) + 1024:
             kcache.clear()
         pcache = self._pcache.setdefault(name, {})
-        lay = self._layouts[name] = _Layout(name, keys, names, vcpu_label, kcache, pcache)
+        if same and len(keys) > len(lay.keys) and keys[:len(lay.keys)] == lay.keys:
+            lay = lay.extended(keys, kcache, names)     # new keys come after the old ones
+        else:
+            lay = _Layout(name, names, vcpu_label, pcache).extended(keys, kcache, names)
+        self._layouts[name] = lay
         return lay, None
 
     def _collect_source(self, src, view, now, vcpu_label, fam):
@@ -577,12 +583,51 @@ class _Groups:
 
 
 class _Layout:
-    """How one source's cells fold into series: built when its keys (or domain names) change,
-    reused by every scrape until then, with the label strings of every series."""
+    """How one source's cells fold into series, with the label strings of every series: kept
+    while the source's keys and domain names stay the same, extended (as a new object: blocks
+    of earlier scrapes may still read the old one) when keys are added, rebuilt otherwise."""
 
-    def __init__(self, name, keys, names, vcpu_label, kcache, pcache):
-        self.name, self.keys, self.names, self.vcpu_label = name, keys, names, vcpu_label
+    def __init__(self, name, names, vcpu_label, pcache):
+        self.name, self.names, self.vcpu_label = name, names, vcpu_label
         self._pcache = pcache
+        self.keys: list = []
+        self._cidx: dict = {}        # count key -> count group (series of the counters)
+        self._sidx: dict = {}        # service key -> service group (histogram series)
+        self._dri: dict = {}         # (domid, range) -> pair
+        self._domi: dict = {}        # domid -> index in domids
+        self._dlab: dict = {}        # domid -> (source, domain, domid) label values
+        self._vcpus: dict = {}       # vcpu -> its label value
+        self._cg = self._sg = np.zeros(0, dtype=np.int64)    # group of every key
+        self.c_labels, self.s_labels, self.dr_labels = [], [], []
+        self.domids, self.dr_pairs = [], []
+        self.c_domi = self.s_domi = self.c_dr = self.dr_domi = np.zeros(0, dtype=np.intp)
+        self.io_labelnames = ("source", "domain", "domid") + \
+            (("vcpu",) if vcpu_label else ()) + ("type", "dir", "range")
+        self._prefix_lists: dict[str, list] = {}
+        self._row: dict | None = None            # Key -> row, for order_of()
+        self.c = self.s = None
+
+    def labels_hold(self, names: dict) -> bool:
+        """Whether the domains of this layout keep their domain labels under ``names``."""
+        return names == self.names or all(domain_label(d, names) == lab[1]
+                                          for d, lab in self._dlab.items())
+
+    def extended(self, keys: list, kcache: dict, names: dict) -> "_Layout":
+        """A new layout for ``keys``, which start with ``self.keys``: this one's series plus
+        those of the keys after them (work in proportion to the new keys only). ``names``:
+        domain names, under which this layout's labels hold."""
+        new = copy.copy(self)
+        new.names = names
+        for attr in ("_cidx", "_sidx", "_dri", "_domi", "_dlab", "_vcpus", "c_labels",
+                     "s_labels", "dr_labels", "domids", "dr_pairs", "_prefix_lists"):
+            setattr(new, attr, copy.copy(getattr(self, attr)))
+        new._row = None
+        new._add(keys[len(self.keys):], kcache)
+        new.keys = keys
+        return new
+
+    def _add(self, keys, kcache) -> None:
+        vcpu_label = self.vcpu_label
         # Key -> (count key, service key): label work done once per key.
         pairs = []
         for key in keys:
@@ -594,34 +639,49 @@ class _Layout:
                      _DIR_LABEL.get(key.dir) or OTHER, key.range),
                     (key.domid, tlabel, key.range))
             pairs.append(kc)
-        n = len(keys)
-        cidx: dict = {}
-        sidx: dict = {}
+        cidx, sidx, dri, domi = self._cidx, self._sidx, self._dri, self._domi
+        nc0, ns0, nd0, ndom0 = len(cidx), len(sidx), len(dri), len(domi)
+        n = len(pairs)
         cg = np.fromiter((cidx.setdefault(ck, len(cidx)) for ck, _ in pairs), np.int64, n)
         sg = np.fromiter((sidx.setdefault(sk, len(sidx)) for _, sk in pairs), np.int64, n)
-        del pairs
-        self.c = _Groups(cg, len(cidx))
-        self.s = _Groups(sg, len(sidx))
-        # (source, domain, domid) labels per domain, vcpu label strings: made once here
-        dlab = {d: (name, domain_label(d, names), str(d)) for d in {ck[0] for ck in cidx}}
-        vcpus = {v: str(v) for v in {ck[1] for ck in cidx}} if vcpu_label else {}
-        self.c_labels = [dlab[d] + ((vcpus[v], tl, dl, rng) if vcpu_label else (tl, dl, rng))
-                         for d, v, tl, dl, rng in cidx]
-        self.s_labels = [dlab[d] + (tl, rng) for d, tl, rng in sidx]
-        domi = {d: i for i, d in enumerate(dlab)}
-        dri: dict = {}
-        self.c_domi = np.fromiter((domi[ck[0]] for ck in cidx), np.intp, len(cidx))
-        self.c_dr = np.fromiter((dri.setdefault((ck[0], ck[4]), len(dri)) for ck in cidx),
-                                np.intp, len(cidx))
-        self.s_domi = np.fromiter((domi[sk[0]] for sk in sidx), np.intp, len(sidx))
-        self.domids = list(domi)
-        self.dr_pairs = list(dri)
-        self.dr_domi = np.array([domi[d] for d, _ in dri], dtype=np.intp)
-        self.dr_labels = [dlab[d] + (rng,) for d, rng in dri]
-        self._row: dict | None = None            # Key -> row, for order_of()
-        self.io_labelnames = ("source", "domain", "domid") + \
-            (("vcpu",) if vcpu_label else ()) + ("type", "dir", "range")
-        self._prefix_lists: dict[str, list] = {}
+        self._cg = np.concatenate([self._cg, cg])
+        self._sg = np.concatenate([self._sg, sg])
+        self.c = _Groups(self._cg, len(cidx))
+        self.s = _Groups(self._sg, len(sidx))
+        new_c = list(cidx)[nc0:]
+        new_s = list(sidx)[ns0:]
+        # (source, domain, domid) labels per domain, vcpu label strings: made once
+        dlab, vcpus, name = self._dlab, self._vcpus, self.name
+        for d in {ck[0] for ck in new_c} | {sk[0] for sk in new_s}:
+            if d not in dlab:
+                dlab[d] = (name, domain_label(d, self.names), str(d))
+                domi[d] = len(domi)
+        if vcpu_label:
+            for v in {ck[1] for ck in new_c} - vcpus.keys():
+                vcpus[v] = str(v)
+        c_labels = [dlab[d] + ((vcpus[v], tl, dl, rng) if vcpu_label else (tl, dl, rng))
+                    for d, v, tl, dl, rng in new_c]
+        s_labels = [dlab[d] + (tl, rng) for d, tl, rng in new_s]
+        self.c_labels += c_labels
+        self.s_labels += s_labels
+        c_dr = np.fromiter((dri.setdefault((ck[0], ck[4]), len(dri)) for ck in new_c),
+                           np.intp, len(new_c))
+        new_dr = list(dri)[nd0:]
+        self.c_domi = np.concatenate([self.c_domi, np.fromiter(
+            (domi[ck[0]] for ck in new_c), np.intp, len(new_c))])
+        self.s_domi = np.concatenate([self.s_domi, np.fromiter(
+            (domi[sk[0]] for sk in new_s), np.intp, len(new_s))])
+        self.c_dr = np.concatenate([self.c_dr, c_dr])
+        self.dr_domi = np.concatenate([self.dr_domi, np.fromiter(
+            (domi[d] for d, _ in new_dr), np.intp, len(new_dr))])
+        self.domids += list(domi)[ndom0:]
+        self.dr_pairs += new_dr
+        self.dr_labels += [dlab[d] + (rng,) for d, rng in new_dr]
+        # label text of the new series, where the old ones' was made already
+        for sample, lst in self._prefix_lists.items():
+            self._prefix_lists[sample] = lst + self._make_prefixes(
+                sample, {_HIST: s_labels, _FIRST: self.dr_labels[nd0:]}.get(sample, c_labels),
+                {})
 
     def order_of(self, keys: list):
         """For the same keys in another order (a source that lists its cells in map order,
@@ -648,27 +708,32 @@ class _Layout:
         out = self._prefix_lists.get(sample)
         if out is not None:
             return out
-        old = self._pcache.get(sample, {})
-        new = {}
+        labels = {_HIST: self.s_labels, _FIRST: self.dr_labels}.get(sample, self.c_labels)
+        new: dict = {}
+        out = self._make_prefixes(sample, labels, self._pcache.get(sample, {}), new)
+        self._pcache[sample] = new     # only the series of this layout: bounded
+        self._prefix_lists[sample] = out
+        return out
+
+    def _make_prefixes(self, sample, all_labels, old, new=None) -> list:
         out = []
         if sample == _HIST:
-            for labels in self.s_labels:
+            for labels in all_labels:
                 pre = old.get(labels)
                 if pre is None:
                     pre = _hist_prefixes(_HIST, _HIST_LABELS, labels)
-                new[labels] = pre
+                if new is not None:
+                    new[labels] = pre
                 out.extend(pre)
         else:
-            labelnames, all_labels = (_FIRST_LABELS, self.dr_labels) if sample == _FIRST else \
-                (self.io_labelnames, self.c_labels)
+            labelnames = _FIRST_LABELS if sample == _FIRST else self.io_labelnames
             for labels in all_labels:
                 pre = old.get(labels)
                 if pre is None:
                     pre = "\n" + _line_prefix(sample, labelnames, labels)
-                new[labels] = pre
+                if new is not None:
+                    new[labels] = pre
                 out.append(pre)
-        self._pcache[sample] = new     # only the series of this layout: bounded
-        self._prefix_lists[sample] = out
         return out
 
 

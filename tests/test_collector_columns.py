@@ -392,3 +392,48 @@ def test_reordered_keys_reuse_the_layout():
     want = truth(f.totals(), "qemu", {}, True)
     assert_same(exported(col.render_text().decode()), want)
     assert col._layouts["qemu"] is not lay
+
+
+def test_new_keys_and_domains_extend_the_layout(monkeypatch):
+    import iotrace.collector as collector_mod
+    built = []
+    init = collector_mod._Layout.__init__
+
+    def counting_init(self, *a, **kw):
+        built.append(1)
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(collector_mod._Layout, "__init__", counting_init)
+    rng = np.random.default_rng(14)
+    s = Fed(keep_addr=True)
+    s.start()
+    names = {1: "alpha"}
+    s._domains[1] = DomainInfo(1, "alpha", last_seen=NOW)
+    col = IotraceCollector([s], clock=lambda: NOW)
+    s.feed(random_batch(rng, 1000, domains=(1,)))
+    text_before = col.render_text()
+    old = col._layouts["qemu"]
+    n_old = len(old.keys)
+    prefixes_old = list(old._prefix_lists["iotrace_ioreqs_total"])
+    # a new guest appears (listed, with a name) and sends requests: its keys come after
+    names[6] = "new-guest"
+    s._domains[6] = DomainInfo(6, "new-guest", last_seen=NOW)
+    s.feed(random_batch(rng, 1000, domains=(1, 6)))
+    text = col.render_text().decode()
+    lay = col._layouts["qemu"]
+    assert lay is not old and len(lay.keys) > n_old
+    assert len(built) == 1                 # the first scrape's; extended since, not rebuilt
+    # extended, not rebuilt: the old series' label text is carried over as is
+    assert lay._prefix_lists["iotrace_ioreqs_total"][:len(prefixes_old)] == prefixes_old
+    # ... and the old layout is left as it was (earlier scrapes may still read it)
+    assert len(old.keys) == n_old and old._prefix_lists["iotrace_ioreqs_total"] == prefixes_old
+    assert_same(exported(text), truth(s.totals(), "qemu", names, True))
+    assert 'domain="new-guest"' in text and b'domain="new-guest"' not in text_before
+    want = exported(generate_latest(_registry(col)).decode())
+    assert_same(exported(text), want)
+
+
+def _registry(col):
+    reg = CollectorRegistry()
+    reg.register(col)
+    return reg
