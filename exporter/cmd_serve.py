@@ -9,7 +9,6 @@ being served. SIGTERM/SIGINT stop the server and every source (their uprobes are
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import signal
 import sys
@@ -23,6 +22,7 @@ from .collector import IotraceCollector
 from .errors import InputError, UserError
 from .server import DEFAULT_LISTEN, ExporterServer
 from .settings import load_settings
+from .source import live_source_class
 
 HELP = "Prometheus exporter: serve per-domain I/O request metrics on /metrics"
 EXAMPLES = """\
@@ -37,11 +37,6 @@ examples:
 Metrics are documented in docs/metrics.md; deployment (systemd unit, scrape config, privileges)
 in deploy/README.md. Default port 9878."""
 
-LIVE_SOURCES = {
-    # --source value -> (module, class); imported only when asked for.
-    "qemu": ("iotrace.probes.live", "QemuProbeSource"),
-    "xentrace": ("iotrace.xentrace.live", "XentraceLiveSource"),
-}
 MONITOR_INTERVAL = 1.0
 
 log = logging.getLogger("iotrace.serve")
@@ -83,14 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _build_live(kind: str, addrmap, args):
-    modname, clsname = LIVE_SOURCES[kind]
-    try:
-        mod = importlib.import_module(modname)
-    except ImportError as exc:
-        raise UserError(f"--source {kind}: {modname} is not available here ({exc})") from None
-    cls = getattr(mod, clsname, None)
-    if cls is None:
-        raise UserError(f"--source {kind}: {modname} has no {clsname}")
+    cls = live_source_class(kind)
     if kind == "qemu":
         kw = {"strict": args.strict, "warn": lambda msg: log.warning("source qemu: %s", msg)}
         if args.binary:

@@ -8,7 +8,6 @@ live qemu-dm probes (default), ``--source xentrace``, ``--replay FILE`` or ``--f
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
 import signal
@@ -17,6 +16,7 @@ import threading
 import time
 
 from .errors import UserError
+from .source import LIVE_SOURCES, live_source_class
 from .top_model import SORT_ORDER, FilterError, Model, Sampler, make_filter
 
 HELP = "live per-domain view of guest I/O requests (like top/xentop; -b for text)"
@@ -124,8 +124,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 SETTLE_SECONDS = 1.0     # without root: how long a live source may take to report its failure
-LIVE = {"qemu": ("iotrace.probes.live", "QemuProbeSource"),
-        "xentrace": ("iotrace.xentrace.live", "XentraceLiveSource")}
 
 
 def build_source(args):
@@ -152,15 +150,7 @@ def build_source(args):
         # top expands domains down to addresses: every source keeps per-address cells for it.
         return ReplaySource(args.replay, speed=1.0 if args.speed is None else args.speed,
                             addrmap=addrmap, keep_addr=True)
-    kind = args.source or "qemu"
-    modname, clsname = LIVE[kind]
-    try:
-        mod = importlib.import_module(modname)
-    except ImportError as exc:
-        raise UserError(f"--source {kind}: {modname} is not available here ({exc})") from None
-    cls = getattr(mod, clsname, None)
-    if cls is None:
-        raise UserError(f"--source {kind}: {modname} has no {clsname}")
+    cls = live_source_class(args.source or "qemu")
     kwargs = {"addrmap": addrmap, "keep_addr": True}
     if args.binary:
         kwargs["binaries"] = list(args.binary)
@@ -245,7 +235,7 @@ def run_source(args, src, filt=None) -> int:
 def _check_privileges(src) -> None:
     """A live source that could not attach anything without root: say so, instead of an empty
     view (a source that fails *with* root stays visible as DOWN, with its error)."""
-    if getattr(src, "name", "") not in LIVE or os.geteuid() == 0:
+    if getattr(src, "name", "") not in LIVE_SOURCES or os.geteuid() == 0:
         return
     # A source may fail asynchronously (xentrace exits at once without privileges): give it a
     # moment to settle before deciding.

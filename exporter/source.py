@@ -163,3 +163,27 @@ class EventSource:
 
     def stop(self) -> None:  # pragma: no cover - overridden
         pass
+
+
+# --source value -> (module, class) of the live sources; imported only when asked for, so that a
+# replay or a --from view never loads BCC.
+LIVE_SOURCES = {
+    "qemu": ("iotrace.probes.live", "QemuProbeSource"),
+    "xentrace": ("iotrace.xentrace.live", "XentraceLiveSource"),
+}
+
+
+def live_source_class(kind: str):
+    """The class of live source ``kind``; UserError (one line) when it cannot be loaded here."""
+    import importlib
+
+    from .errors import UserError
+    modname, clsname = LIVE_SOURCES[kind]
+    try:
+        mod = importlib.import_module(modname)
+    except ImportError as exc:
+        raise UserError(f"--source {kind}: {modname} is not available here ({exc})") from None
+    cls = getattr(mod, clsname, None)
+    if cls is None:
+        raise UserError(f"--source {kind}: {modname} has no {clsname}")
+    return cls
