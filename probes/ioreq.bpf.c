@@ -13,14 +13,18 @@
  *   TIMING          1: a return probe measures the service time (a second trap per request).
  *   STATS_ENTRIES, RINGBUF_PAGES   map sizes.
  *
- * Hot path in metrics mode without timing: one user read of the ioreq_t (+ return address and
- * send_vcpu), one lookup-or-init and two atomic adds. With timing the entry only fills the thread's
- * task-local slot and the return probe does the lookup-or-init and the adds (a request whose return
- * is never seen, e.g. the process was killed while serving it, is not counted). No per-request
- * wake-up of user space in metrics mode.
+ * Hot path in metrics mode without timing: one user read of the stack window holding the return
+ * address and the ioreq_t (two reads if they are apart) and one of send_vcpu (not for a buffered
+ * request), one hash lookup (an insert and a second lookup for a new key) and two atomic adds.
+ * With timing the entry only fills the thread's task-local slot and the return probe does the
+ * lookup-or-insert and the adds (a request whose return is never seen, e.g. the process was
+ * killed while serving it, is not counted). No per-request wake-up of user space in metrics mode.
  */
 #include <uapi/linux/ptrace.h>
 #include "iotrace_bpf.h"
+
+/* The stack window read at entry: the return address and an ioreq_t up to 64 bytes above it. */
+#define WIN_WORDS 12
 
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
 
@@ -48,7 +52,10 @@ static __always_inline struct ioreq_stats *stats_for(struct ioreq_key *k)
     struct ioreq_stats *zero = zero_stats.lookup(&idx);
     if (!zero)
         return 0;
-    s = stats.lookup_or_try_init(k, zero);
+    /* Insert if absent (-EEXIST when another CPU was first is fine), then look it up: one lookup
+     * fewer than lookup_or_try_init, which starts with a lookup that just missed here. */
+    stats.insert(k, zero);
+    s = stats.lookup(k);
     if (!s)
         count(CNT_STATS_FULL);
     return s;
@@ -100,10 +107,38 @@ static __always_inline void emit(u64 ts, u64 pid_tgid, struct ioreq_key *k, u64 
 int on_entry(struct pt_regs *ctx)
 {
     struct xen_ioreq req;
-    if (bpf_probe_read_user(&req, sizeof(req), (void *)PT_REGS_PARM2(ctx)) != 0) {
+    u64 rq = PT_REGS_PARM2(ctx);
+#if HAVE_BUF
+    u64 sp = PT_REGS_SP(ctx);
+    /* At the first instruction the return address is at [rsp]; the uprobe sets ip to the probed
+     * address (kernel/events/uprobes.c handle_swbp), so ret - ip is a link-time constant. Both
+     * callers pass a local of their own frame (cpu_handle_ioreq's `copy`, handle_buffered_iopage's
+     * `req`), usually a few words above the return address: then one user read of that window
+     * brings both (each bpf_probe_read_user costs ~50-100 ns); otherwise two reads. */
+    u64 ret = 0;
+    u64 dlt = rq - sp;
+    u64 win[WIN_WORDS];
+    if (dlt >= 8 && dlt + sizeof(req) <= sizeof(win) && !(dlt & 7) &&
+        bpf_probe_read_user(win, sizeof(win), (void *)sp) == 0) {
+        /* dlt is 8..64 here: the ioreq_t is win[1 + j .. 4 + j], j = 0..7 (the mask is for the
+         * verifier, which needs the variable stack offset bounded). */
+        u64 *w = &win[1] + (((dlt >> 3) - 1) & 7);
+        u64 *rw = (u64 *)&req;
+        ret = win[0];
+        rw[0] = w[0]; rw[1] = w[1]; rw[2] = w[2]; rw[3] = w[3];
+    } else {
+        if (bpf_probe_read_user(&req, sizeof(req), (void *)rq) != 0) {
+            count(CNT_READ_ERRORS);
+            return 0;
+        }
+        bpf_probe_read_user(&ret, sizeof(ret), (void *)sp);
+    }
+#else
+    if (bpf_probe_read_user(&req, sizeof(req), (void *)rq) != 0) {
         count(CNT_READ_ERRORS);
         return 0;
     }
+#endif
     u64 pid_tgid = bpf_get_current_pid_tgid();
     struct ioreq_key k = {};
     k.tgid = pid_tgid >> 32;
@@ -115,10 +150,6 @@ int on_entry(struct pt_regs *ctx)
 
     int buffered = 0;
 #if HAVE_BUF
-    /* At the first instruction the return address is at [rsp]; the uprobe sets ip to the probed
-     * address (kernel/events/uprobes.c handle_swbp), so ret - ip is a link-time constant. */
-    u64 ret = 0;
-    bpf_probe_read_user(&ret, sizeof(ret), (void *)PT_REGS_SP(ctx));
     s64 delta = (s64)(ret - PT_REGS_IP(ctx));
     buffered = delta >= BUF_LO && delta < BUF_HI;
 #endif
@@ -142,7 +173,7 @@ int on_entry(struct pt_regs *ctx)
     in->data_is_ptr = (req.flags & IOREQ_FLAG_DATA_IS_PTR) ? 1 : 0;
     in->df = (req.flags & IOREQ_FLAG_DF) ? 1 : 0;
     in->active = 1;
-    in->req = PT_REGS_PARM2(ctx);
+    in->req = rq;
     in->ts_ns = bpf_ktime_get_ns();
 #elif EVENT_MODE
     emit(bpf_ktime_get_ns(), pid_tgid, &k, req.data, req.count,
