@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import time
@@ -64,6 +65,7 @@ KIND_EVENTS, KIND_DOMAINS, KIND_END = 1, 2, 3
 KIND_NAMES = {KIND_EVENTS: "events", KIND_DOMAINS: "domains", KIND_END: "end"}
 RECORD_DTYPE = EVENT_DTYPE.newbyteorder("<")
 MAX_META = 16 << 20
+_INT_TYPE = re.compile(r"^[<|=]?[iu][1248]$")
 assert FILE_HEADER.size == 24 and CHUNK_HEADER.size == 24
 
 
@@ -221,6 +223,10 @@ def _file_dtype(meta: dict, path: str) -> np.dtype:
     fields = meta.get("record_fields")
     size = meta.get("record_size")
     try:
+        # Only plain little-endian/native integers of 1-8 bytes: a type string from the file is
+        # never handed to NumPy's full dtype parser (sub-arrays, objects, ...).
+        if any(not _INT_TYPE.match(str(t)) for _, t in fields):
+            raise ValueError("not a plain integer type")
         dt = np.dtype([(str(n), np.dtype(str(t))) for n, t in fields])
     except (TypeError, ValueError):
         raise InputError(f"{path}: offset {FILE_HEADER.size}: bad record_fields in the "

@@ -267,3 +267,20 @@ def test_fuzz_reader_returns_or_raises_input_error(tmp_path_factory, data):
         return
     assert rec.events.dtype == events.EVENT_DTYPE
     assert isinstance(rec.domains, dict) and rec.lost_events >= 0
+
+
+@pytest.mark.parametrize("bad_type", ["(2,)<i4", "O", "<f8", "S8", ">i4"])
+def test_metadata_types_other_than_plain_integers_are_refused(tmp_path, bad_type):
+    from iotrace.recording import FILE_HEADER, MAGIC, VERSION, RecordingWriter, read_recording
+    path = tmp_path / "r.iotr"
+    w = RecordingWriter(path, {"source": "qemu"})
+    w.close()
+    raw = path.read_bytes()
+    meta_len = struct.unpack_from("<I", raw, 12)[0]
+    meta = json.loads(raw[FILE_HEADER.size:FILE_HEADER.size + meta_len])
+    meta["record_fields"][0][1] = bad_type
+    blob = json.dumps(meta).encode()
+    head = FILE_HEADER.pack(MAGIC, VERSION, FILE_HEADER.size, len(blob), zlib.crc32(blob), 0)
+    path.write_bytes(head + blob + raw[FILE_HEADER.size + meta_len:])
+    with pytest.raises(InputError, match="record_fields"):
+        read_recording(path)
