@@ -7,6 +7,10 @@ everything else. Label values are therefore bounded by the size of the map, by c
 Overlapping entries are resolved once at load time by painting: later entries win over earlier
 ones and the operator's over the defaults, so lookups are a single ``searchsorted`` per type over
 disjoint segments.
+
+MMIO ranges should be page-aligned (start and end + 1 multiples of 4 KiB) for the live qemu source:
+its metrics mode counts an MMIO request under its 4 KiB page (iotrace.probes.live.metrics_bucket),
+which names the range the page's start falls in.
 """
 from __future__ import annotations
 

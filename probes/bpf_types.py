@@ -49,6 +49,12 @@ class Inflight(ct.Structure):
 EXPECTED_SIZES = {XenIoreq: 32, IoreqKey: 24, IoreqStats: 352, IoreqEvent: 56,
                   Inflight: 56}
 
+# Metrics-mode address buckets (MMIO_BUCKET_MASK, PCI_BUCKET_MASK and IOREQ_TYPE_* in the header;
+# tests/test_probes_bucket.py checks these against it).
+IOREQ_TYPE_PIO, IOREQ_TYPE_COPY, IOREQ_TYPE_PCI_CONFIG = 0, 1, 2
+MMIO_BUCKET_MASK = 0xFFFF_FFFF_FFFF_F000      # the 4 KiB page
+PCI_BUCKET_MASK = 0xFFFF_FFFF_0000_0000       # SEG/BUS/DEV/FN, register dropped
+
 # Counter indices (CNT_* in the header).
 CNT_LOST_EVENTS, CNT_STATS_FULL, CNT_READ_ERRORS, CNT_NO_ENTRY = range(4)
 N_COUNTERS = 4

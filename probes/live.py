@@ -3,11 +3,15 @@
 ``QemuProbeSource`` implements ``iotrace.source.Source`` (name "qemu"):
 
 * metrics mode (serve, top): requests are aggregated in kernel maps keyed by (tgid, vcpu, type, dir,
-  size, addr); ``totals()`` reads the maps at call time and maps tgid -> domid in user space. No
-  per-request wake-up of user space.
-* events mode (snoop, record): each request goes through a ring buffer; ``poll()`` returns them as
-  ``EVENT_DTYPE`` batches with the domid filled in, and folds them into the totals as well. Records
-  the ring buffer could not take are counted (``stats().lost``).
+  size, address bucket); ``totals()`` reads the maps at call time and maps tgid -> domid in user
+  space. No per-request wake-up of user space. The bucket (``metrics_bucket``) is an MMIO
+  request's 4 KiB page, a PCI config request's SEG/BUS/DEV/FN without the register, and a port's
+  exact number: so ``Key.addr`` in metrics-mode totals is the bucket, and a bucketed MMIO address
+  names the range its page start falls in (operator MMIO ranges should be page-aligned).
+* events mode (snoop, record): each request goes through a ring buffer with its exact address;
+  ``poll()`` returns them as ``EVENT_DTYPE`` batches with the domid filled in, and folds them into
+  the totals as well (exact addresses there too). Records the ring buffer could not take are
+  counted (``stats().lost``).
 
 Probes are attached per binary (pid -1), so a device model started later is covered from its first
 request. Binaries: the Debian device model (``/usr/libexec/xen-qemu-system-i386``) when present,
@@ -39,6 +43,21 @@ DEFAULT_BINARIES = (DEBIAN_DM,)
 
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+def metrics_bucket(type_code: int, addr: int) -> int:
+    """The address a metrics-mode key holds for a request of ``type_code`` at ``addr``, as
+    probes/ioreq.bpf.c computes it in kernel: MMIO (IOREQ_TYPE_COPY) -> its 4 KiB page
+    (``addr & ~0xfff``); PCI config -> SEG/BUS/DEV/FN, the register (bits 31:0) dropped; anything
+    else (port I/O: 65536 ports at most) -> ``addr`` unchanged. The range a bucketed MMIO address
+    names is the one its page start falls in: the same as the exact address's when MMIO ranges
+    are page-aligned (every range in pc-default.yaml starts on a page; hpet ends inside its only
+    page, whose start is still hpet's)."""
+    if type_code == T.IOREQ_TYPE_COPY:
+        return addr & T.MMIO_BUCKET_MASK
+    if type_code == T.IOREQ_TYPE_PCI_CONFIG:
+        return addr & T.PCI_BUCKET_MASK
+    return addr
 
 
 def has_bpf_privileges() -> bool:
@@ -73,6 +92,12 @@ class QemuProbeSource:
     binaries of running device models; send_vcpu_offset: an int, or {path: int}, for binaries whose
     XenIOState layout the table and the QEMU banner do not tell; keep_addr: keep raw addresses in
     the keys (the collector folds them into ranges); ringbuf_pages: ring buffer size (events).
+
+    Address buckets: in metrics mode the kernel keys by ``metrics_bucket(type, addr)`` (MMIO: the
+    4 KiB page; PCI config: the function, register dropped; port I/O: exact), so ``totals()`` keys
+    carry the bucket and name the range the bucket's start falls in: exact for page-aligned MMIO
+    ranges (operator ranges for this source should be page-aligned). Events mode keeps exact
+    addresses.
     """
 
     name = "qemu"
