@@ -49,9 +49,9 @@ struct ioreq_key {
 #define HIST_SLOTS 40
 
 struct ioreq_stats {
-    u64 count;          /* requests */
+    u64 count;          /* requests (with TIMING: left 0 in kernel, = the sum of hist[]) */
     u64 bytes;          /* size x count */
-    u64 svc_n;          /* requests with a service time (return probe seen) */
+    u64 svc_n;          /* requests with a service time (with TIMING: likewise = sum of hist[]) */
     u64 svc_sum_ns;
     u64 hist[HIST_SLOTS];
 };                      /* 352 */
