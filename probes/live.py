@@ -329,12 +329,8 @@ class QemuProbeSource:
         per = max(1, timeout_ms // len(self.sets))
         for ps in self.sets:
             ps.poll(per)
-        raw, self._pending = self._pending, []
-        batch = self._convert(b"".join(raw))
+        batch = self._take_pending()
         with self._lock:
-            if len(batch):
-                self._agg.add_batch(batch)
-                self._stats.events += len(batch)
             now = time.monotonic()
             if now - self._last_refresh >= 0.2:
                 self._last_refresh = now
@@ -345,10 +341,14 @@ class QemuProbeSource:
         """Whatever is left in the ring buffers, without waiting."""
         for ps in self.sets:
             ps.consume()
+        return self._take_pending()
+
+    def _take_pending(self) -> np.ndarray:
+        """The ring-buffer records received so far, as one batch, also folded into the totals."""
         raw, self._pending = self._pending, []
         batch = self._convert(b"".join(raw))
-        with self._lock:
-            if len(batch):
+        if len(batch):
+            with self._lock:
                 self._agg.add_batch(batch)
                 self._stats.events += len(batch)
         return batch
