@@ -115,7 +115,7 @@ def _unique_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return keys[:0], np.zeros(0, dtype=np.int64)
     dom, vcpu, rng = keys["domid"], keys["vcpu"], keys["range"]
     if (dom.min() >= -1 and dom.max() < 1 << 16 and vcpu.min() >= -1 and vcpu.max() < 1 << 16
-            and rng.min() >= 0 and rng.max() < 1 << 21):
+            and rng.min() >= 0 and rng.max() < 1 << 21 and keys["dir"].max() <= 1):
         # the usual case: everything but the address fits one uint64, order-preserving
         k1 = ((dom.astype(np.int64) + 1).astype(np.uint64) << np.uint64(47)) \
             | ((vcpu.astype(np.int64) + 1).astype(np.uint64) << np.uint64(30)) \
