@@ -115,9 +115,13 @@ def test_quantiles_clamped_to_observed_extremes():
 
 def test_out_of_range_fields_take_the_general_path_with_the_same_result():
     # dir is one bit in the packed fast path; a source that sent dir 2 must not collide with type.
-    rows = [dict(domid=1, type=0, dir=2, addr=0x3f8), dict(domid=1, type=1, dir=0, addr=0x3f8),
-            dict(domid=70000, vcpu=5, addr=0x60), dict(domid=1, type=0, dir=2, addr=0x3f8)]
+    rows = [dict(domid=1, type=0, dir=2, addr=0x9999), dict(domid=1, type=1, dir=0, addr=0x9999),
+            dict(domid=1, type=0, dir=2, addr=0x9999)]   # same range ("other") for both types
     agg = Aggregator()
     agg.add_batch(batch(rows))
     got = {(k.domid, k.type, k.dir, k.addr): c.count for k, c in agg.cells.items()}
-    assert got == {(1, 0, 2, 0x3f8): 2, (1, 1, 0, 0x3f8): 1, (70000, 0, 0, 0x60): 1}
+    assert got == {(1, 0, 2, 0x9999): 2, (1, 1, 0, 0x9999): 1}
+    # a domid beyond 16 bits takes the general path too
+    agg = Aggregator()
+    agg.add_batch(batch([dict(domid=70000, vcpu=5, addr=0x60), dict(domid=1, addr=0x60)]))
+    assert {k.domid: c.count for k, c in agg.cells.items()} == {70000: 1, 1: 1}
