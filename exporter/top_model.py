@@ -447,40 +447,29 @@ class Model:
         dt = self.cur.t - self.prev.t
         return dt if dt > 0 else None
 
+    @staticmethod
+    def _set(s: set[str], what: str, on: bool) -> None:
+        """Turn one expansion on or off, with its implication: addresses live inside ranges."""
+        if on:
+            s.add(what)
+            if what == "addr":
+                s.add("range")
+        else:
+            s.discard(what)
+            if what == "range":
+                s.discard("addr")
+
     def toggle(self, domid: int, what: str) -> None:
         if what not in EXPANSIONS:
             raise ValueError(what)
         s = self.expanded.setdefault(domid, set(self.expand_all))
-        if what in s:
-            s.discard(what)
-            if what == "range":
-                s.discard("addr")
-        else:
-            s.add(what)
-            if what == "addr":
-                s.add("range")
+        self._set(s, what, what not in s)
 
     def toggle_all(self, what: str) -> None:
         on = what not in self.expand_all
-        targets = set(self.expanded)
-        if on:
-            self.expand_all.add(what)
-            if what == "addr":
-                self.expand_all.add("range")
-        else:
-            self.expand_all.discard(what)
-            if what == "range":
-                self.expand_all.discard("addr")
-        for domid in targets:
-            s = self.expanded[domid]
-            if on:
-                s.add(what)
-                if what == "addr":
-                    s.add("range")
-            else:
-                s.discard(what)
-                if what == "range":
-                    s.discard("addr")
+        self._set(self.expand_all, what, on)
+        for s in self.expanded.values():
+            self._set(s, what, on)
 
     def expansion(self, domid: int) -> set[str]:
         return self.expanded.get(domid, self.expand_all)

@@ -56,25 +56,24 @@ def layout(width: int) -> list[tuple[Column, int]]:
             used -= w + 1
         return cols
     # Wide terminal: more room for names, then the wide-only columns, then more for names again.
-    grow = {"name": 16, "busiest": 18}
-    for i, (c, w) in enumerate(cols):
-        if c.id in grow:
-            extra = min(grow[c.id] - w, usable - used)
-            if extra > 0:
-                cols[i] = (c, w + extra)
-                used += extra
+    used = _grow(cols, {"name": 16, "busiest": 18}, usable, used)
     for c in COLUMNS:
         if c.wide_only and used + 1 + c.width <= usable:
             cols.append((c, c.width))
             used += 1 + c.width
-    grow2 = {"name": 28, "busiest": 28}
+    _grow(cols, {"name": 28, "busiest": 28}, usable, used)
+    return cols
+
+
+def _grow(cols: list, limits: dict[str, int], usable: int, used: int) -> int:
+    """Widen the columns named in ``limits`` up to those widths while room is left; new ``used``."""
     for i, (c, w) in enumerate(cols):
-        if c.id in grow2:
-            extra = min(grow2[c.id] - w, usable - used)
+        if c.id in limits:
+            extra = min(limits[c.id] - w, usable - used)
             if extra > 0:
                 cols[i] = (c, w + extra)
                 used += extra
-    return cols
+    return used
 
 
 def fit(text: str, width: int, right: bool) -> str:

@@ -129,10 +129,14 @@ def _targets(exprs):
     return out
 
 
+def _steps(thresholds):
+    """Grafana threshold steps: green from the bottom, then each (value, colour)."""
+    return [{"color": "green", "value": None}] + \
+        [{"color": color, "value": value} for value, color in thresholds or []]
+
+
 def timeseries(title, description, exprs, unit="short", *, stack=False, thresholds=None):
-    steps = [{"color": "green", "value": None}]
-    for value, color in thresholds or []:
-        steps.append({"color": color, "value": value})
+    steps = _steps(thresholds)
     return {
         "type": "timeseries",
         "title": title,
@@ -161,9 +165,7 @@ def timeseries(title, description, exprs, unit="short", *, stack=False, threshol
 
 
 def stat(title, description, exprs, unit="short", *, thresholds=None, mappings=None):
-    steps = [{"color": "green", "value": None}]
-    for value, color in thresholds or []:
-        steps.append({"color": color, "value": value})
+    steps = _steps(thresholds)
     return {
         "type": "stat",
         "title": title,
