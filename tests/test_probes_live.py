@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -55,6 +54,14 @@ def stop(proc):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def assert_clean_exit(proc, sig):
+    """Stop a running iotrace command with ``sig``; it must flush and exit 0. Returns its stderr."""
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    return err
 
 
 def wait_for(pred, timeout=20.0):
@@ -293,9 +300,7 @@ def test_record_cli_sigterm_flushes_everything(bins, tmp_path, iotrace_exe):
         _wait_line(rec, "writing")
         p = start_standin(bins["7.2"], 931, truth, speed=1.0, name="rec")
         assert p.wait(20) == 0
-        rec.send_signal(signal.SIGTERM)
-        _, err = rec.communicate(timeout=20)
-        assert rec.returncode == 0, err
+        assert_clean_exit(rec, signal.SIGTERM)
     finally:
         if rec.poll() is None:
             rec.kill()
@@ -319,9 +324,7 @@ def test_snoop_cli_filters(bins, tmp_path, iotrace_exe):
         q = start_standin(bins["7.2"], 942, tmp_path / "other.json", speed=0, name="other")
         assert p.wait(20) == 0 and q.wait(20) == 0
         time.sleep(0.5)
-        sn.send_signal(signal.SIGINT)
-        _, err = sn.communicate(timeout=20)
-        assert sn.returncode == 0, err
+        err = assert_clean_exit(sn, signal.SIGINT)
     finally:
         if sn.poll() is None:
             sn.kill()
@@ -383,9 +386,7 @@ def test_capabilities_of_the_systemd_unit_are_enough(bins, tmp_path, iotrace_exe
             p = start_standin(str(exe), 951, truth, speed=0, name="capped")
             assert p.wait(20) == 0
             time.sleep(0.3)
-            rec.send_signal(signal.SIGTERM)
-            _, err = rec.communicate(timeout=20)
-            assert rec.returncode == 0, err
+            assert_clean_exit(rec, signal.SIGTERM)
         finally:
             if rec.poll() is None:
                 rec.kill()
