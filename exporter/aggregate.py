@@ -213,10 +213,6 @@ class Aggregator:
         mine.add(cell)
         self.events += cell.count
 
-    def merge(self, other: "Aggregator") -> None:
-        for key, cell in other.cells.items():
-            self.add_cell(key, cell)
-
     def rows(self) -> list[tuple[Key, Cell]]:
         return sorted(self.cells.items(), key=lambda kv: kv[0])
 

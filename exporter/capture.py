@@ -7,7 +7,6 @@ Kinds, told apart by their first bytes:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,7 +47,3 @@ def load_capture(path: str, *, cpu_hz: float | None = None, xenalyze_compat: boo
     return Capture("xentrace", path, res.events, records=res.records,
                    lost_records=res.lost_records, decode_errors=res.decode_errors,
                    warnings=list(res.warnings))
-
-
-def file_size(path: str) -> int:
-    return os.stat(path).st_size
