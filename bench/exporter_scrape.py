@@ -30,12 +30,12 @@ def child(args) -> int:
     import numpy as np
     from prometheus_client import CollectorRegistry
 
-    from iotrace.addrmap import AddressMap
-    from iotrace.aggregate import N_SLOTS, Cell, Key
-    from iotrace.collector import IotraceCollector
-    from iotrace.events import TYPE_PIO, empty
-    from iotrace.server import ExporterServer
-    from iotrace.source import DomainInfo, EventSource
+    from iotrace.core.addrmap import AddressMap
+    from iotrace.core.aggregate import N_SLOTS, Cell, Key
+    from iotrace.core.events import TYPE_PIO, empty
+    from iotrace.core.source import DomainInfo, EventSource
+    from iotrace.serve.collector import IotraceCollector
+    from iotrace.serve.server import ExporterServer
 
     am = AddressMap.default()
     seg = am._segments["pio"]

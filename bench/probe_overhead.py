@@ -3,7 +3,7 @@
 A private build of the stand-in device model replays a stream at full speed (-speed 0) under:
 
   none             no probe at all
-  empty entry      an empty BPF program (probes/empty.bpf.c) on handle_ioreq's entry
+  empty entry      an empty BPF program (probes/bpf/empty.bpf.c) on handle_ioreq's entry
   empty entry+ret  empty programs on the entry and the return (the same two probe points as the
                    default metrics mode)
   reads only       an entry program making only the three user-memory reads of the real one
@@ -42,11 +42,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from iotrace.probes import standin_runner as sr  # noqa: E402
-from iotrace.probes import stream as st  # noqa: E402
+from iotrace.probes.bpf.loader import EMPTY_PROGRAM, import_bcc  # noqa: E402
+from iotrace.probes.hook.resolve import resolve  # noqa: E402
 from iotrace.probes.live import QemuProbeSource  # noqa: E402
-from iotrace.probes.loader import EMPTY_PROGRAM, import_bcc  # noqa: E402
-from iotrace.probes.symbols import resolve  # noqa: E402
+from iotrace.probes.standin import runner as sr  # noqa: E402
+from iotrace.probes.standin import stream as st  # noqa: E402
 
 LINUX_BOOT = REPO.parent / "shared" / "data" / "linux-boot-tcg.csv.gz"
 

@@ -3,7 +3,7 @@
     .venv/bin/python bench/xentrace_decode.py [--mb 60] [--repeat 3] [--file CAPTURE]
 
 Generates (once, cached in /tmp/iotrace-bench-xentrace-<MB>mb.bin) a synthetic xentrace capture of at
-least ``--mb`` MB with ``iotrace.xentrace.synth`` (several pCPUs, HVM domains, port I/O and MMIO,
+least ``--mb`` MB with ``iotrace.xentrace.testing.synth`` (several pCPUs, HVM domains, port I/O and MMIO,
 rep, lost records, wrap records), or uses ``--file``. Then, in the same run, best of ``--repeat``:
 
 * iotrace: ``decode_file`` + ``Aggregator.add_batch`` on the events (in this process);
@@ -24,12 +24,11 @@ import sys
 import time
 
 
-
 def make_capture(mb: int) -> str:
     path = f"/tmp/iotrace-bench-xentrace-{mb}mb.bin"
     if os.path.exists(path) and os.path.getsize(path) >= mb * 1_000_000:
         return path
-    from iotrace.xentrace import synth
+    from iotrace.xentrace.testing import synth
     t0 = time.time()
     # about 47 bytes of trace per scheduling step with this host shape (measured)
     steps = int(mb * 1_000_000 / 45)
@@ -44,7 +43,7 @@ def make_capture(mb: int) -> str:
 
 
 def time_iotrace(path: str) -> tuple[float, int, int]:
-    from iotrace.aggregate import Aggregator
+    from iotrace.core.aggregate import Aggregator
     from iotrace.xentrace.decoder import decode_file
     t0 = time.perf_counter()
     res = decode_file(path)

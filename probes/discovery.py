@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from iotrace import domains
+from iotrace.core import domains
 
 PROC = "/proc"
 
@@ -89,7 +89,7 @@ def parse_dm_cmdline(argv: list[str]) -> tuple[int, str | None] | None:
     return domid, name or None
 
 
-# Names come from iotrace.domains (xenstore, else -name, else domN), shared with the xentrace source.
+# Names come from iotrace.core.domains (xenstore, else -name, else domN), shared with the xentrace source.
 xenstore_name = domains.xenstore_name
 domain_name = domains.domain_name
 

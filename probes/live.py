@@ -1,6 +1,6 @@
 """The live qemu-dm source: uprobes on handle_ioreq in every device model binary.
 
-``QemuProbeSource`` implements ``iotrace.source.Source`` (name "qemu"):
+``QemuProbeSource`` implements ``iotrace.core.source.Source`` (name "qemu"):
 
 * metrics mode (serve, top): requests are aggregated in kernel maps keyed by (tgid, vcpu, type, dir,
   size, address bucket); ``totals()`` reads the maps at call time and maps tgid -> domid in user
@@ -27,16 +27,15 @@ import time
 
 import numpy as np
 
-from iotrace.addrmap import AddressMap
-from iotrace.aggregate import Aggregator, Cell, Key
-from iotrace.errors import ProbeError
-from iotrace.events import EVENT_DTYPE
-from iotrace.source import DomainInfo, SourceStats
-
-from . import bpf_types as T
-from .discovery import ProcessMap, scan
-from .loader import RINGBUF_PAGES, ProbeSet
-from .symbols import ElfError, resolve
+from iotrace.core.addrmap import AddressMap
+from iotrace.core.aggregate import Aggregator, Cell, Key
+from iotrace.core.errors import ProbeError
+from iotrace.core.events import EVENT_DTYPE
+from iotrace.core.source import DomainInfo, SourceStats
+from iotrace.probes.bpf import types as T
+from iotrace.probes.bpf.loader import RINGBUF_PAGES, ProbeSet
+from iotrace.probes.discovery import ProcessMap, scan
+from iotrace.probes.hook.resolve import ElfError, resolve
 
 DEBIAN_DM = "/usr/libexec/xen-qemu-system-i386"
 DEFAULT_BINARIES = (DEBIAN_DM,)
@@ -47,7 +46,7 @@ CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 
 def metrics_bucket(type_code: int, addr: int) -> int:
     """The address a metrics-mode key holds for a request of ``type_code`` at ``addr``, as
-    probes/ioreq.bpf.c computes it in kernel: MMIO (IOREQ_TYPE_COPY) -> its 4 KiB page
+    probes/bpf/ioreq.bpf.c computes it in kernel: MMIO (IOREQ_TYPE_COPY) -> its 4 KiB page
     (``addr & ~0xfff``); PCI config -> SEG/BUS/DEV/FN, the register (bits 31:0) dropped; anything
     else (port I/O: 65536 ports at most) -> ``addr`` unchanged. The range a bucketed MMIO address
     names is the one its page start falls in: the same as the exact address's when MMIO ranges
@@ -83,7 +82,7 @@ def default_binaries() -> list[str]:
 
 
 class QemuProbeSource:
-    """``iotrace.source.Source`` over uprobes on handle_ioreq.
+    """``iotrace.core.source.Source`` over uprobes on handle_ioreq.
 
     addrmap: range names; binaries: extra device model binaries (``--binary``); strict: any binary
     that cannot be resolved or attached raises ``ProbeError`` (else it is a warning, counted in

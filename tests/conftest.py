@@ -1,8 +1,7 @@
-"""Shared test fixtures: where the real data lives, and the root/tool gates.
+"""Shared test fixtures and the root gate (helpers live in tests/support, imported as ``support``).
 
 Tests that need root (BCC uprobes) are marked ``root`` and skipped when not root; CI runs as root,
-so they run there. Tests that need an external program skip only when it is absent *and* we are not
-in CI: in CI (CI=true) a missing tool is a failure, not a skip.
+so they run there.
 """
 from __future__ import annotations
 
@@ -12,11 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
-REAL_XENTRACE = SHARED_DATA / "xentrace-hvm-real.bin"
-LINUX_BOOT_CSV = SHARED_DATA / "linux-boot-tcg.csv.gz"
-IN_CI = os.environ.get("CI") == "true"
+from support import LINUX_BOOT_CSV, REAL_XENTRACE, REPO, require_shared
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,24 +21,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "root" in item.keywords:
             item.add_marker(skip)
-
-
-def require_tool(name: str) -> str:
-    """Path of an external program; skip outside CI when absent, fail in CI."""
-    path = shutil.which(name)
-    if path:
-        return path
-    if IN_CI:
-        pytest.fail(f"{name} is not installed: make install should have installed it")
-    pytest.skip(f"{name} not installed")
-
-
-def require_shared(path: Path) -> Path:
-    if path.exists():
-        return path
-    if IN_CI:
-        pytest.fail(f"{path} missing: CI must have ../shared beside the clone")
-    pytest.skip(f"{path} missing")
 
 
 @pytest.fixture

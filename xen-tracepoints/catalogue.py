@@ -149,7 +149,7 @@ EVENTS: dict[int, TraceEvent] = {e.id: e for e in [
     _io(TRC_HVM_IOMEM_WRITE64, "iomem_write64", True, True, True),
 ]}
 
-# I/O event id -> (type, dir, is64): types pio=0 / mmio=1 and dir read=1 as in iotrace.events.
+# I/O event id -> (type, dir, is64): types pio=0 / mmio=1 and dir read=1 as in iotrace.core.events.
 IO_EVENTS: dict[int, tuple[int, int, bool]] = {
     TRC_HVM_IOPORT_READ: (0, 1, False),
     TRC_HVM_IOPORT_WRITE: (0, 0, False),

@@ -1,6 +1,6 @@
-"""Decode xentrace captures into iotrace event batches (``iotrace.events.EVENT_DTYPE``).
+"""Decode xentrace captures into iotrace event batches (``iotrace.core.events.EVENT_DTYPE``).
 
-API (used by synth.py's tests, live.py, ``iotrace report`` through ``iotrace.capture``)::
+API (used by synth.py's tests, live.py, ``iotrace report`` through ``iotrace.offline.capture``)::
 
     from iotrace.xentrace.decoder import decode_file, decode_bytes, StreamDecoder, DecodeResult
 
@@ -26,7 +26,7 @@ API (used by synth.py's tests, live.py, ``iotrace report`` through ``iotrace.cap
 Whatever the chunking, the events (multiset) are the same as decode_bytes gives (tested).
 
 Errors: a file that is not a xentrace capture (empty, random bytes, missing, a directory) raises
-``iotrace.errors.InputError`` with one line naming the file and the byte offset. A capture cut in
+``iotrace.core.errors.InputError`` with one line naming the file and the byte offset. A capture cut in
 the middle of a record decodes every complete record, sets ``truncated_at`` and adds a warning.
 Records with junk ids or a wrong layout are counted in ``decode_errors`` and skipped.
 
@@ -97,10 +97,9 @@ from pathlib import Path
 
 import numpy as np
 
-from iotrace import events as E
-from iotrace.errors import InputError, open_input
-
-from . import catalogue as C
+from iotrace.core import events as E
+from iotrace.core.errors import InputError, open_input
+from iotrace.xentrace import catalogue as C
 
 CHUNK_BYTES = 8 << 20
 _HOLD_WINDOW_BYTES = 4 << 20   # an incomplete window up to this size waits for its end

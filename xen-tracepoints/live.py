@@ -1,6 +1,6 @@
 """Live xentrace source: run ``xentrace`` with its output on a pipe and decode it as it comes.
 
-``XentraceLiveSource(addrmap, command=None, cpu_hz=None)`` is an ``iotrace.source.EventSource``
+``XentraceLiveSource(addrmap, command=None, cpu_hz=None)`` is an ``iotrace.core.source.EventSource``
 named "xentrace": ``start()`` spawns the command, a reader thread feeds whatever the pipe yields
 to an incremental ``StreamDecoder`` (which keeps each pCPU's state, the current vCPU and the open
 exits across reads, and holds a record cut by a read boundary until its end arrives) and folds
@@ -34,11 +34,10 @@ from collections import deque
 
 import numpy as np
 
-from iotrace.domains import domain_name
-from iotrace.errors import InputError, UserError
-from iotrace.source import DomainInfo, EventSource
-
-from .decoder import StreamDecoder
+from iotrace.core.domains import domain_name
+from iotrace.core.errors import InputError, UserError
+from iotrace.core.source import DomainInfo, EventSource
+from iotrace.xentrace.decoder import StreamDecoder
 
 IDLE_DOMAIN = 32767        # xen/include/public/xen.h DOMID_IDLE
 READ_SIZE = 1 << 16

@@ -1,6 +1,6 @@
 /*
  * iotrace-standin: a stand-in for Xen's device model (qemu-dm) that a uprobe cannot tell from the real
- * one. It replays a recorded stream of guest I/O requests (see probes/stream.py for the stream file
+ * one. It replays a recorded stream of guest I/O requests (see probes/standin/stream.py for the stream file
  * format) through the same call chain QEMU uses to serve ioreqs, so iotrace's probes can be tested
  * and demonstrated on a machine without Xen.
  *
@@ -106,7 +106,7 @@ _Static_assert(offsetof(XenIOState, send_vcpu) == 0x48, "send_vcpu at 0x48 (QEMU
 _Static_assert(offsetof(XenIOState, send_vcpu) == 0x50, "send_vcpu at 0x50 (QEMU 7.2)");
 #endif
 
-/* Where send_vcpu lives in this build, as data a probe can read from the ELF file (probes/symbols.py
+/* Where send_vcpu lives in this build, as data a probe can read from the ELF file (probes/hook/resolve.py
  * looks for this symbol: 4 bytes, little endian), since unlike qemu-dm the stand-in has no QEMU
  * version banner to infer the layout from. */
 __attribute__((used)) const uint32_t iotrace_send_vcpu_offset = offsetof(XenIOState, send_vcpu);
@@ -123,7 +123,7 @@ struct devices {
     uint64_t served[4];                     /* per type: pio, copy, pci_config, other */
 };
 
-/* ---- stream file (written by probes/stream.py; see its docstring) ------------------------------ */
+/* ---- stream file (written by probes/standin/stream.py; see its docstring) ------------------------------ */
 #define STREAM_MAGIC "IOTSTRM\0"
 #define STREAM_VERSION 1
 struct stream_header {

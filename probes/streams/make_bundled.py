@@ -3,7 +3,7 @@
     .venv/bin/python probes/streams/make_bundled.py [../shared/data/linux-boot-tcg.csv.gz]
 
 The whole capture (see ../shared/data/README.md) is converted with Xen's forwarding rules
-(``iotrace.probes.stream.forward``: the 0xcf8 latch and the set of registered PCI functions need
+(``iotrace.probes.standin.stream.forward``: the 0xcf8 latch and the set of registered PCI functions need
 the whole boot), then three excerpts of it are kept, each contiguous and unchanged except for
 its time origin:
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iotrace.probes import stream
+from iotrace.probes.standin import stream
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CSV = HERE.parent.parent.parent / "shared" / "data" / "linux-boot-tcg.csv.gz"

@@ -1,0 +1,81 @@
+"""``iotrace <verb>``: the command-line entry point.
+
+Each verb lives in a module of its own exposing ``HELP`` (one line), ``EXAMPLES`` (the epilog),
+``add_arguments(parser)`` and ``run(args) -> int``. Errors the operator can fix (``UserError``,
+``ConfigError``) print one line and exit non-zero; they never show a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import signal
+import sys
+
+from iotrace.core.errors import UserError
+from iotrace.core.yamlfile import ConfigError
+
+# verb -> module. A verb whose module is absent from this installation is not offered.
+VERBS = {
+    "report": "iotrace.cli.report",
+    "serve": "iotrace.cli.serve",
+    "top": "iotrace.cli.top",
+    "snoop": "iotrace.probes.cli.snoop",
+    "record": "iotrace.probes.cli.record",
+    "probe-info": "iotrace.probes.cli.probe_info",
+    "standin": "iotrace.probes.cli.standin",
+    "demo": "iotrace.cli.demo",
+}
+
+DESCRIPTION = """\
+Observe the I/O requests Xen HVM guests send to their emulated devices (port I/O, MMIO,
+PCI config), per domain, vCPU and named device range, from Dom0."""
+
+
+def _available():
+    for verb, modname in VERBS.items():
+        try:
+            if importlib.util.find_spec(modname) is not None:
+                yield verb, modname
+        except ModuleNotFoundError:
+            continue
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iotrace", description=DESCRIPTION)
+    from iotrace import __version__
+    parser.add_argument("--version", action="version", version=f"iotrace {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for verb, modname in _available():
+        mod = importlib.import_module(modname)
+        p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP,
+                           epilog=getattr(mod, "EXAMPLES", None),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (UserError, ConfigError) as exc:
+        print(f"iotrace {args.verb}: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # Output piped into head(1) and the like: not an error.
+        try:
+            sys.stdout = None
+        except Exception:
+            pass
+        return 0
+
+
+def entry_point() -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL) if hasattr(signal, "SIGPIPE") else None
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""``iotrace serve``: the Prometheus exporter (one per Dom0 host).
+
+Order of work, so that every operator mistake is one line and exit 2 before anything runs:
+config (address map + ``exporter:`` section), web config (TLS, basic auth), sources built, port
+bound; only then are the sources started and the server served. A source that fails later
+(probe detached, xentrace died) shows as ``iotrace_source_up 0`` and in the log; the rest keep
+being served. SIGTERM/SIGINT stop the server and every source (their uprobes are detached).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+
+from prometheus_client import CollectorRegistry
+
+from iotrace.core.addrmap import AddressMap
+from iotrace.core.errors import InputError, UserError
+from iotrace.core.source import live_source_class
+from iotrace.serve.collector import IotraceCollector
+from iotrace.serve.server import DEFAULT_LISTEN, ExporterServer
+from iotrace.serve.settings import load_settings
+
+HELP = "Prometheus exporter: serve per-domain I/O request metrics on /metrics"
+EXAMPLES = """\
+examples:
+  iotrace serve                                  # live qemu-dm probes, :9878/metrics (root)
+  iotrace serve --source both                    # qemu-dm probes and Xen trace points
+  iotrace serve --config /etc/iotrace/iotrace.yaml --web.config.file /etc/iotrace/web.yml
+  iotrace serve --replay capture.bin             # serve the totals of a capture
+  iotrace serve --replay capture.bin --speed 2   # replay it at twice real time
+  iotrace serve --web.listen-address 127.0.0.1:9878 --strict
+
+Metrics are documented in docs/metrics.md; deployment (systemd unit, scrape config, privileges)
+in deploy/README.md. Default port 9878."""
+
+MONITOR_INTERVAL = 1.0
+
+log = logging.getLogger("iotrace.serve")
+
+
+def _speed(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError("0 (all at once) or a positive factor")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", choices=("qemu", "xentrace", "both"), default=None,
+                   help="live event source: qemu-dm uprobes (default), Xen trace points, or both "
+                        "(kept apart by the 'source' label)")
+    p.add_argument("--binary", action="append", default=[], metavar="PATH",
+                   help="with --source qemu/both: also probe this device-model binary "
+                        "(repeatable; Debian's qemu-dm is found by default)")
+    p.add_argument("--replay", metavar="FILE",
+                   help="serve a recording or xentrace capture instead of live sources")
+    p.add_argument("--speed", type=_speed, default=None, metavar="X",
+                   help="with --replay: 0 loads everything at once (default); X replays on the "
+                        "events' timestamps at X times real time")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML config: address map (pio/mmio/pci_config) and 'exporter:' section "
+                        "(vcpu_label, domain_grace_seconds)")
+    p.add_argument("--web.listen-address", dest="listen_address", default=DEFAULT_LISTEN,
+                   metavar="ADDR", help=f"HOST:PORT to listen on (default {DEFAULT_LISTEN})")
+    p.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
+                   help="TLS and basic auth, in the Prometheus exporter-toolkit format")
+    p.add_argument("--strict", action="store_true",
+                   help="exit if any source fails to start or any probe fails to attach")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="log verbosity on stderr (default info)")
+
+
+def _build_live(kind: str, addrmap, args):
+    cls = live_source_class(kind)
+    if kind == "qemu":
+        kw = {"strict": args.strict, "warn": lambda msg: log.warning("source qemu: %s", msg)}
+        if args.binary:
+            kw["binaries"] = list(args.binary)
+        return cls(addrmap=addrmap, keep_addr=False, **kw)
+    # Metrics are per range, never per address: sources fold addresses away before a scrape.
+    return cls(addrmap=addrmap, keep_addr=False)
+
+
+def build_sources(args, addrmap) -> list:
+    if args.replay:
+        if args.source is not None or args.binary:
+            raise UserError("--replay excludes --source and --binary (a replay is its own "
+                            "source)")
+        from iotrace.sources.replay import ReplaySource
+        return [ReplaySource(args.replay, speed=args.speed or 0.0, addrmap=addrmap)]
+    if args.speed is not None:
+        raise UserError("--speed only applies with --replay")
+    kinds = ["qemu", "xentrace"] if args.source == "both" else [args.source or "qemu"]
+    if args.binary and "qemu" not in kinds:
+        raise UserError("--binary only applies to the qemu source")
+    return [_build_live(k, addrmap, args) for k in kinds]
+
+
+def _start_sources(sources, strict: bool) -> None:
+    for src in sources:
+        try:
+            src.start()
+        except InputError:
+            raise                       # a bad replay file is bad input, always fatal
+        except Exception as exc:
+            msg = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            if strict:
+                raise UserError(f"source {src.name} failed to start: {msg}") from None
+            log.error("source %s failed to start: %s (serving the others; "
+                      "iotrace_source_up{source=%r} is 0)", src.name, msg, src.name)
+            continue
+        st = src.stats()
+        if strict and st.probes_failed:
+            raise UserError(f"source {src.name}: {st.probes_failed} probe(s) failed to "
+                            f"attach{': ' + st.error if st.error else ''} (--strict)")
+        log.info("source %s started", src.name)
+
+
+STRICT_SETTLE_SECONDS = 1.5
+
+
+def _check_settled(sources) -> None:
+    """--strict: a source that dies right after start (xentrace exiting at once, say) failed to
+    start too. Give each a moment, then demand it is up with no failed attachment."""
+    deadline = time.monotonic() + STRICT_SETTLE_SECONDS
+    while True:
+        bad = []
+        for src in sources:
+            st = src.stats()
+            if not st.up or st.probes_failed:
+                bad.append(f"source {src.name}: "
+                           f"{'down' if not st.up else f'{st.probes_failed} probe(s) failed'}"
+                           f"{': ' + st.error if st.error else ''}")
+        if bad:
+            raise UserError("; ".join(bad) + " (--strict)")
+        if time.monotonic() >= deadline:
+            return                      # up and attached for the whole settling period
+        time.sleep(0.1)
+
+
+def _stop_sources(sources) -> None:
+    for src in sources:
+        try:
+            src.stop()
+        except Exception as exc:  # keep stopping the others: no uprobe must be left behind
+            log.error("source %s: error while stopping: %s", src.name, exc)
+
+
+def _monitor(sources, stop: threading.Event) -> None:
+    """Log each source's health changes (up/down, new errors, new attach failures)."""
+    last = {}
+    while not stop.wait(MONITOR_INTERVAL):
+        for src in sources:
+            try:
+                st = src.stats()
+                state = (st.up, st.error, st.probes_failed)
+            except Exception as exc:
+                state = (False, f"stats() failed: {exc}", None)
+            prev = last.get(src.name)
+            if prev is None and not state[0]:
+                log.error("source %s is down: %s", src.name, state[1] or "no reason given")
+            elif prev is not None and prev != state:
+                up, err, failed = state
+                if not up:
+                    log.error("source %s is down: %s", src.name, err or "no reason given")
+                elif prev[0] is False:
+                    log.info("source %s is up again", src.name)
+                if failed and prev[2] is not None and failed > (prev[2] or 0):
+                    log.warning("source %s: %d probe attach failure(s) so far", src.name, failed)
+            last[src.name] = state
+
+
+def run(args) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s iotrace serve %(levelname)s: %(message)s")
+    settings = load_settings(args.config)
+    addrmap = AddressMap.load(args.config)
+    web = None
+    if args.web_config_file:
+        from iotrace.serve.webconfig import load_web_config
+        web = load_web_config(args.web_config_file)
+    sources = build_sources(args, addrmap)
+
+    registry = CollectorRegistry()
+    collector = IotraceCollector(sources, settings)
+    registry.register(collector)
+    desc = "sources: " + ", ".join(s.name for s in sources)
+    if args.replay:
+        desc += f" ({args.replay})"
+    server = ExporterServer(registry, args.listen_address, web, description=desc,
+                            fast_text=collector.iter_chunks)
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # The CLI entry point restores SIGPIPE's default (die) for commands piped into head(1); a
+    # server must not die when a scraper hangs up mid-response: ignore it, so the write fails
+    # with BrokenPipeError in that connection's thread only.
+    if hasattr(signal, "SIGPIPE"):
+        old[signal.SIGPIPE] = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        _start_sources(sources, args.strict)       # on failure: the finally below cleans up
+        if args.strict:
+            _check_settled(sources)
+        server.start()
+        log.info("serving %s/metrics (%s)", server.url, desc)
+        monitor = threading.Thread(target=_monitor, args=(sources, stop), name="monitor",
+                                   daemon=True)
+        monitor.start()
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.shutdown()
+        _stop_sources(sources)
+        for s, h in old.items():
+            signal.signal(s, h)
+    log.info("stopped")
+    return 0

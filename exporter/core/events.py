@@ -1,0 +1,95 @@
+"""The one event model every source speaks: guest I/O requests as columnar batches.
+
+A batch is a NumPy structured array of ``EVENT_DTYPE``; one row per I/O request that a guest sent
+towards a device (one ioreq_t for the qemu-dm probes, one TRC_HVM_IO* record for xentrace, one row of
+a recording). Sources that are fast (xentrace decoding, replay) produce whole batches; the live probes
+produce them in metrics mode as pre-aggregated rows instead (see ``iotrace.core.aggregate``).
+
+Field meanings follow Xen's ioreq_t (xen/include/public/hvm/ioreq.h):
+
+* ``type``: IOREQ_TYPE_PIO 0, IOREQ_TYPE_COPY 1 (MMIO), IOREQ_TYPE_PCI_CONFIG 2,
+  IOREQ_TYPE_VMWARE_PORT 3 (QEMU only), IOREQ_TYPE_TIMEOFFSET 7, IOREQ_TYPE_INVALIDATE 8.
+* ``dir``: IOREQ_WRITE 0, IOREQ_READ 1 (the ioreq_t bit, 1 = read).
+* ``size``: bytes per access (0 when the source does not know it: xentrace does not record it).
+* ``count``: repetitions (rep ins/outs/movs); 1 for a single access.
+* ``data_is_ptr``: data is a guest physical address of a buffer (rep), not a value.
+* ``vcpu``: -1 when unknown (buffered ioreqs, records of a pCPU whose current vCPU is unknown).
+* ``domid``: -1 when unknown (xentrace records before the pCPU's first runstate record).
+* ``service_ns``: time to serve the request in ns, -1 when unknown.
+* ``data``: the value written or read. Guest data (keystrokes pass through port 0x60): it is kept for
+  ``snoop`` and recordings only and never becomes a metric or a label.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# ioreq_t type codes (xen/include/public/hvm/ioreq.h; VMWARE_PORT from QEMU's xen headers).
+TYPE_PIO = 0
+TYPE_MMIO = 1          # IOREQ_TYPE_COPY
+TYPE_PCI_CONFIG = 2
+TYPE_VMWARE_PORT = 3
+TYPE_TIMEOFFSET = 7
+TYPE_INVALIDATE = 8
+
+TYPE_NAMES = {
+    TYPE_PIO: "pio",
+    TYPE_MMIO: "mmio",
+    TYPE_PCI_CONFIG: "pci_config",
+    TYPE_VMWARE_PORT: "vmware_port",
+    TYPE_TIMEOFFSET: "timeoffset",
+    TYPE_INVALIDATE: "invalidate",
+}
+TYPE_CODES = {v: k for k, v in TYPE_NAMES.items()}
+
+DIR_WRITE = 0
+DIR_READ = 1
+DIR_NAMES = {DIR_WRITE: "write", DIR_READ: "read"}
+DIR_CODES = {v: k for k, v in DIR_NAMES.items()}
+
+UNKNOWN = -1
+
+EVENT_DTYPE = np.dtype([
+    ("ts_ns", np.int64),        # ns since the source's epoch (monotonic; xentrace: TSC / cpu_hz)
+    ("domid", np.int32),
+    ("vcpu", np.int32),
+    ("type", np.uint8),
+    ("dir", np.uint8),
+    ("data_is_ptr", np.uint8),
+    ("df", np.uint8),
+    ("size", np.uint32),
+    ("count", np.uint32),
+    ("addr", np.uint64),
+    ("data", np.uint64),
+    ("service_ns", np.int64),
+])
+
+
+def empty(n: int = 0) -> np.ndarray:
+    """A batch of ``n`` events with every field at its 'unknown' value."""
+    batch = np.zeros(n, dtype=EVENT_DTYPE)
+    batch["domid"] = UNKNOWN
+    batch["vcpu"] = UNKNOWN
+    batch["count"] = 1
+    batch["service_ns"] = UNKNOWN
+    return batch
+
+
+def concat(batches) -> np.ndarray:
+    """One batch from many (an empty batch from none)."""
+    batches = [b for b in batches if len(b)]
+    if not batches:
+        return empty(0)
+    return np.concatenate(batches)
+
+
+def type_name(code: int) -> str:
+    return TYPE_NAMES.get(int(code), f"type{int(code)}")
+
+
+def dir_name(code: int) -> str:
+    return DIR_NAMES.get(int(code), f"dir{int(code)}")
+
+
+def request_bytes(batch: np.ndarray) -> np.ndarray:
+    """Bytes moved per request (size x count); 0 where the size is unknown."""
+    return batch["size"].astype(np.uint64) * batch["count"].astype(np.uint64)

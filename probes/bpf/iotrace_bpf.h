@@ -1,0 +1,95 @@
+/* Key/value layouts shared by probes/bpf/ioreq.bpf.c and their ctypes mirrors in probes/bpf/types.py
+ * (which checks every size against the numbers in the comments: change both together). */
+#ifndef IOTRACE_BPF_H
+#define IOTRACE_BPF_H
+
+/* Xen's ioreq_t, xen/include/public/hvm/ioreq.h (unchanged since 2007, whitespace only since 4.17):
+ * 32 bytes. The bitfield byte @30 is state:4, data_is_ptr:1, dir:1 (1 = read), df:1, pad:1. */
+struct xen_ioreq {
+    u64 addr;           /* @0  physical address, port, or PCI SBDF+reg */
+    u64 data;           /* @8  value, or guest address of a buffer when data_is_ptr */
+    u32 count;          /* @16 repetitions */
+    u32 size;           /* @20 bytes per access */
+    u32 vp_eport;       /* @24 event channel to notify the vCPU */
+    u16 _pad0;          /* @28 */
+    u8 flags;           /* @30 state & 0x0f, data_is_ptr 0x10, dir 0x20, df 0x40 */
+    u8 type;            /* @31 IOREQ_TYPE_* */
+};                      /* 32 */
+
+#define IOREQ_FLAG_DATA_IS_PTR 0x10
+#define IOREQ_FLAG_DIR_READ    0x20
+#define IOREQ_FLAG_DF          0x40
+
+/* Metrics mode: one entry per (device model process, vCPU, type, dir, size, address bucket).
+ * The bucket (mirrored by iotrace.probes.live.metrics_bucket, which tests compare with):
+ *   IOREQ_TYPE_COPY (MMIO, 1)   the 4 KiB page: addr & ~0xfff
+ *   IOREQ_TYPE_PCI_CONFIG (2)   SEG/BUS/DEV/FN without the register: addr & ~0xffffffff
+ *                               (Xen packs SEG[63:48] BUS[47:40] DEV[39:35] FN[34:32] REG[31:0]:
+ *                               /work/shared/DESIGN.md, ioreq_t facts)
+ *   everything else             the exact address (port I/O: at most 65536 ports) */
+#define IOREQ_TYPE_PIO         0
+#define IOREQ_TYPE_COPY        1
+#define IOREQ_TYPE_PCI_CONFIG  2
+#define MMIO_BUCKET_MASK       0xfffffffffffff000ULL
+#define PCI_BUCKET_MASK        0xffffffff00000000ULL
+
+struct ioreq_key {
+    u32 tgid;           /* device model process; mapped to a domid in user space */
+    s32 vcpu;           /* -1: buffered request (no vCPU) */
+    u8 type;
+    u8 dir;             /* 0 write, 1 read */
+    u16 _pad;
+    u32 size;
+    u64 addr;
+};                      /* 24 */
+
+/* Service-time histogram slots kept in kernel: slot = bit length of the duration in ns, as in
+ * iotrace.core.aggregate (slot 0: 0 ns, slot k: [2^(k-1), 2^k) ns); the last slot also takes anything
+ * longer (2^38 ns = 275 s and up). Inside the value: one lookup per request serves every field. */
+#define HIST_SLOTS 40
+
+struct ioreq_stats {
+    u64 count;          /* requests (with TIMING: left 0 in kernel, = the sum of hist[]) */
+    u64 bytes;          /* size x count */
+    u64 svc_n;          /* requests with a service time (with TIMING: likewise = sum of hist[]) */
+    u64 svc_sum_ns;
+    u64 hist[HIST_SLOTS];
+};                      /* 352 */
+
+/* Event mode: one record per request through the ring buffer (snoop, record). */
+struct ioreq_event {
+    u64 ts_ns;          /* bpf_ktime_get_ns() at entry (CLOCK_MONOTONIC) */
+    u32 tgid;
+    u32 tid;
+    s32 vcpu;
+    u8 type;
+    u8 dir;
+    u8 data_is_ptr;
+    u8 df;
+    u32 size;
+    u32 count;
+    u64 addr;
+    u64 data;
+    s64 service_ns;     /* -1 when service timing is off */
+};                      /* 56 */
+
+/* What the entry probe leaves for the return probe, per thread. */
+struct inflight {
+    u64 ts_ns;
+    struct ioreq_key k;
+    u64 data;
+    u32 count;
+    u8 data_is_ptr;
+    u8 df;
+    u16 active;         /* 1 between entry and return */
+    u64 req;            /* the ioreq_t's address: a read's data is filled in by the time it returns */
+};                      /* 56 */
+
+/* Indices of the per-CPU counters array. */
+#define CNT_LOST_EVENTS   0   /* ring buffer full */
+#define CNT_STATS_FULL    1   /* stats map full: request not counted */
+#define CNT_READ_ERRORS   2   /* ioreq_t could not be read */
+#define CNT_NO_ENTRY      3   /* return without entry (attached mid-request), or no slot */
+#define N_COUNTERS        4
+
+#endif

@@ -1,0 +1,187 @@
+"""`iotrace report` end to end: the real capture, synth captures with ground truth, recordings,
+and every kind of bad input (one line, non-zero exit, never a traceback)."""
+import json
+import os
+import subprocess
+from collections import Counter
+
+import pytest
+
+from iotrace.cli.main import main
+from iotrace.core import events
+from iotrace.offline.recording import RecordingWriter
+from iotrace.xentrace.testing import synth
+
+
+def run_cli(exe, *args):
+    return subprocess.run([exe, "report", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def assert_one_line_error(res, *words, code=2):
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_real_capture_json_has_all_105_port_records(iotrace_exe, real_xentrace):
+    res = run_cli(iotrace_exe, "--format", "json", real_xentrace)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["source"] == "xentrace" and doc["lost_records"] == 0
+    assert doc["records"] > 105
+    io = doc["io"]
+    assert sum(r["count"] for r in io) == 105
+    assert {r["type"] for r in io} == {"pio"}
+    per_dir = Counter()
+    per_vcpu = Counter()
+    for r in io:
+        assert r["domid"] == 14
+        per_dir[r["dir"]] += r["count"]
+        per_vcpu[r["vcpu"]] += r["count"]
+        assert set(r) >= {"domid", "vcpu", "type", "dir", "addr", "range", "count",
+                          "service_seconds"}
+        svc = r["service_seconds"]
+        assert svc is None or 0 < svc["p50"] <= svc["p95"] * (1 + 1e-9)
+    assert per_dir == {"read": 94, "write": 11}
+    assert per_vcpu == {1: 17, 2: 72, 3: 16}
+    keys = [(r["domid"], r["vcpu"], r["type"], r["dir"], r["addr"]) for r in io]
+    assert len(keys) == len(set(keys)), "one row per (domid, vcpu, type, dir, addr)"
+
+
+def test_real_capture_table_is_readable(iotrace_exe, real_xentrace):
+    res = run_cli(iotrace_exe, real_xentrace)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "105 I/O requests" in out
+    assert "domain 14: 105 requests" in out
+    assert "vCPU 2: 72 requests" in out
+    assert "ide-primary" in out and "RANGE" in out and "P95" in out
+
+
+def test_real_capture_xenalyze_compat_counts_fewer(iotrace_exe, real_xentrace):
+    res = run_cli(iotrace_exe, "--xenalyze-compat", "--format", "json", real_xentrace)
+    assert res.returncode == 0, res.stderr
+    assert sum(r["count"] for r in json.loads(res.stdout)["io"]) == 12
+
+
+def test_synth_capture_counts_equal_ground_truth(tmp_path, capsys):
+    trace = synth.generate(7, pcpus=4, steps=1500)
+    path = tmp_path / "t.bin"
+    trace.write(path)
+    assert main(["report", "--format", "json", str(path)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    got = Counter()
+    for r in doc["io"]:
+        got[(r["domid"], r["vcpu"], events.TYPE_CODES[r["type"]], events.DIR_CODES[r["dir"]],
+             r["addr"])] += r["count"]
+    assert got == trace.truth
+    assert doc["lost_records"] == trace.lost_records
+
+
+def test_recording_is_reported_with_domain_names(tmp_path, capsys):
+    b = events.empty(4)
+    b["domid"] = [3, 3, 3, 5]
+    b["vcpu"] = [0, 0, 1, -1]
+    b["type"] = [0, 0, 2, 1]
+    b["dir"] = [1, 1, 0, 0]
+    b["addr"] = [0x3f8, 0x3f8, (1 << 35) | 0x10, 0xa0000]
+    b["size"] = [1, 1, 4, 2]
+    b["service_ns"] = [1500, 2500, -1, 800]
+    w = RecordingWriter(tmp_path / "r.iotr", {"source": "qemu", "domains": {3: "web", 5: "db"}})
+    w.write(b)
+    w.add_lost(7)
+    w.close()
+    assert main(["report", "--format", "json", str(tmp_path / "r.iotr")]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["source"] == "recording" and doc["lost_records"] == 7
+    assert doc["domains"] == {"3": "web", "5": "db"}
+    rows = {(r["domid"], r["vcpu"], r["type"], r["range"]): r for r in doc["io"]}
+    assert rows[(3, 0, "pio", "com1")]["count"] == 2
+    assert rows[(3, 0, "pio", "com1")]["service_seconds"]["avg"] == pytest.approx(2e-6)
+    assert rows[(3, 1, "pci_config", "pci-config")]["service_seconds"] is None
+    assert rows[(5, -1, "mmio", "vga-lowmem")]["count"] == 1
+    assert main(["report", str(tmp_path / "r.iotr")]) == 0
+    table = capsys.readouterr().out
+    assert "domain 3 (web): 3 requests" in table and "vCPU ?" in table
+
+
+def test_config_overrides_range_names(tmp_path, capsys, real_xentrace):
+    cfg = tmp_path / "map.yaml"
+    cfg.write_text("pio:\n  - {name: virtio-legacy, start: 0xc200, end: 0xc21f}\n")
+    assert main(["report", "--format", "json", "--config", str(cfg), str(real_xentrace)]) == 0
+    ranges = Counter()
+    for r in json.loads(capsys.readouterr().out)["io"]:
+        ranges[r["range"]] += r["count"]
+    assert ranges["virtio-legacy"] == 72
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", ["empty"]),
+    (os.urandom(4096), ["not a xentrace capture"]),
+    (b"hello, this is text and not a trace\n" * 20, ["not a xentrace capture"]),
+])
+def test_bad_files_one_line_exit_2(tmp_path, iotrace_exe, content, words):
+    p = tmp_path / "bad.bin"
+    p.write_bytes(content)
+    res = run_cli(iotrace_exe, p)
+    assert_one_line_error(res, str(p), *words)
+
+
+def test_missing_file_and_directory(tmp_path, iotrace_exe):
+    assert_one_line_error(run_cli(iotrace_exe, tmp_path / "absent.bin"), "no such file")
+    assert_one_line_error(run_cli(iotrace_exe, tmp_path), "directory")
+
+
+def test_bad_config_one_line_with_file_and_line(tmp_path, iotrace_exe, real_xentrace):
+    cfg = tmp_path / "map.yaml"
+    cfg.write_text("pio:\n  - {name: x, start: 0x10}\n  - {name: y, start: nope}\n")
+    assert_one_line_error(run_cli(iotrace_exe, "--config", cfg, real_xentrace),
+                          f"{cfg}:3:", "pio[1].start")
+
+
+def test_bad_cpu_hz(iotrace_exe, real_xentrace):
+    assert_one_line_error(run_cli(iotrace_exe, "--cpu-hz", "fast", real_xentrace), "--cpu-hz")
+
+
+def test_truncated_capture_reports_complete_records_and_warns(tmp_path, iotrace_exe):
+    trace = synth.generate(3, pcpus=2, steps=800, lost=0)
+    data = trace.data
+    cut = len(data) - 6          # inside the last record
+    p = tmp_path / "cut.bin"
+    p.write_bytes(data[:cut])
+    res = run_cli(iotrace_exe, "--format", "json", p)
+    assert res.returncode == 0, res.stderr
+    assert "warning" in res.stderr and "Traceback" not in res.stderr
+    got = sum(r["count"] for r in json.loads(res.stdout)["io"])
+    assert trace.io_records - 1 <= got <= trace.io_records
+
+
+def test_corrupt_recording_is_one_line(tmp_path, iotrace_exe):
+    w = RecordingWriter(tmp_path / "r.iotr", {"source": "qemu"})
+    w.write(events.empty(10))
+    w.close()
+    raw = bytearray((tmp_path / "r.iotr").read_bytes())
+    raw[30] ^= 0xFF                                   # inside the metadata block
+    (tmp_path / "r.iotr").write_bytes(bytes(raw))
+    assert_one_line_error(run_cli(iotrace_exe, tmp_path / "r.iotr"), str(tmp_path / "r.iotr"))
+
+
+def test_no_io_capture_says_so(tmp_path, capsys):
+    # A capture with scheduler records only: decodes fine, zero I/O requests.
+    assert main(["report", str(_sched_only(tmp_path))]) == 0
+    assert "no I/O requests" in capsys.readouterr().out
+
+
+def _sched_only(tmp_path):
+    # One window: TRC_TRACE_CPU_CHANGE(pcpu 0) + one runstate change record with TSC.
+    import struct
+    rec = struct.pack("<IIII", (1 << 31) | (1 << 28) | (0x21001 | (1 << 8) | (0 << 4)), 100, 0,
+                      (1 << 16) | 0)
+    head = struct.pack("<IiI", 0x2001F003, 0, len(rec))
+    p = tmp_path / "sched.bin"
+    p.write_bytes(head + rec)
+    return p

@@ -1,0 +1,169 @@
+"""The live xentrace source (iotrace.xentrace.live.XentraceLiveSource).
+
+Xen cannot run here, so the command is a stand-in for the xentrace binary: the synth module
+playing a capture to its stdout in small writes with pauses, cut in the middle of records
+(``python -m iotrace.xentrace.testing.synth --stream``). The real xentrace binary is run too, to check
+how the source reports a command that fails (no hypervisor here).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from iotrace.core.errors import UserError
+from iotrace.xentrace.decoder import StreamDecoder
+from iotrace.xentrace.live import XentraceLiveSource, default_command
+from iotrace.xentrace.testing import synth
+from support import require_tool
+
+
+def standin(path, *extra):
+    return [sys.executable, "-m", "iotrace.xentrace.testing.synth", "--stream", "--input", str(path),
+            *extra]
+
+
+def wait_for(cond, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def totals_by_key(src) -> Counter:
+    out = Counter()
+    for k, cell in src.totals().items():
+        out[(k.domid, k.vcpu, k.type, k.dir, k.addr)] += cell.count
+    return out
+
+
+@pytest.mark.parametrize("chunk,steps,pause", [(997, 2000, "0.003"), (7, 150, "0.0005")],
+                         ids=["997B", "7B"])
+def test_live_counts_equal_ground_truth(tmp_path, chunk, steps, pause):
+    t = synth.generate(21, steps=steps)
+    path = tmp_path / "cap.bin"
+    t.write(path)
+    assert len(t.data) % chunk and chunk % 4      # every write ends inside a record
+    src = XentraceLiveSource(None, command=standin(path, "--chunk", str(chunk), "--pause", pause,
+                                                   "--hold", "30"), keep_addr=True)
+    src.start()
+    try:
+        total = sum(t.truth.values())
+        # every byte read while the command still runs (--hold): all complete records decoded;
+        # the decoder may hold the newest rows until later TSCs order them (or until EOF)
+        assert wait_for(lambda: src.stats().extra.get("bytes") == len(t.data))
+        assert wait_for(lambda: src.stats().records == t.records)
+        st = src.stats()
+        assert st.up and st.error is None
+        assert st.name == "xentrace"
+        assert 0 < st.events <= total
+        assert st.lost == t.lost_records
+        assert st.decode_errors == 0
+        assert Counter(totals_by_key(src)) - t.truth == Counter()   # nothing wrong so far
+    finally:
+        t0 = time.monotonic()
+        src.stop()
+        assert time.monotonic() - t0 < 10
+    st = src.stats()
+    assert not st.up and st.error is None           # stopped on purpose: not an error
+    assert st.events == total
+    assert totals_by_key(src) == t.truth            # everything, nothing doubled
+    doms = src.domains()
+    assert set(doms) == {k[0] for k in t.truth if k[0] >= 0}
+    assert all(d.name == f"dom{d.domid}" and d.last_seen >= d.first_seen for d in doms.values())
+
+
+def test_live_totals_grow_while_streaming(tmp_path):
+    t = synth.generate(22, steps=1500)
+    path = tmp_path / "cap.bin"
+    t.write(path)
+    src = XentraceLiveSource(None, command=standin(path, "--chunk", "1001", "--pause", "0.02"))
+    src.start()
+    try:
+        assert wait_for(lambda: src.stats().events > 0)
+        partial = src.stats().events
+        assert partial < sum(t.truth.values())
+        assert src.wait(30)
+    finally:
+        src.stop()
+    assert src.stats().events == sum(t.truth.values())
+
+
+def test_command_that_dies_sets_up_false(tmp_path):
+    t = synth.generate(23, steps=800)
+    path = tmp_path / "cap.bin"
+    t.write(path)
+    cut = 5001                                       # mid-record
+    src = XentraceLiveSource(None, command=standin(path, "--chunk", "500", "--pause", "0.005",
+                                                   "--die-after", str(cut)))
+    src.start()
+    assert src.wait(20)
+    st = src.stats()
+    assert not st.up
+    assert st.error and "status 1" in st.error and "simulated failure" in st.error
+    assert "\n" not in st.error
+    # what arrived before the failure is kept: the same as decoding those bytes
+    dec = StreamDecoder()
+    n = len(dec.feed(t.data[:cut])) + len(dec.finish())
+    assert st.events == n > 0
+    src.stop()
+
+
+def test_command_not_found():
+    src = XentraceLiveSource(None, command=["no-such-xentrace-binary-here"])
+    with pytest.raises(UserError, match="command not found"):
+        src.start()
+    st = src.stats()
+    assert not st.up and "command not found" in st.error
+
+
+def test_command_that_is_not_executable(tmp_path):
+    f = tmp_path / "xentrace"
+    f.write_text("not a program")
+    src = XentraceLiveSource(None, command=[str(f)])
+    with pytest.raises(UserError, match="cannot start"):
+        src.start()
+    assert not src.stats().up
+
+
+def test_garbage_on_the_pipe_is_one_line_error():
+    cmd = [sys.executable, "-c",
+           "import sys, time; sys.stdout.buffer.write(b'this is not a trace ' * 200); "
+           "sys.stdout.flush(); time.sleep(30)"]
+    src = XentraceLiveSource(None, command=cmd)
+    src.start()
+    try:
+        assert src.wait(20)                          # the reader gives up and ends the command
+        st = src.stats()
+        assert not st.up and st.error and "\n" not in st.error
+        assert "xentrace" in st.error
+    finally:
+        src.stop()
+
+
+def test_default_command_reads_hvm_and_sched_to_stdout():
+    cmd = default_command()
+    assert cmd[0] == "xentrace"
+    # no output-file argument: xentrace writes to fd 1 (tools/xentrace/xentrace.c outfd = 1)
+    assert not [a for a in cmd[1:] if not a.startswith("-") and a not in ("hvm", "sched")]
+    masks = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-e"]
+    assert sorted(masks) == ["hvm", "sched"]
+    assert "-D" in cmd
+
+
+@pytest.mark.integration
+def test_real_xentrace_without_hypervisor_reports_its_error():
+    """The real binary, default command: no Xen here, so it exits at once with its message."""
+    require_tool("xentrace")
+    src = XentraceLiveSource(None)
+    src.start()
+    assert src.wait(20)
+    st = src.stats()
+    assert not st.up
+    assert st.error.startswith("xentrace exited with status ")
+    assert "hypervisor" in st.error.lower() or "xen" in st.error.lower()
+    assert st.events == 0
