@@ -18,6 +18,9 @@ Field meanings follow Xen's ioreq_t (xen/include/public/hvm/ioreq.h):
 * ``service_ns``: time to serve the request in ns, -1 when unknown.
 * ``data``: the value written or read. Guest data (keystrokes pass through port 0x60): it is kept for
   ``snoop`` and recordings only and never becomes a metric or a label.
+* ``rip``: the guest instruction pointer of the VM exit that caused the request (xentrace's
+  VMEXIT/VMEXIT64 records carry it), 0 when unknown (the qemu probes cannot see it). Like an
+  address it is never a label: reports group by it on request.
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ EVENT_DTYPE = np.dtype([
     ("addr", np.uint64),
     ("data", np.uint64),
     ("service_ns", np.int64),
+    ("rip", np.uint64),         # guest RIP of the causing exit, 0 = unknown
 ])
 
 

@@ -14,7 +14,7 @@ Layout, version 1, all integers little endian::
     metadata block, meta_len bytes, at offset 24: one UTF-8 JSON object
         {"format": "iotrace-recording", "version": 1, "host": ..., "start_time": <unix s>,
          "start_time_iso": ..., "iotrace_version": ..., "source": "qemu"|"xentrace"|...,
-         "domains": {"<domid>": "<name>", ...}, "record_size": 52,
+         "domains": {"<domid>": "<name>", ...}, "record_size": 60,
          "record_fields": [[name, numpy type string], ...], ...anything the writer adds}
     then chunks, back to back until the end of the file; each is
         chunk header, 24 bytes

@@ -87,7 +87,7 @@ def test_file_layout_is_as_documented(tmp_path):
         kinds.append((kind, plen, lost))
         off += 24 + plen
     assert off == len(blob)
-    assert kinds == [(1, 3 * 52, 0), (1, 0, 2), (3, 0, 2)]
+    assert kinds == [(1, 3 * recording.RECORD_DTYPE.itemsize, 0), (1, 0, 2), (3, 0, 2)]
     # little-endian packed EVENT_DTYPE records
     first = np.frombuffer(blob, events.EVENT_DTYPE.newbyteorder("<"), 3, 24 + mlen + 24)
     np.testing.assert_array_equal(first, b)
@@ -125,7 +125,7 @@ def test_truncated_at_every_offset_keeps_whole_records(tmp_path):
             kind = struct.unpack_from("<H", blob, off + 4)[0]
             avail = min(plen, cut - off - 24)
             if kind == 1:
-                records_on_disk += avail // 52
+                records_on_disk += avail // recording.RECORD_DTYPE.itemsize
             off += 24 + plen
         assert n == records_on_disk, cut
 
