@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from iotrace.core import domains
+from iotrace.core.domains import DOMID_FIRST_RESERVED
 
 PROC = "/proc"
 
@@ -78,7 +79,7 @@ def parse_dm_cmdline(argv: list[str]) -> tuple[int, str | None] | None:
         domid = int(val, 0)
     except ValueError:
         return None
-    if not 0 <= domid < 0x7FF0:        # DOMID_FIRST_RESERVED
+    if not 0 <= domid < DOMID_FIRST_RESERVED:
         return None
     name = _opt(argv, "-name")
     if name:

@@ -100,6 +100,7 @@ class QemuProbeSource:
     """
 
     name = "qemu"
+    has_probes = True        # its domains carry probes_attached (iotrace.core.source.Source)
 
     def __init__(self, addrmap: AddressMap | None = None, binaries=None, strict: bool = False,
                  *, mode: str = "metrics", timing: bool = True, defaults: bool = True,
@@ -399,40 +400,3 @@ class QemuProbeSource:
         if self.mode == "metrics":
             st.events = sum(int(v.count) for ps in self.sets for _, v in ps.stats_items())
         return st
-
-
-# -- shared by snoop and record ----------------------------------------------------------------------
-
-def add_probe_arguments(p) -> None:
-    """The options every probe verb takes (snoop, record)."""
-    p.add_argument("--binary", action="append", default=[], metavar="PATH",
-                   help="also probe this device model binary (repeatable); the defaults are "
-                        f"{DEBIAN_DM} and the binaries of running -xen-domid processes")
-    p.add_argument("--no-default-binaries", action="store_true",
-                   help="probe only the --binary paths")
-    p.add_argument("--strict", action="store_true",
-                   help="any binary that cannot be resolved or attached is fatal")
-    p.add_argument("--no-service-time", action="store_true",
-                   help="no return probe: no service times, one trap per request instead of two")
-    p.add_argument("--send-vcpu-offset", type=lambda s: int(s, 0), default=None, metavar="OFF",
-                   help="offsetof(XenIOState, send_vcpu) for binaries the table does not know "
-                        "(0x50 up to QEMU 8.0, 0x48 from 8.1; default: from the QEMU banner)")
-    p.add_argument("--config", metavar="YAML", default=None,
-                   help="address map overriding the PC default range names")
-
-
-def source_from_args(args, mode: str) -> QemuProbeSource:
-    if not args.binary and args.no_default_binaries:
-        raise ProbeError("--no-default-binaries needs at least one --binary PATH")
-    addrmap = AddressMap.load(args.config)
-    return QemuProbeSource(addrmap, binaries=args.binary, strict=args.strict, mode=mode,
-                           timing=not args.no_service_time,
-                           defaults=not args.no_default_binaries,
-                           send_vcpu_offset=args.send_vcpu_offset)
-
-
-def start_or_fail(src: QemuProbeSource) -> None:
-    src.start()
-    if not src.attached:
-        msg = src.stats().error or "no device model binary found"
-        raise ProbeError(f"nothing attached: {msg}")

@@ -65,8 +65,8 @@ TSC carry their pCPU's last one) a per-vCPU exit state machine:
   (process_lost_records_end: the vCPU it names becomes current);
 * records of unknown owner (xenalyze's default domain, not shown in its summary) are dropped;
 * service_ns is xenalyze's arc_cycles. This mode is a Python loop over the rows above (a parity
-  tool: 24 s on the 63 MB bench capture, where xenalyze takes 1 s). Not modelled: shadow-paging handlers (TRC_SHADOW) that
-  also claim the slot, and xenalyze's TSC-skew corrections. Checked against the real xenalyze
+  tool: 24 s on the 63 MB bench capture, where xenalyze takes 1 s). Not modelled: shadow-paging
+  handlers (TRC_SHADOW) that also claim the slot, and xenalyze's TSC-skew corrections. Checked against the real xenalyze
   (Xen 4.17, which predates the SVM exit ids) on the real capture and on synthetic ones.
 
 Performance (bench/xentrace_decode.py): record boundaries can only be found sequentially (a

@@ -34,12 +34,11 @@ from collections import deque
 
 import numpy as np
 
-from iotrace.core.domains import domain_name
+from iotrace.core.domains import DOMID_IDLE, display_name, domain_name
 from iotrace.core.errors import InputError, UserError
 from iotrace.core.source import DomainInfo, EventSource
 from iotrace.xentrace.decoder import StreamDecoder
 
-IDLE_DOMAIN = 32767        # xen/include/public/xen.h DOMID_IDLE
 READ_SIZE = 1 << 16
 
 
@@ -162,7 +161,7 @@ class XentraceLiveSource(EventSource):
         seen = np.unique(batch["domid"]) if len(batch) else ()
         # Names of domains seen for the first time, looked up outside the lock (xenstore).
         new_names = {int(d): domain_name(int(d)) for d in seen
-                     if int(d) >= 0 and int(d) != IDLE_DOMAIN and int(d) not in self._domains}
+                     if int(d) >= 0 and int(d) != DOMID_IDLE and int(d) not in self._domains}
         self.feed(batch)
         with self._lock:
             st = self._stats
@@ -173,11 +172,11 @@ class XentraceLiveSource(EventSource):
             st.extra["windows"] = dec.windows
             for d in seen:
                 d = int(d)
-                if d < 0 or d == IDLE_DOMAIN:
+                if d < 0 or d == DOMID_IDLE:
                     continue
                 info = self._domains.get(d)
                 if info is None:
-                    info = self._domains[d] = DomainInfo(d, new_names.get(d) or f"dom{d}",
+                    info = self._domains[d] = DomainInfo(d, display_name(d, new_names),
                                                          first_seen=now)
                 info.last_seen = now
 

@@ -12,7 +12,6 @@ SIGHUP, and even SIGKILL of the demo (the stand-ins get SIGTERM from PR_SET_PDEA
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import signal
 import subprocess
@@ -20,6 +19,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from iotrace.cli.args import checked, domid, seconds
+from iotrace.core.domains import DOMID_FIRST_RESERVED
 from iotrace.core.errors import UserError
 
 HELP = "demo: three stand-in guests replaying real I/O, watched by the live view (root)"
@@ -60,24 +61,14 @@ def add_arguments(parser) -> None:
 
 
 def _duration(text) -> float | None:
-    if text is None:
-        return None
-    try:
-        v = float(text)
-    except ValueError:
-        raise UserError(f"--duration: expected seconds, got {text!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise UserError(f"--duration: expected a positive number of seconds, got {text!r}")
-    return v
+    return None if text is None else checked("--duration", seconds, text)
 
 
 def _domid_base(text) -> int:
-    try:
-        v = int(str(text), 0)
-    except ValueError:
-        raise UserError(f"--domid-base: expected a domain id, got {text!r}") from None
-    if not 0 <= v <= 0x7FEF - len(GUESTS):
-        raise UserError(f"--domid-base: {v} outside 0..{0x7FEF - len(GUESTS)}")
+    v = checked("--domid-base", domid, text)
+    top = DOMID_FIRST_RESERVED - 1 - len(GUESTS)
+    if v > top:
+        raise UserError(f"--domid-base: {v} outside 0..{top}")
     return v
 
 

@@ -1,8 +1,8 @@
 """``iotrace <verb>``: the command-line entry point.
 
 Each verb lives in a module of its own exposing ``HELP`` (one line), ``EXAMPLES`` (the epilog),
-``add_arguments(parser)`` and ``run(args) -> int``. Errors the operator can fix (``UserError``,
-``ConfigError``) print one line and exit non-zero; they never show a traceback.
+``add_arguments(parser)`` and ``run(args) -> int``. Errors the operator can fix (``iotrace.core.errors.UserError``
+and its kinds) print one line and exit non-zero; they never show a traceback.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import signal
 import sys
 
 from iotrace.core.errors import UserError
-from iotrace.core.yamlfile import ConfigError
 
 # verb -> module. A verb whose module is absent from this installation is not offered.
 VERBS = {
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (UserError, ConfigError) as exc:
+    except UserError as exc:       # ConfigError, InputError, ProbeError are UserErrors
         print(f"iotrace {args.verb}: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:

@@ -17,12 +17,13 @@ import time
 
 from prometheus_client import CollectorRegistry
 
+from iotrace.cli.args import argtype, speed
 from iotrace.core.addrmap import AddressMap
 from iotrace.core.errors import InputError, UserError
-from iotrace.core.source import live_source_class
 from iotrace.serve.collector import IotraceCollector
 from iotrace.serve.server import DEFAULT_LISTEN, ExporterServer
 from iotrace.serve.settings import load_settings
+from iotrace.sources import registry
 
 HELP = "Prometheus exporter: serve per-domain I/O request metrics on /metrics"
 EXAMPLES = """\
@@ -42,16 +43,6 @@ MONITOR_INTERVAL = 1.0
 log = logging.getLogger("iotrace.serve")
 
 
-def _speed(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError("0 (all at once) or a positive factor")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", choices=("qemu", "xentrace", "both"), default=None,
                    help="live event source: qemu-dm uprobes (default), Xen trace points, or both "
@@ -61,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(repeatable; Debian's qemu-dm is found by default)")
     p.add_argument("--replay", metavar="FILE",
                    help="serve a recording or xentrace capture instead of live sources")
-    p.add_argument("--speed", type=_speed, default=None, metavar="X",
+    p.add_argument("--speed", type=argtype(speed), default=None, metavar="X",
                    help="with --replay: 0 loads everything at once (default); X replays on the "
                         "events' timestamps at X times real time")
     p.add_argument("--config", metavar="FILE",
@@ -77,44 +68,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="log verbosity on stderr (default info)")
 
 
-def _build_live(kind: str, addrmap, args):
-    cls = live_source_class(kind)
-    if kind == "qemu":
-        kw = {"strict": args.strict, "warn": lambda msg: log.warning("source qemu: %s", msg)}
-        if args.binary:
-            kw["binaries"] = list(args.binary)
-        return cls(addrmap=addrmap, keep_addr=False, **kw)
-    # Metrics are per range, never per address: sources fold addresses away before a scrape.
-    return cls(addrmap=addrmap, keep_addr=False)
-
-
 def build_sources(args, addrmap) -> list:
+    # Metrics are per range, never per address: sources fold addresses away (keep_addr=False).
     if args.replay:
         if args.source is not None or args.binary:
             raise UserError("--replay excludes --source and --binary (a replay is its own "
                             "source)")
-        from iotrace.sources.replay import ReplaySource
-        return [ReplaySource(args.replay, speed=args.speed or 0.0, addrmap=addrmap)]
+        return [registry.build("replay", args.replay, speed=args.speed or 0.0, addrmap=addrmap)]
     if args.speed is not None:
         raise UserError("--speed only applies with --replay")
     kinds = ["qemu", "xentrace"] if args.source == "both" else [args.source or "qemu"]
     if args.binary and "qemu" not in kinds:
         raise UserError("--binary only applies to the qemu source")
-    return [_build_live(k, addrmap, args) for k in kinds]
+    out = []
+    for kind in kinds:
+        kw = {"addrmap": addrmap, "keep_addr": False}
+        if kind == "qemu":
+            kw.update(strict=args.strict, warn=lambda msg: log.warning("source qemu: %s", msg))
+            if args.binary:
+                kw["binaries"] = list(args.binary)
+        out.append(registry.build(kind, **kw))
+    return out
 
 
 def _start_sources(sources, strict: bool) -> None:
     for src in sources:
         try:
-            src.start()
+            registry.start(src)
         except InputError:
             raise                       # a bad replay file is bad input, always fatal
-        except Exception as exc:
-            msg = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        except UserError as exc:
+            msg = str(exc)
+            if not msg.startswith(f"source {src.name}"):
+                msg = f"source {src.name} failed to start: {msg}"
             if strict:
-                raise UserError(f"source {src.name} failed to start: {msg}") from None
-            log.error("source %s failed to start: %s (serving the others; "
-                      "iotrace_source_up{source=%r} is 0)", src.name, msg, src.name)
+                raise UserError(msg) from None
+            log.error("%s (serving the others; iotrace_source_up{source=%r} is 0)", msg,
+                      src.name)
             continue
         st = src.stats()
         if strict and st.probes_failed:

@@ -8,15 +8,15 @@ live qemu-dm probes (default), ``--source xentrace``, ``--replay FILE`` or ``--f
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
 import threading
 import time
 
+from iotrace.cli.args import argtype, count, positive, seconds, speed
 from iotrace.core.errors import UserError
-from iotrace.core.source import LIVE_SOURCES, live_source_class
+from iotrace.sources import registry
 from iotrace.top.model import SORT_ORDER, FilterError, Model, Sampler, make_filter
 
 HELP = "live per-domain view of guest I/O requests (like top/xentop; -b for text)"
@@ -35,36 +35,6 @@ examples:
 keys: q quit, h help, s sort, f filter, enter expand, p pause (see h in the view)."""
 
 
-def _pos_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return v
-
-
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text!r}")
-    return v
-
-
-def _speed(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v >= 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError("0 (all at once) or a positive factor")
-    return v
-
-
 def _expand(text: str) -> list[str]:
     out = []
     for w in text.split(","):
@@ -78,9 +48,9 @@ def _expand(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("interval", nargs="?", type=_pos_float, default=1.0,
+    p.add_argument("interval", nargs="?", type=argtype(seconds), default=1.0,
                    help="seconds between refreshes (default 1)")
-    p.add_argument("count", nargs="?", type=_count, default=None,
+    p.add_argument("count", nargs="?", type=argtype(count), default=None,
                    help="number of refreshes, then exit (default: until q / Ctrl-C)")
     p.add_argument("-b", "--batch", action="store_true",
                    help="print plain-text tables (one per interval) instead of the full-screen view")
@@ -99,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-e", "--expand", type=_expand, action="append", default=[],
                    metavar="vcpu,range,addr",
                    help="expand every domain into vCPUs, ranges, and/or addresses in ranges")
-    p.add_argument("--slow", type=_pos_float, default=1.0, metavar="MS",
+    p.add_argument("--slow", type=argtype(positive), default=1.0, metavar="MS",
                    help="flag rows whose service-time p95 is at least MS milliseconds (default 1)")
     p.add_argument("--no-color", action="store_true", help="no colours (markers only)")
     s = p.add_argument_group("sources (default: live qemu-dm probes)")
@@ -109,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --source qemu: device-model binary to probe (repeatable; "
                         "default: the ones running domains use)")
     s.add_argument("--replay", metavar="FILE", help="a recording or xentrace capture, replayed")
-    s.add_argument("--speed", type=_speed, default=None, metavar="X",
+    s.add_argument("--speed", type=argtype(speed), default=None, metavar="X",
                    help="with --replay: X times real time (default 1); 0 = all at once")
     s.add_argument("--from", dest="from_url", metavar="URL",
                    help="read a remote 'iotrace serve' /metrics page (http[s]://[user:pass@]host:port)")
@@ -118,7 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--from-ca", metavar="FILE", help="CA certificate(s) to verify an https --from")
     s.add_argument("--from-source", metavar="NAME",
                    help="which of the remote exporter's sources to show (default qemu, else first)")
-    s.add_argument("--from-timeout", type=_pos_float, default=5.0, metavar="S",
+    s.add_argument("--from-timeout", type=argtype(seconds), default=5.0, metavar="S",
                    help="timeout of one --from scrape in seconds (default 5)")
     p.add_argument("--config", metavar="FILE", help="YAML address map (names for port/MMIO ranges)")
 
@@ -140,34 +110,19 @@ def build_source(args):
     if args.from_url:
         if args.config:
             raise UserError("--config does not apply to --from (the remote exporter names ranges)")
-        from iotrace.sources.remote import RemoteSource
-        return RemoteSource(args.from_url, auth=args.from_auth, cafile=args.from_ca,
-                            source=args.from_source, timeout=args.from_timeout)
+        return registry.build("remote", args.from_url, auth=args.from_auth, cafile=args.from_ca,
+                              source=args.from_source, timeout=args.from_timeout)
     from iotrace.core.addrmap import AddressMap
     addrmap = AddressMap.load(args.config) if args.config else None
+    # top expands domains down to addresses: every source keeps per-address cells for it.
     if args.replay:
-        from iotrace.sources.replay import ReplaySource
-        # top expands domains down to addresses: every source keeps per-address cells for it.
-        return ReplaySource(args.replay, speed=1.0 if args.speed is None else args.speed,
-                            addrmap=addrmap, keep_addr=True)
-    cls = live_source_class(args.source or "qemu")
+        return registry.build("replay", args.replay,
+                              speed=1.0 if args.speed is None else args.speed,
+                              addrmap=addrmap, keep_addr=True)
     kwargs = {"addrmap": addrmap, "keep_addr": True}
     if args.binary:
         kwargs["binaries"] = list(args.binary)
-    return cls(**kwargs)
-
-
-def _start(src) -> None:
-    try:
-        src.start()
-    except UserError:
-        raise
-    except PermissionError as exc:
-        raise UserError(f"source {src.name}: permission denied ({exc}); run as root, or watch "
-                        "a host's exporter with --from URL") from None
-    except Exception as exc:
-        raise UserError(f"source {getattr(src, 'name', '?')} failed to start: "
-                        f"{type(exc).__name__}: {exc}") from None
+    return registry.build(args.source or "qemu", **kwargs)
 
 
 def run(args) -> int:
@@ -202,7 +157,7 @@ def run_source(args, src, filt=None) -> int:
         if not args.batch:     # compiling probes takes a moment; the view replaces this line
             print(f"iotrace top: starting the {getattr(src, 'name', '')} source...",
                   file=sys.stderr, flush=True)
-        _start(src)
+        registry.start(src)
         _check_privileges(src)
         t0 = time.monotonic()  # after start(): probe compilation is not part of any interval
         take = Sampler([src])
@@ -235,7 +190,7 @@ def run_source(args, src, filt=None) -> int:
 def _check_privileges(src) -> None:
     """A live source that could not attach anything without root: say so, instead of an empty
     view (a source that fails *with* root stays visible as DOWN, with its error)."""
-    if getattr(src, "name", "") not in LIVE_SOURCES or os.geteuid() == 0:
+    if getattr(src, "name", "") not in registry.LIVE or os.geteuid() == 0:
         return
     # A source may fail asynchronously (xentrace exits at once without privileges): give it a
     # moment to settle before deciding.

@@ -20,6 +20,7 @@ from importlib import resources
 
 import numpy as np
 
+from iotrace.core.errors import ConfigError
 from iotrace.core.events import (
     TYPE_INVALIDATE,
     TYPE_MMIO,
@@ -29,7 +30,6 @@ from iotrace.core.events import (
     TYPE_VMWARE_PORT,
 )
 from iotrace.core.yamlfile import (
-    ConfigError,
     MarkedDict,
     as_int,
     check_keys,

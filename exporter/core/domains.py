@@ -1,15 +1,44 @@
-"""Domain names, as an operator knows them: xenstore ``/local/domain/N/name``.
+"""Domain names, as an operator knows them, and the one way every part spells a domain.
 
-Every source asks here, so names agree between the qemu and xentrace sources. ``xenstore-read``
-(xen-utils) is used when present; on a host without a running xenstore (or in tests) it fails
-fast and callers fall back to QEMU's ``-name`` and then to ``dom<N>``.
+The name comes from xenstore ``/local/domain/N/name`` (every source asks here, so the qemu and the
+xentrace sources agree), else the device model's ``-name``, else ``dom<N>``. ``xenstore-read``
+(xen-utils) is used when present; on a host without a running xenstore (or in tests) it fails fast
+and callers fall back.
+
+``display_name(domid, names)`` is what the collector's ``domain`` label, ``top``, ``report`` and
+``snoop`` show for a domain: the known name, else ``fallback_name``: ``unknown`` for domid -1 (a
+record no pCPU owner could be found for), ``idle`` for Xen's idle domain, ``dom<N>`` otherwise.
 """
 from __future__ import annotations
 
 import shutil
 import subprocess
+from typing import Mapping
 
 XENSTORE_READ = shutil.which("xenstore-read")
+
+DOMID_IDLE = 0x7FFF               # idle vCPUs' domain (xen/include/public/xen.h DOMID_IDLE)
+DOMID_FIRST_RESERVED = 0x7FF0     # guests are 0 .. 0x7fef (xen/include/public/xen.h)
+UNKNOWN_NAME = "unknown"
+IDLE_NAME = "idle"
+
+
+def fallback_name(domid: int) -> str:
+    """The name of a domain nobody named: ``unknown`` (-1), ``idle`` (32767) or ``dom<N>``."""
+    if domid < 0:
+        return UNKNOWN_NAME
+    if domid == DOMID_IDLE:
+        return IDLE_NAME
+    return f"dom{domid}"
+
+
+def display_name(domid: int, names: Mapping[int, str] | None = None) -> str:
+    """``names[domid]`` when it is a non-empty name, else ``fallback_name(domid)``."""
+    if names:
+        name = names.get(domid)
+        if name:
+            return name
+    return fallback_name(domid)
 
 
 def xenstore_name(domid: int, timeout: float = 2.0) -> str | None:
@@ -26,5 +55,5 @@ def xenstore_name(domid: int, timeout: float = 2.0) -> str | None:
 
 
 def domain_name(domid: int, qemu_name: str | None = None) -> str:
-    """xenstore's name, else the device model's ``-name``, else ``dom<N>``."""
-    return xenstore_name(domid) or qemu_name or f"dom{domid}"
+    """xenstore's name, else the device model's ``-name``, else ``fallback_name``."""
+    return xenstore_name(domid) or qemu_name or fallback_name(domid)

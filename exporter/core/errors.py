@@ -15,6 +15,18 @@ class ProbeError(UserError):
     exit_code = 1
 
 
+class ConfigError(UserError):
+    """A configuration file is wrong; str() is one line naming the file, line and key."""
+
+    def __init__(self, message: str, path: str | None = None, line: int | None = None,
+                 key: str | None = None):
+        self.path, self.line, self.key, self.reason = path, line, key, message
+        where = path or "<config>"
+        if line is not None:
+            where += f":{line}"
+        super().__init__(f"{where}: {key + ': ' if key else ''}{message}")
+
+
 def open_input(path, what: str, suffix: str = ""):
     """Open an input file for binary reading; any OSError becomes one InputError line naming it.
 

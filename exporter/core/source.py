@@ -92,24 +92,25 @@ def columns_of(cells: dict[Key, Cell]) -> TotalsColumns:
 
 
 def totals_columns(src) -> TotalsColumns:
-    """``src``'s totals as columns: its ``totals_columns()`` where it has one that reads the same
-    totals as its ``totals()`` (defined by the same class or a subclass of the one defining
-    ``totals``), else built from ``totals()`` (any ``Source``)."""
-    cls = type(src)
-    own = _defined_in(cls, "totals_columns")
-    if own is not None and issubclass(own, _defined_in(cls, "totals") or object):
+    """``src``'s totals as columns: its own ``totals_columns()`` where it declares ``columnar``
+    (see ``Source``), else built from ``totals()`` (any ``Source``)."""
+    if getattr(src, "columnar", False):
         return src.totals_columns()
     return columns_of(src.totals())
 
 
-def _defined_in(cls, attr):
-    for c in cls.__mro__:
-        if attr in c.__dict__:
-            return c
-    return None
-
-
 class Source(Protocol):
+    """What a sink may call. Optional capabilities, declared as class attributes:
+
+    * ``columnar = True``: ``totals_columns()`` returns the same totals as ``totals()``, as
+      columns (the exporter's fast scrape path; ``EventSource`` has it; a subclass that overrides
+      ``totals()`` must override ``totals_columns()`` too or declare ``columnar = False``);
+    * ``has_probes = True``: its domains carry ``probes_attached`` (the qemu uprobes): the
+      exporter exports ``iotrace_probes_attached`` for them;
+    * ``totals_predate_start = True``: its first totals include what happened before ``start()``
+      (a remote exporter's counters), so ``top`` takes them as its baseline;
+    * ``scrape()``: called by ``top`` before each read (a remote source fetches its page).
+    """
     name: str
 
     def start(self) -> None: ...
@@ -123,6 +124,8 @@ class EventSource:
     """Base for batch-producing sources: aggregation under a lock, copies for readers."""
 
     name = "events"
+    columnar = True
+    has_probes = False
 
     def __init__(self, addrmap: AddressMap | None = None, keep_addr: bool = False):
         self._lock = threading.Lock()
@@ -145,8 +148,8 @@ class EventSource:
                     for k, c in self._agg.cells.items()}
 
     def totals_columns(self) -> TotalsColumns:
-        """The same as ``totals()``, as columns (optional ``Source`` method; see
-        ``iotrace.core.source.totals_columns``): one pass over the cells under the lock."""
+        """The same as ``totals()``, as columns (the ``columnar`` capability, see ``Source``): one
+        pass over the cells under the lock."""
         with self._lock:
             return columns_of(self._agg.cells)
 
@@ -163,27 +166,3 @@ class EventSource:
 
     def stop(self) -> None:  # pragma: no cover - overridden
         pass
-
-
-# --source value -> (module, class) of the live sources; imported only when asked for, so that a
-# replay or a --from view never loads BCC.
-LIVE_SOURCES = {
-    "qemu": ("iotrace.probes.live", "QemuProbeSource"),
-    "xentrace": ("iotrace.xentrace.live", "XentraceLiveSource"),
-}
-
-
-def live_source_class(kind: str):
-    """The class of live source ``kind``; UserError (one line) when it cannot be loaded here."""
-    import importlib
-
-    from iotrace.core.errors import UserError
-    modname, clsname = LIVE_SOURCES[kind]
-    try:
-        mod = importlib.import_module(modname)
-    except ImportError as exc:
-        raise UserError(f"--source {kind}: {modname} is not available here ({exc})") from None
-    cls = getattr(mod, clsname, None)
-    if cls is None:
-        raise UserError(f"--source {kind}: {modname} has no {clsname}")
-    return cls

@@ -2,23 +2,14 @@
 
 ``load_yaml(path)`` returns plain dicts/lists (subclasses ``MarkedDict``/``MarkedList`` that carry the
 line of every key or item). ``ConfigError`` is what every config problem raises: its message is one
-line, ``FILE:LINE: KEY: what is wrong``, ready for the CLI to print.
+line, ``FILE:LINE: KEY: what is wrong``, ready for the CLI to print (it lives in
+``iotrace.core.errors`` with the other errors an operator can fix).
 """
 from __future__ import annotations
 
 import yaml
 
-
-class ConfigError(Exception):
-    """A configuration file is wrong; str() is one line naming the file, line and key."""
-
-    def __init__(self, message: str, path: str | None = None, line: int | None = None,
-                 key: str | None = None):
-        self.path, self.line, self.key, self.reason = path, line, key, message
-        where = path or "<config>"
-        if line is not None:
-            where += f":{line}"
-        super().__init__(f"{where}: {key + ': ' if key else ''}{message}")
+from iotrace.core.errors import ConfigError
 
 
 class MarkedDict(dict):

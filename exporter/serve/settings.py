@@ -4,14 +4,15 @@
       vcpu_label: true            # false: drop the vcpu label (sum over vCPUs), fewer series
       domain_grace_seconds: 300   # series of a domain that went away disappear after this long
 
-``iotrace.core.addrmap`` accepts the top-level key ``exporter`` and ignores it; this module is the one
-that reads and validates it. Every problem is a ``ConfigError`` naming file:line: key.
+``iotrace.core.addrmap`` accepts the top-level key ``exporter`` and ignores it; this module is the
+one that reads and validates it. Every problem is a ``ConfigError`` naming file:line: key.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from iotrace.core.yamlfile import ConfigError, MarkedDict, check_keys, load_yaml, require_mapping
+from iotrace.core.errors import ConfigError
+from iotrace.core.yamlfile import MarkedDict, check_keys, load_yaml, require_mapping
 
 DEFAULT_GRACE_SECONDS = 300.0
 # A week: beyond that a "grace period" is a typo (milliseconds?) more likely than intent.

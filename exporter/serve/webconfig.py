@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 import bcrypt
 
-from iotrace.core.yamlfile import ConfigError, MarkedDict, check_keys, load_yaml, require_mapping
+from iotrace.core.errors import ConfigError
+from iotrace.core.yamlfile import MarkedDict, check_keys, load_yaml, require_mapping
 
 CLIENT_AUTH = {
     "NoClientCert": ssl.CERT_NONE,

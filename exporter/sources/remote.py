@@ -41,9 +41,17 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 from iotrace.core.aggregate import N_SLOTS, Cell, Key
+from iotrace.core.domains import fallback_name
 from iotrace.core.errors import UserError
 from iotrace.core.events import DIR_CODES, TYPE_CODES, UNKNOWN
+from iotrace.core.metrics import BY_NAME, MetricDef
 from iotrace.core.source import DomainInfo, SourceStats
+
+# The metrics read, from the one metric table (iotrace.core.metrics).
+IOREQS, BYTES, SERVICE = (BY_NAME[n] for n in ("iotrace_ioreqs", "iotrace_ioreq_bytes",
+                                               "iotrace_ioreq_service_seconds"))
+INFO, PROBES, UP, LOST = (BY_NAME[n] for n in ("iotrace_domain_info", "iotrace_probes_attached",
+                                               "iotrace_source_up", "iotrace_events_lost"))
 
 DIR_ANY = 255          # service-only cells: the histogram has no dir label
 MAX_BODY = 64 << 20    # a /metrics page larger than this is not an iotrace exporter's
@@ -128,19 +136,20 @@ def parse_metrics(text: str, source: str | None = None) -> Parsed:
     by_name = {f.name: f for f in families}
     out = Parsed()
 
-    def samples(family, suffix=""):
-        fam = by_name.get(family)
+    def samples(m: MetricDef):
+        """The samples of a counter or gauge of the metric table, by its exposed name."""
+        fam = by_name.get(m.name)
         if fam is None:
             return []
-        return [s for s in fam.samples if s.name == family + suffix]
+        return [s for s in fam.samples if s.name == m.sample]
 
-    for s in samples("iotrace_source_up"):
+    for s in samples(UP):
         out.sources[s.labels.get("source", "")] = s.value >= 1
-    seen_in_counters = {s.labels.get("source", "") for s in samples("iotrace_ioreqs", "_total")}
+    seen_in_counters = {s.labels.get("source", "") for s in samples(IOREQS)}
     for name in seen_in_counters:
         out.sources.setdefault(name, True)
-    if "iotrace_ioreqs" not in by_name and "iotrace_source_up" not in by_name:
-        raise RemoteError("no iotrace_ioreqs_total or iotrace_source_up: not an iotrace exporter")
+    if IOREQS.name not in by_name and UP.name not in by_name:
+        raise RemoteError(f"no {IOREQS.sample} or {UP.sample}: not an iotrace exporter")
     if source is None:
         names = sorted(out.sources)
         source = "qemu" if "qemu" in out.sources else (names[0] if names else None)
@@ -152,17 +161,17 @@ def parse_metrics(text: str, source: str | None = None) -> Parsed:
     def mine(s) -> bool:
         return s.labels.get("source") == source
 
-    for s in samples("iotrace_domain_info"):
+    for s in samples(INFO):
         if mine(s):
             d = _int(s.labels.get("domid"))
-            out.domains[d] = DomainInfo(d, s.labels.get("domain") or f"dom{d}")
-    for s in samples("iotrace_probes_attached"):
+            out.domains[d] = DomainInfo(d, s.labels.get("domain") or fallback_name(d))
+    for s in samples(PROBES):
         if mine(s):
             d = _int(s.labels.get("domid"))
-            info = out.domains.setdefault(d, DomainInfo(d, s.labels.get("domain") or f"dom{d}"))
+            info = out.domains.setdefault(d, DomainInfo(d, s.labels.get("domain") or fallback_name(d)))
             info.probes_attached += int(s.value)
             out.probes[source] = out.probes.get(source, 0) + int(s.value)
-    for s in samples("iotrace_events_lost", "_total"):
+    for s in samples(LOST):
         out.lost[s.labels.get("source", "")] = int(s.value)
 
     def key_of(labels, vcpu=None, dir_=None) -> Key:
@@ -174,19 +183,19 @@ def parse_metrics(text: str, source: str | None = None) -> Parsed:
                    _dir_code(labels.get("dir", "")) if dir_ is None else dir_,
                    labels.get("range", "other"), 0)
 
-    for s in samples("iotrace_ioreqs", "_total"):
+    for s in samples(IOREQS):
         if mine(s):
             out.totals.setdefault(key_of(s.labels), Cell()).count += int(s.value)
             if "vcpu" not in s.labels:
                 out.vcpu_label = False
-    for s in samples("iotrace_ioreq_bytes", "_total"):
+    for s in samples(BYTES):
         if mine(s):
             out.totals.setdefault(key_of(s.labels), Cell()).bytes += int(s.value)
 
-    fam = by_name.get("iotrace_ioreq_service_seconds")
+    fam = by_name.get(SERVICE.name)
     if fam is not None:
         groups: dict[Key, dict] = {}
-        base = "iotrace_ioreq_service_seconds"
+        base = SERVICE.name
         for s in fam.samples:
             if not mine(s):
                 continue

@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from iotrace.core.addrmap import AddressMap
+from iotrace.core.domains import display_name
 from iotrace.core.errors import InputError, UserError
 from iotrace.core.source import DomainInfo, EventSource
 from iotrace.offline.capture import load_capture
@@ -27,7 +28,6 @@ TICK = 0.05
 
 class ReplaySource(EventSource):
     name = "replay"
-    has_probes = False
 
     def __init__(self, path: str, speed: float = 0.0, addrmap: AddressMap | None = None,
                  cpu_hz: float | None = None, clock=time.time, keep_addr: bool = False):
@@ -70,7 +70,7 @@ class ReplaySource(EventSource):
             for domid in np.unique(events["domid"]).tolist() if len(events) else []:
                 if domid < 0:
                     continue
-                name = cap.domain_names.get(domid) or f"dom{domid}"
+                name = display_name(domid, cap.domain_names)
                 self._domains[domid] = DomainInfo(domid, name, first_seen=now, last_seen=now)
         if self.speed == 0 or len(events) == 0:
             self._feed(events)

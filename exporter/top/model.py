@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from iotrace.core.aggregate import N_SLOTS, Cell, Key, hist_quantile_ns
+from iotrace.core.domains import display_name, fallback_name
 from iotrace.core.events import DIR_READ, DIR_WRITE, TYPE_CODES, TYPE_NAMES, type_name
 from iotrace.core.source import DomainInfo, SourceStats
 
@@ -548,7 +549,7 @@ class Model:
         if filt.domains:
             doms = np.unique(fr.domid)
             ok = [d for d in doms.tolist()
-                  if filt.match_domain(d, names.get(d, _default_name(d)))]
+                  if filt.match_domain(d, display_name(d, names))]
             sel &= np.isin(fr.domid, ok)
         if filt.vcpus:
             sel &= np.isin(fr.vcpu, list(filt.vcpus))
@@ -580,7 +581,7 @@ class Model:
             g = by_dom.get(domid, _G())
             info = snap.domains.get(domid)
             exp = self.expansion(domid)
-            row = Row("domain", 0, domid, info.name if info else _default_name(domid),
+            row = Row("domain", 0, domid, info.name if info else fallback_name(domid),
                       ident=("domain", domid),
                       probes=info.probes_attached if info and has_probes else None,
                       lost=lost_by_dom.get(domid) if lost_by_dom else None,
@@ -676,14 +677,6 @@ class Model:
         return View(rows, snap, self.elapsed, self._rate(tot.d_count),
                     self._rate(tot.d_bytes), self._rate(tot.reads), self._rate(tot.writes),
                     tot.reqs, lost_delta, len(tops))
-
-
-def _default_name(domid: int) -> str:
-    if domid < 0:
-        return "unknown"
-    if domid == 32767:
-        return "idle"
-    return f"dom{domid}"
 
 
 # -- formatting (shared by the curses view and the batch printer) -------------------------------

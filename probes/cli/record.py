@@ -12,7 +12,7 @@ import sys
 import time
 
 from iotrace.offline.recording import RecordingWriter
-from iotrace.probes.live import add_probe_arguments, source_from_args, start_or_fail
+from iotrace.probes.cli.common import add_probe_arguments, events_source, start_attached
 
 HELP = "record every I/O request guests send to their device models into a file (root)"
 EXAMPLES = """\
@@ -29,16 +29,11 @@ keep it as private as the guests' own data.
 
 def add_arguments(p) -> None:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="recording to write")
-    p.add_argument("--duration", type=float, default=None, metavar="S",
-                   help="stop after S seconds (default: until SIGINT/SIGTERM)")
     add_probe_arguments(p)
 
 
 def run(args) -> int:
-    if args.duration is not None and args.duration <= 0:
-        from iotrace.core.errors import UserError
-        raise UserError(f"--duration must be positive, got {args.duration}")
-    src = source_from_args(args, "events")
+    src = events_source(args)
     stop = {"flag": False}
 
     def on_signal(signum, _frame):
@@ -48,7 +43,7 @@ def run(args) -> int:
     old_int = signal.signal(signal.SIGINT, on_signal)
     writer = None
     try:
-        start_or_fail(src)
+        start_attached(src)
         meta = {"source": "qemu", "binaries": [ps.res.path for ps in src.sets],
                 "build_ids": {ps.res.path: ps.res.build_id for ps in src.sets},
                 "service_time": not args.no_service_time,

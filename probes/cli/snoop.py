@@ -11,11 +11,12 @@ import time
 
 import numpy as np
 
+from iotrace.core.domains import display_name
 from iotrace.core.errors import UserError
 from iotrace.core.events import dir_name, type_name
 from iotrace.probes.bpf.loader import program_text
+from iotrace.probes.cli.common import add_probe_arguments, events_source, start_attached
 from iotrace.probes.hook.resolve import resolve
-from iotrace.probes.live import add_probe_arguments, source_from_args, start_or_fail
 
 HELP = "print every I/O request guests send to their device models, as it happens (root)"
 EXAMPLES = """\
@@ -45,8 +46,6 @@ def add_arguments(p) -> None:
                    help="only this vCPU (-1: buffered requests; repeatable)")
     p.add_argument("--range", action="append", default=[], metavar="NAME",
                    help="only this named address range, e.g. com1, vga-lowmem (repeatable)")
-    p.add_argument("--duration", type=float, default=None, metavar="S",
-                   help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument("--ebpf", action="store_true", help="print the BPF program and exit")
     add_probe_arguments(p)
 
@@ -109,7 +108,7 @@ def run(args) -> int:
             res = None
         print(program_text(res, "events", not args.no_service_time))
         return 0
-    src = source_from_args(args, "events")
+    src = events_source(args)
     flt = Filter(args, src.addrmap)
     stop = {"flag": False}
 
@@ -119,7 +118,7 @@ def run(args) -> int:
     old = signal.signal(signal.SIGTERM, on_signal)
     old_int = signal.signal(signal.SIGINT, on_signal)
     try:
-        start_or_fail(src)
+        start_attached(src)
         wall_offset = time.time() - time.monotonic()
         print(f"iotrace snoop: {src.attached} uprobe(s) on "
               f"{', '.join(ps.res.path for ps in src.sets)}; Ctrl-C to stop", file=sys.stderr)
@@ -133,7 +132,7 @@ def run(args) -> int:
                 names.update(src.domain_names())
                 batch, rng = flt.apply(batch, names)
                 out = [format_line(ev, src.addrmap.names[int(r)],
-                                   names.get(int(ev["domid"]), f"dom{int(ev['domid'])}"),
+                                   display_name(int(ev["domid"]), names),
                                    wall_offset) for ev, r in zip(batch, rng)]
                 if out:
                     sys.stdout.write("\n".join(out) + "\n")

@@ -7,10 +7,11 @@ uprobe sees is the stand-in itself with ``-xen-domid N`` in its argv. See
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 
+from iotrace.cli.args import checked, domid
+from iotrace.cli.args import speed as speed_arg
 from iotrace.core.errors import UserError
 
 HELP = "run a stand-in device model (looks like qemu-dm to a probe) replaying a request stream"
@@ -49,23 +50,7 @@ def add_arguments(parser) -> None:
 def _domid(text) -> int:
     if text is None:
         raise UserError("--xen-domid N is required")
-    try:
-        v = int(str(text), 0)
-    except ValueError:
-        raise UserError(f"--xen-domid: expected a domain id, got {text!r}") from None
-    if not 0 <= v < 0x7FF0:                  # DOMID_FIRST_RESERVED (xen/include/public/xen.h)
-        raise UserError(f"--xen-domid: {v} outside 0..32751")
-    return v
-
-
-def _speed(text) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise UserError(f"--speed: expected a number >= 0, got {text!r}") from None
-    if not math.isfinite(v) or v < 0 or v > 1e6:
-        raise UserError(f"--speed: expected a number in 0..1e6, got {text!r}")
-    return v
+    return checked("--xen-domid", domid, text)
 
 
 def run(args) -> int:
@@ -77,7 +62,7 @@ def run(args) -> int:
         sys.stdout.flush()
         os.execv(str(exe), [str(exe), "-print-layout"])
     domid = _domid(args.domid)
-    speed = _speed(args.speed)
+    speed = checked("--speed", speed_arg, args.speed)
     if args.name is not None and not args.name.strip():
         raise UserError("-name: empty name")
     if args.truth:

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from iotrace.core.addrmap import OTHER, AddressMap
+from iotrace.core.errors import ConfigError
 from iotrace.core.events import TYPE_MMIO, TYPE_PCI_CONFIG, TYPE_PIO, TYPE_TIMEOFFSET
-from iotrace.core.yamlfile import ConfigError
 
 
 @pytest.fixture(scope="module")

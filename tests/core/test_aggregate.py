@@ -4,16 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iotrace.core import events
 from iotrace.core.aggregate import N_SLOTS, Aggregator, Cell, Key, hist_quantile_ns, log2_slots
-
-
-def batch(rows):
-    b = events.empty(len(rows))
-    for i, r in enumerate(rows):
-        for k, v in r.items():
-            b[k][i] = v
-    return b
+from support.fakes import dict_batch as batch
 
 
 def test_groups_by_domain_vcpu_type_dir_range_addr():

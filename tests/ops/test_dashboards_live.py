@@ -161,7 +161,7 @@ def live(tmp_path_factory):
                  "--web.listen-address", f"127.0.0.1:{port}"],
                 stdout=subprocess.DEVNULL, stderr=open(tmp / f"serve-{port}.log", "wb")))
         for port in (xen_port, qemu_port):
-            wait_until(lambda: b"iotrace_build_info" in http_get(f"http://127.0.0.1:{port}/metrics"),
+            wait_until(lambda port=port: b"iotrace_build_info" in http_get(f"http://127.0.0.1:{port}/metrics"),
                        30, "iotrace serve")
 
         def as_source(port, source):

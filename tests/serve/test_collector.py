@@ -18,40 +18,21 @@ from iotrace.core.events import (
     TYPE_PCI_CONFIG,
     TYPE_PIO,
     TYPE_TIMEOFFSET,
-    empty,
 )
-from iotrace.core.source import DomainInfo, EventSource
 from iotrace.serve.collector import (
     BUCKET_BOUNDS_SECONDS,
     IotraceCollector,
     worst_case_series_per_domain,
 )
 from iotrace.serve.settings import ExporterSettings
+from support.fakes import FedSource, rows_batch
 
 SECRET = 0xDEADBEEF  # a "keystroke": guest data must never show up in the metrics
 
 
-class FedSource(EventSource):
-    def __init__(self, name="qemu", **kw):
-        self.name = name
-        super().__init__(**kw)
-
-    def start(self):
-        self._stats.up = True
-
-    def add_domain(self, domid, name, last_seen, probes=0):
-        self._domains[domid] = DomainInfo(domid, name, probes_attached=probes,
-                                          last_seen=last_seen)
-
-
 def batch(rows):
-    """rows: (domid, vcpu, type, dir, addr, size, count, service_ns)"""
-    b = empty(len(rows))
-    for i, (d, v, t, dr, a, sz, c, svc) in enumerate(rows):
-        b[i]["domid"], b[i]["vcpu"], b[i]["type"], b[i]["dir"] = d, v, t, dr
-        b[i]["addr"], b[i]["size"], b[i]["count"], b[i]["service_ns"] = a, sz, c, svc
-        b[i]["data"] = SECRET
-    return b
+    """rows: (domid, vcpu, type, dir, addr, size, count, service_ns), with guest data SECRET"""
+    return rows_batch(rows, data=SECRET)
 
 
 class Clock:
@@ -185,7 +166,7 @@ def test_domain_grace_period():
                range="com1")
     assert reg.get_sample_value("iotrace_ioreqs_total", lab) == 1
     # the source stops listing the domain: still served during the grace period
-    del s._domains[7]
+    s.remove_domain(7)
     clock.t = 1059.0
     assert reg.get_sample_value("iotrace_ioreqs_total", dict(lab, domain="dom7")) == 1
     clock.t = 1061.0
@@ -216,8 +197,7 @@ def test_self_metrics_and_sources_kept_apart(src):
     x = FedSource("xentrace")
     x.start()
     x.feed(batch([(3, 0, TYPE_PIO, DIR_READ, 0x70, 0, 1, 900)]))
-    x._stats.lost = 17
-    x._stats.decode_errors = 2
+    x.set_stats(lost=17, decode_errors=2)
     reg, col = registry_for([src, x])
     g = reg.get_sample_value
     assert g("iotrace_source_up", {"source": "qemu"}) == 1
@@ -239,6 +219,8 @@ def test_self_metrics_and_sources_kept_apart(src):
 
 
 class BrokenSource(FedSource):
+    columnar = False         # its own totals(): the scrape must read them, not the base's columns
+
     def totals(self):
         raise RuntimeError("ring buffer gone")
 
@@ -252,7 +234,7 @@ def test_broken_source_is_down_and_others_still_served(src):
     assert reg.get_sample_value("iotrace_ioreqs_total", dict(
         source="qemu", domain="web-1", domid="3", vcpu="0", type="pio", dir="write",
         range="com1")) == 2
-    src._stats.up = False
+    src.set_up(False)
     assert reg.get_sample_value("iotrace_source_up", {"source": "qemu"}) == 0
 
 
@@ -305,6 +287,8 @@ def test_worst_case_bound_holds():
 
 class SlowSource(FedSource):
     """A source whose totals take a while to read (a big BPF map, a busy lock)."""
+
+    columnar = False
 
     def __init__(self):
         super().__init__()

@@ -17,34 +17,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from iotrace.core.aggregate import N_SLOTS, Cell, Key
 from iotrace.core.events import DIR_NAMES, TYPE_MMIO, TYPE_NAMES, TYPE_PIO, empty
-from iotrace.core.source import DomainInfo, EventSource, SourceStats, columns_of, totals_columns
-from iotrace.serve.collector import BUCKET_EXPONENTS, IotraceCollector
+from iotrace.core.metrics import BUCKET_EXPONENTS
+from iotrace.core.source import SourceStats, columns_of, totals_columns
+from iotrace.serve.collector import IotraceCollector
+from iotrace.serve.render import Renderer
 from iotrace.serve.server import ExporterServer
 from iotrace.serve.settings import ExporterSettings
+from support.fakes import FedSource as Fed
+from support.fakes import random_batch
 
 NOW = 1_000_000.0
-
-
-class Fed(EventSource):
-    def __init__(self, name="qemu", **kw):
-        self.name = name
-        super().__init__(**kw)
-
-    def start(self):
-        self._stats.up = True
-
-
-def random_batch(rng, n, domains=(1, 2, 3)):
-    b = empty(n)
-    b["domid"] = rng.choice(domains, n)
-    b["vcpu"] = rng.integers(-1, 3, n)
-    b["type"] = rng.choice([0, 1, 2, 3, 42], n)
-    b["dir"] = rng.integers(0, 2, n)
-    b["addr"] = rng.choice([0x3f8, 0x60, 0x1f0, 0x5555, 0xa0000, 0xfee00000, 0], n)
-    b["size"] = rng.choice([0, 1, 4], n)
-    b["count"] = rng.integers(1, 4, n)
-    b["service_ns"] = np.where(rng.random(n) < 0.3, -1, rng.integers(0, 2 ** 36, n))
-    return b
 
 
 def truth(totals: dict, source: str, names: dict, vcpu_label: bool) -> dict:
@@ -122,7 +104,10 @@ def test_columns_equal_totals():
 
 
 class OwnTotals(Fed):
-    """Overrides totals() only: its columns must come from that totals(), not the base class."""
+    """Overrides totals() only, and says so (columnar = False): its columns must come from that
+    totals(), not the base class's."""
+
+    columnar = False
 
     def totals(self):
         return {Key(5, 0, TYPE_PIO, 0, "com1", 0): Cell(7, 7, 0, 0)}
@@ -153,9 +138,9 @@ def test_totals_columns_dispatch():
     assert list(totals_columns(s).keys) == [Key(5, 0, TYPE_PIO, 0, "com1", 0)]
     f = Fed()
     f.feed(random_batch(np.random.default_rng(3), 50))
-    assert totals_columns(f).keys == list(f._agg.cells)
-    m = MapSource(f._agg.cells)
-    assert totals_columns(m).keys == list(f._agg.cells)
+    assert totals_columns(f).keys == list(f.totals())
+    m = MapSource(f.totals())
+    assert totals_columns(m).keys == list(f.totals())
 
 
 @pytest.mark.parametrize("vcpu_label", [True, False])
@@ -182,7 +167,7 @@ def test_scrapes_equal_truth_across_changes(vcpu_label):
         return got_fast
 
     for d, n in names.items():
-        s._domains[d] = DomainInfo(d, n, last_seen=NOW)
+        s.add_domain(d, n, last_seen=NOW)
     s.feed(random_batch(rng, 2000))
     check()
     check()                               # same layout, values only
@@ -192,17 +177,16 @@ def test_scrapes_equal_truth_across_changes(vcpu_label):
     got = check()
     assert any(dict(k[1])["domain"] == "unknown" for k in got)
     names[2] = "beta-renamed"
-    s._domains[2] = DomainInfo(2, "beta-renamed", last_seen=NOW)
+    s.add_domain(2, "beta-renamed", last_seen=NOW)
     got = check()
     assert not any(dict(k[1])["domain"] == "beta" for k in got)
     # map-style cells: service times without a count, and a cell with nothing at all
-    with s._lock:
-        h = np.zeros(N_SLOTS, dtype=np.int64)
-        h[12] = 3
-        s._agg.add_cell(Key(7, 0, TYPE_MMIO, 1, "vga-lowmem", 0), Cell(0, 0, 3, 9000, h))
-        s._agg.add_cell(Key(8, 0, TYPE_MMIO, 1, "vga-lowmem", 0), Cell())
-        # inconsistent map data: a histogram without service times is not counted
-        s._agg.add_cell(Key(7, 1, TYPE_MMIO, 1, "vga-lowmem", 0), Cell(2, 8, 0, 0, h * 5))
+    h = np.zeros(N_SLOTS, dtype=np.int64)
+    h[12] = 3
+    s.add_cell(Key(7, 0, TYPE_MMIO, 1, "vga-lowmem", 0), Cell(0, 0, 3, 9000, h))
+    s.add_cell(Key(8, 0, TYPE_MMIO, 1, "vga-lowmem", 0), Cell())
+    # inconsistent map data: a histogram without service times is not counted
+    s.add_cell(Key(7, 1, TYPE_MMIO, 1, "vga-lowmem", 0), Cell(2, 8, 0, 0, h * 5))
     got = check()
     assert ("iotrace_ioreq_service_seconds_count",
             (("domain", "dom7"), ("domid", "7"), ("range", "vga-lowmem"), ("source", "qemu"),
@@ -211,10 +195,10 @@ def test_scrapes_equal_truth_across_changes(vcpu_label):
     text = col.render_text().decode()
     assert 'iotrace_domain_info{domid="8"' not in text
     # domain 2 stops being alive: hidden after the grace period, the others stay
-    s._domains[2] = DomainInfo(2, "beta-renamed", last_seen=NOW)
+    s.add_domain(2, "beta-renamed", last_seen=NOW)
     clock[0] = NOW + 61
     for d in (1,):
-        s._domains[d] = DomainInfo(d, names[d], last_seen=clock[0])
+        s.add_domain(d, names[d], last_seen=clock[0])
     text = col.render_text().decode()
     got = exported(text)
     assert got and not any(dict(k[1])["domid"] == "2" for k in got)
@@ -253,13 +237,13 @@ def test_concurrent_renders_one_thread_same_body():
     s.feed(random_batch(np.random.default_rng(5), 5000))
     col = IotraceCollector([s])
     bodies, threads = [], set()
-    orig = col._render_chunks
+    orig = col.renderer.render_into
 
     def spy(put):
         threads.add(threading.get_ident())
         return orig(put)
 
-    col._render_chunks = spy
+    col.renderer.render_into = spy
     ts = [threading.Thread(target=lambda: bodies.append(col.render_text())) for _ in range(8)]
     for t in ts:
         t.start()
@@ -311,16 +295,16 @@ def test_failed_rendering_is_500_then_recovers():
     col = IotraceCollector([s])
     reg = CollectorRegistry()
     reg.register(col)
-    orig, calls = col._snapshot, []
+    calls = []
 
     def flaky():
         calls.append(1)
         if len(calls) == 1:
             raise ValueError("collector bug")
-        return orig()
+        return col.snapshot()
 
-    col._snapshot = flaky
-    srv = ExporterServer(reg, "127.0.0.1:0", fast_text=col.iter_chunks)
+    renderer = Renderer(flaky)
+    srv = ExporterServer(reg, "127.0.0.1:0", fast_text=lambda: renderer.job().stream())
     srv.start()
     try:
         for enc in ("gzip", "identity"):
@@ -336,8 +320,8 @@ def test_failed_rendering_is_500_then_recovers():
                 assert code == 200 and b"iotrace_ioreqs_total{" in body
         with pytest.raises(RuntimeError):
             calls.clear()
-            col.render_text()
-        assert b"iotrace_ioreqs_total{" in col.render_text()
+            renderer.job().result()
+        assert b"iotrace_ioreqs_total{" in b"".join(renderer.job().result())
     finally:
         srv.shutdown()
 
@@ -345,22 +329,22 @@ def test_failed_rendering_is_500_then_recovers():
 def test_render_thread_ends_when_idle_and_comes_back(monkeypatch):
     import time
 
-    import iotrace.serve.collector as collector_mod
-    monkeypatch.setattr(collector_mod, "RENDER_THREAD_IDLE_SECONDS", 0.2)
+    import iotrace.serve.render as render_mod
+    monkeypatch.setattr(render_mod, "IDLE_SECONDS", 0.2)
     s = Fed()
     s.start()
     s.feed(random_batch(np.random.default_rng(9), 100))
     col = IotraceCollector([s])
     first = col.render_text()
-    worker = col._worker
+    worker = col.renderer.thread
     assert worker is not None and worker.daemon
     worker.join(5)
-    assert not worker.is_alive() and col._worker is None
+    assert not worker.is_alive() and col.renderer.thread is None
     time.sleep(0.05)
     again = col.render_text()
     assert again[:again.rindex(b"iotrace_scrape_duration")] == \
         first[:first.rindex(b"iotrace_scrape_duration")]
-    assert col._worker is not None and col._worker is not worker
+    assert col.renderer.thread is not None and col.renderer.thread is not worker
 
 
 class ShuffledMapSource(MapSource):
@@ -379,54 +363,55 @@ class ShuffledMapSource(MapSource):
 def test_reordered_keys_reuse_the_layout():
     f = Fed(keep_addr=True)
     f.feed(random_batch(np.random.default_rng(12), 3000))
-    m = ShuffledMapSource(f._agg.cells)
+    m = ShuffledMapSource(f.totals())
     col = IotraceCollector([m])
     want = truth(f.totals(), "qemu", {}, True)
     assert_same(exported(col.render_text().decode()), want)
-    lay = col._layouts["qemu"]
+    lay = col.layout_of("qemu")
     for _ in range(3):
         assert_same(exported(col.render_text().decode()), want)
-        assert col._layouts["qemu"] is lay
+        assert col.layout_of("qemu") is lay
     # a new key: a new layout, still right
     f.feed(random_batch(np.random.default_rng(13), 50, domains=(9,)))
+    m.cells = f.totals()
     want = truth(f.totals(), "qemu", {}, True)
     assert_same(exported(col.render_text().decode()), want)
-    assert col._layouts["qemu"] is not lay
+    assert col.layout_of("qemu") is not lay
 
 
 def test_new_keys_and_domains_extend_the_layout(monkeypatch):
-    import iotrace.serve.collector as collector_mod
+    from iotrace.serve.layout import Layout
     built = []
-    init = collector_mod._Layout.__init__
+    init = Layout.__init__
 
     def counting_init(self, *a, **kw):
         built.append(1)
         init(self, *a, **kw)
 
-    monkeypatch.setattr(collector_mod._Layout, "__init__", counting_init)
+    monkeypatch.setattr(Layout, "__init__", counting_init)
     rng = np.random.default_rng(14)
     s = Fed(keep_addr=True)
     s.start()
     names = {1: "alpha"}
-    s._domains[1] = DomainInfo(1, "alpha", last_seen=NOW)
+    s.add_domain(1, "alpha", last_seen=NOW)
     col = IotraceCollector([s], clock=lambda: NOW)
     s.feed(random_batch(rng, 1000, domains=(1,)))
     text_before = col.render_text()
-    old = col._layouts["qemu"]
+    old = col.layout_of("qemu")
     n_old = len(old.keys)
-    prefixes_old = list(old._prefix_lists["iotrace_ioreqs_total"])
+    prefixes_old = list(old.prefixes("iotrace_ioreqs_total"))
     # a new guest appears (listed, with a name) and sends requests: its keys come after
     names[6] = "new-guest"
-    s._domains[6] = DomainInfo(6, "new-guest", last_seen=NOW)
+    s.add_domain(6, "new-guest", last_seen=NOW)
     s.feed(random_batch(rng, 1000, domains=(1, 6)))
     text = col.render_text().decode()
-    lay = col._layouts["qemu"]
+    lay = col.layout_of("qemu")
     assert lay is not old and len(lay.keys) > n_old
     assert len(built) == 1                 # the first scrape's; extended since, not rebuilt
     # extended, not rebuilt: the old series' label text is carried over as is
-    assert lay._prefix_lists["iotrace_ioreqs_total"][:len(prefixes_old)] == prefixes_old
+    assert lay.prefixes("iotrace_ioreqs_total")[:len(prefixes_old)] == prefixes_old
     # ... and the old layout is left as it was (earlier scrapes may still read it)
-    assert len(old.keys) == n_old and old._prefix_lists["iotrace_ioreqs_total"] == prefixes_old
+    assert len(old.keys) == n_old and old.prefixes("iotrace_ioreqs_total") == prefixes_old
     assert_same(exported(text), truth(s.totals(), "qemu", names, True))
     assert 'domain="new-guest"' in text and b'domain="new-guest"' not in text_before
     want = exported(generate_latest(_registry(col)).decode())

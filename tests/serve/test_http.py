@@ -21,25 +21,18 @@ from prometheus_client import CollectorRegistry
 
 from iotrace.core.errors import UserError
 from iotrace.core.events import TYPE_PIO, empty
-from iotrace.core.source import EventSource
 from iotrace.serve.collector import IotraceCollector
 from iotrace.serve.server import ExporterServer, parse_listen_address
 from iotrace.serve.webconfig import load_web_config
 from support import require_tool
+from support.fakes import FedSource
 from support.prometheus import free_port, self_signed_cert, wait_http
 
 PASSWORD = "correct horse"
 
 
-class Fed(EventSource):
-    name = "qemu"
-
-    def start(self):
-        self._stats.up = True
-
-
 def make_source(n=3):
-    s = Fed()
+    s = FedSource()
     s.start()
     b = empty(n)
     b["domid"], b["vcpu"], b["type"], b["addr"], b["size"] = 2, 0, TYPE_PIO, 0x3f8, 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from iotrace.core.addrmap import AddressMap
-from iotrace.core.yamlfile import ConfigError
+from iotrace.core.errors import ConfigError
 from iotrace.serve.settings import DEFAULT_GRACE_SECONDS, ExporterSettings, load_settings
 
 

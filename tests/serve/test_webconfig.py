@@ -6,7 +6,7 @@ import ssl
 import bcrypt
 import pytest
 
-from iotrace.core.yamlfile import ConfigError
+from iotrace.core.errors import ConfigError
 from iotrace.serve.webconfig import load_web_config
 from support.prometheus import self_signed_cert
 

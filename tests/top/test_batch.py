@@ -13,17 +13,10 @@ import pytest
 
 from iotrace.core import events
 from iotrace.offline.recording import RecordingWriter
+from support.fakes import batch
 
 HEADER = ["ID", "NAME", "REQ/s", "BYTES/s", "RD/s", "WR/s", "BUSIEST", "P50", "P95", "LOST",
           "REQS", "BYTES", "AVG", "VCPUS", "PROBES", "FLAGS"]
-
-
-def batch(n, domid, vcpu, typ, addr, dir_, size, svc_ns=-1, t0=0, dt=0):
-    b = events.empty(n)
-    b["ts_ns"] = t0 + dt * __import__("numpy").arange(n)
-    b["domid"], b["vcpu"], b["type"], b["addr"] = domid, vcpu, typ, addr
-    b["dir"], b["size"], b["service_ns"] = dir_, size, svc_ns
-    return b
 
 
 @pytest.fixture

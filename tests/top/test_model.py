@@ -6,7 +6,7 @@ import pytest
 
 from iotrace.core import events
 from iotrace.core.aggregate import Cell, Key
-from iotrace.core.source import DomainInfo, EventSource, SourceStats
+from iotrace.core.source import DomainInfo, SourceStats
 from iotrace.top.model import (
     Filter,
     FilterError,
@@ -19,25 +19,11 @@ from iotrace.top.model import (
     parse_filter_spec,
     take_snapshot,
 )
+from support.fakes import FedSource, batch
 
 
-class Fed(EventSource):
-    name = "fed"
-
-    def start(self):
-        with self._lock:
-            self._stats.up = True
-
-    def name_domain(self, domid, name):
-        with self._lock:
-            self._domains[domid] = DomainInfo(domid, name)
-
-
-def batch(n, domid, vcpu, typ, addr, dir_, size, svc_ns=-1):
-    b = events.empty(n)
-    b["domid"], b["vcpu"], b["type"], b["addr"] = domid, vcpu, typ, addr
-    b["dir"], b["size"], b["service_ns"] = dir_, size, svc_ns
-    return b
+def Fed(**kw):
+    return FedSource("fed", **kw)
 
 
 class Clock:
@@ -52,8 +38,8 @@ class Clock:
 def fed():
     src = Fed(keep_addr=True)
     src.start()
-    src.name_domain(1, "alpha")
-    src.name_domain(2, "beta")
+    src.add_domain(1, "alpha")
+    src.add_domain(2, "beta")
     return src
 
 
@@ -116,14 +102,14 @@ def test_quantiles_are_over_the_interval(fed):
     clock, m = Clock(), Model(slow_p95=1e-3)
     step(m, fed, clock, 0)
     v = step(m, fed, clock, 1.0,
-             batch(100, 1, 0, events.TYPE_PIO, 0x3f8, events.DIR_WRITE, 1, svc_ns=3_000_000))
+             batch(100, 1, 0, events.TYPE_PIO, 0x3f8, events.DIR_WRITE, 1, service_ns=3_000_000))
     a = by_name(v)["alpha"]
     # 3 ms lies in log2 slot [2^21, 2^22) ns = [2.10, 4.19) ms
     assert 2.09e-3 <= a.p50 <= 4.2e-3 and 2.09e-3 <= a.p95 <= 4.2e-3
     assert a.avg == pytest.approx(3e-3)
     assert "slow" in a.flags
     v = step(m, fed, clock, 1.0,
-             batch(100, 1, 0, events.TYPE_PIO, 0x3f8, events.DIR_WRITE, 1, svc_ns=5_000))
+             batch(100, 1, 0, events.TYPE_PIO, 0x3f8, events.DIR_WRITE, 1, service_ns=5_000))
     a = by_name(v)["alpha"]
     assert 4.0e-6 <= a.p95 <= 8.2e-6                        # the slow interval is gone
     assert "slow" not in a.flags
@@ -134,7 +120,7 @@ def test_quantiles_are_over_the_interval(fed):
 def test_sort_keys_and_reverse(fed):
     clock, m = Clock(), Model()
     step(m, fed, clock, 0)
-    fed.name_domain(3, "gamma")
+    fed.add_domain(3, "gamma")
     v = step(m, fed, clock, 1.0,
              batch(300, 1, 0, events.TYPE_PIO, 0x3f8, events.DIR_WRITE, 1),
              batch(100, 2, 0, events.TYPE_MMIO, 0xa0000, events.DIR_WRITE, 8),
@@ -163,7 +149,7 @@ def test_rows_without_value_sort_last(fed):
     step(m, fed, clock, 0)
     v = step(m, fed, clock, 1.0,
              batch(10, 1, 0, events.TYPE_PIO, 0x3f8, events.DIR_WRITE, 1),            # no timing
-             batch(10, 2, 0, events.TYPE_PIO, 0x3f8, events.DIR_WRITE, 1, svc_ns=1000))
+             batch(10, 2, 0, events.TYPE_PIO, 0x3f8, events.DIR_WRITE, 1, service_ns=1000))
     assert [r.name for r in v.rows] == ["beta", "alpha"]
     m.reverse = True
     assert [r.name for r in m.view().rows] == ["beta", "alpha"]   # unknown stays last

@@ -27,13 +27,7 @@ TICK = 0.1
 
 def _feed_source_class():
     from iotrace.core import events
-    from iotrace.core.source import DomainInfo, EventSource
-
-    def batch(n, domid, vcpu, typ, addr, dir_, size, svc_ns):
-        b = events.empty(n)
-        b["domid"], b["vcpu"], b["type"], b["addr"] = domid, vcpu, typ, addr
-        b["dir"], b["size"], b["service_ns"] = dir_, size, svc_ns
-        return b
+    from support.fakes import FedSource, batch
 
     def tick_batches():
         return [
@@ -44,25 +38,21 @@ def _feed_source_class():
                   3_000_000),
         ]
 
-    class FeedSource(EventSource):
-        name = "feed"
-
+    class FeedSource(FedSource):
         def __init__(self, mode: str = "steady", ticks: int = 10):
-            super().__init__(keep_addr=True)
+            super().__init__("feed", keep_addr=True)
             self.mode, self.ticks = mode, ticks
             self._halt = threading.Event()
             self._thread = None
 
         def start(self):
-            with self._lock:
-                self._stats.up = True
-                self._stats.lost = 7
-                self._stats.extra = {"lost_by_domid": {3: 7}}
-                for d, n in ((1, "alpha"), (2, "beta"), (3, "gamma")):
-                    self._domains[d] = DomainInfo(d, n)
-                if self.mode == "many":          # 40 more, quieter domains: the table scrolls
-                    for d in range(10, 50):
-                        self._domains[d] = DomainInfo(d, f"guest{d}")
+            self.set_up(True)
+            self.add_lost(7, by_domid={3: 7})
+            for d, n in ((1, "alpha"), (2, "beta"), (3, "gamma")):
+                self.add_domain(d, n)
+            if self.mode == "many":          # 40 more, quieter domains: the table scrolls
+                for d in range(10, 50):
+                    self.add_domain(d, f"guest{d}")
             if self.mode == "once":          # like a replay at --speed 0: everything at start
                 for _ in range(self.ticks):
                     for b in tick_batches():
@@ -79,10 +69,8 @@ def _feed_source_class():
                     for d in range(10, 50):
                         self.feed(batch(60 - d, d, 0, events.TYPE_PIO, 0x3f8,
                                         events.DIR_WRITE, 1, 5_000))
-                if self.mode == "down" and self._stats.events > 2000:
-                    with self._lock:
-                        self._stats.up = False
-                        self._stats.error = "device model exited"
+                if self.mode == "down" and self.stats().events > 2000:
+                    self.set_up(False, "device model exited")
                     return
 
         def stop(self):

@@ -1,0 +1,110 @@
+"""Argument types shared by the verbs: one definition of a duration, a count, a speed, a domain id.
+
+Each parser takes the text the operator typed and returns the value or raises ``ValueError`` with
+what was expected (no flag name: the caller knows it). Two adapters put them to use:
+
+* ``argtype(parse)``: an argparse ``type=`` (argparse names the flag and exits 2);
+* ``checked(flag, parse, text)``: for verbs that validate after parsing (QEMU-style single-dash
+  flags of ``iotrace standin``): a ``UserError`` "FLAG: what was expected".
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+from iotrace.core.domains import DOMID_FIRST_RESERVED
+from iotrace.core.errors import UserError
+
+MAX_SPEED = 1e6
+
+
+def _number(text) -> float:
+    v = float(text)               # ValueError for text that is not a number
+    if not math.isfinite(v):
+        raise ValueError
+    return v
+
+
+def seconds(text) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        v = _number(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected seconds, got {text!r}") from None
+    if v <= 0:
+        raise ValueError(f"expected a positive number of seconds, got {text!r}")
+    return v
+
+
+def positive(text) -> float:
+    """A positive, finite number (a unit the flag's help names)."""
+    try:
+        v = _number(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number, got {text!r}") from None
+    if v <= 0:
+        raise ValueError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def count(text) -> int:
+    """A whole number, 1 or more."""
+    try:
+        v = int(str(text), 10)
+    except ValueError:
+        raise ValueError(f"expected a whole number (1 or more), got {text!r}") from None
+    if v < 1:
+        raise ValueError(f"expected a whole number (1 or more), got {text!r}")
+    return v
+
+
+def speed(text) -> float:
+    """A replay speed: 0 (as fast as possible / all at once) or a factor of real time."""
+    try:
+        v = _number(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number >= 0 (0: as fast as possible), got {text!r}") from None
+    if not 0 <= v <= MAX_SPEED:
+        raise ValueError(f"expected a number in 0..{MAX_SPEED:g}, got {text!r}")
+    return v
+
+
+def domid(text) -> int:
+    """A guest domain id (0 .. DOMID_FIRST_RESERVED - 1), decimal or 0x hex."""
+    try:
+        v = int(str(text), 0)
+    except ValueError:
+        raise ValueError(f"expected a domain id, got {text!r}") from None
+    if not 0 <= v < DOMID_FIRST_RESERVED:
+        raise ValueError(f"{v} outside 0..{DOMID_FIRST_RESERVED - 1}")
+    return v
+
+
+def byte_offset(text) -> int:
+    """A byte offset inside a structure (decimal or 0x hex), 0 or more."""
+    try:
+        v = int(str(text), 0)
+    except ValueError:
+        raise ValueError(f"expected a byte offset such as 0x48, got {text!r}") from None
+    if not 0 <= v < 1 << 16:
+        raise ValueError(f"expected a byte offset 0..0xffff, got {text!r}")
+    return v
+
+
+def argtype(parse):
+    """``parse`` as an argparse ``type=``: its ValueError becomes argparse's own error."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__      # argparse names the type in some messages
+    return convert
+
+
+def checked(flag: str, parse, text):
+    """``parse(text)``, its ValueError as ``UserError("FLAG: ...")``."""
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise UserError(f"{flag}: {exc}") from None
