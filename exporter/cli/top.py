@@ -17,7 +17,10 @@ import time
 from iotrace.cli.args import argtype, count, positive, seconds, speed
 from iotrace.core.errors import UserError
 from iotrace.sources import registry
-from iotrace.top.model import SORT_ORDER, FilterError, Model, Sampler, make_filter
+from iotrace.top.columns import SORT_ORDER
+from iotrace.top.filters import FilterError, make_filter
+from iotrace.top.model import Model
+from iotrace.top.snapshot import Sampler
 
 HELP = "live per-domain view of guest I/O requests (like top/xentop; -b for text)"
 EXAMPLES = """\

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 
-from iotrace.top.model import COLUMNS, View, fmt_bytes, fmt_count
+from iotrace.top.columns import COLUMNS, fmt_bytes, fmt_count
+from iotrace.top.model import View
 
 # Wider than the 80-column view: a log has room, and names should not be cut.
 BATCH_WIDTHS = {"name": 16, "busiest": 20}

@@ -17,20 +17,11 @@ import curses
 import os
 import time
 
-from iotrace.top.model import (
-    COLUMNS,
-    SORT_KEYS,
-    Column,
-    FilterError,
-    Model,
-    Row,
-    Snapshot,
-    View,
-    fmt_bytes,
-    fmt_count,
-    marker,
-    parse_filter_spec,
-)
+from iotrace.top import keys
+from iotrace.top.columns import SORT_KEYS, fmt_bytes, fmt_count
+from iotrace.top.model import Model, View
+from iotrace.top.snapshot import Snapshot
+from iotrace.top.table import layout, render_header, render_row
 
 MIN_W, MIN_H = 60, 10        # below this, a message instead of a cut-up table
 HEADER_LINES = 4             # title, sources, totals, column header
@@ -54,69 +45,6 @@ REQ/s BYTES/s RD/s WR/s: rates over the last interval. BUSIEST: the range
 service times over the interval. LOST: events the source lost.
 '!' marks a row needing attention: lost events, or P95 above --slow.
 DOWN! marks a source that is down."""
-
-
-def layout(width: int) -> list[tuple[Column, int]]:
-    """Columns that fit in ``width`` (incl. the 2-char marker), widening NAME and BUSIEST first."""
-    usable = width - 1 - 2          # never write the last column (curses scrolls on it)
-    base = [c for c in COLUMNS if not c.wide_only]
-    cols = [(c, c.width) for c in base]
-    used = sum(w for _, w in cols) + len(cols) - 1
-    if used > usable:                # narrower than 80: drop columns from the right
-        while cols and used > usable:
-            c, w = cols.pop()
-            used -= w + 1
-        return cols
-    # Wide terminal: more room for names, then the wide-only columns, then more for names again.
-    used = _grow(cols, {"name": 16, "busiest": 18}, usable, used)
-    for c in COLUMNS:
-        if c.wide_only and used + 1 + c.width <= usable:
-            cols.append((c, c.width))
-            used += 1 + c.width
-    _grow(cols, {"name": 28, "busiest": 28}, usable, used)
-    return cols
-
-
-def _grow(cols: list, limits: dict[str, int], usable: int, used: int) -> int:
-    """Widen the columns named in ``limits`` up to those widths while room is left; new ``used``."""
-    for i, (c, w) in enumerate(cols):
-        if c.id in limits:
-            extra = min(limits[c.id] - w, usable - used)
-            if extra > 0:
-                cols[i] = (c, w + extra)
-                used += extra
-    return used
-
-
-def fit(text: str, width: int, right: bool) -> str:
-    if len(text) > width:
-        text = text[:max(0, width - 1)] + "~" if width > 1 else text[:width]
-    return text.rjust(width) if right else text.ljust(width)
-
-
-def _cell(c: Column, row: Row, width: int) -> str:
-    if c.id == "busiest":
-        full = c.get(row)
-        if len(full) > width and row.busiest and len(row.busiest) <= width:
-            full = row.busiest              # no room for the share: the name matters more
-        return fit(full, width, c.right)
-    return fit(c.get(row), width, c.right)
-
-
-def render_row(row: Row, cols) -> str:
-    """One table line. Child rows (vCPUs, ranges, addresses) have no ID, so their indented label
-    takes the ID and NAME columns together (longer range names fit in 80 columns)."""
-    if row.kind != "domain" and len(cols) >= 2 and cols[0][0].id == "domid" \
-            and cols[1][0].id == "name":
-        label = "  " * row.level + row.name
-        first = fit(label, cols[0][1] + 1 + cols[1][1], False)
-        rest = [_cell(c, row, w) for c, w in cols[2:]]
-        return marker(row) + " ".join([first] + rest)
-    return marker(row) + " ".join(_cell(c, row, w) for c, w in cols)
-
-
-def render_header(cols) -> str:
-    return "  " + " ".join(fit(c.header, w, c.right) for c, w in cols)
 
 
 def too_small_lines(w: int, h: int) -> list[str]:
@@ -226,7 +154,7 @@ class TopScreen:
         self.refreshes += 1
         self.view = self.model.view()
 
-    def _rebuild(self) -> None:
+    def rebuild(self) -> None:
         if self.model.cur is not None:
             self.view = self.model.view()
 
@@ -234,123 +162,12 @@ class TopScreen:
         self.message = text
         self.message_until = time.monotonic() + seconds
 
-    # -- keys ----------------------------------------------------------------------------------
-    def _selected_row(self) -> Row | None:
-        if not self.view or not self.view.rows:
-            return None
-        for r in self.view.rows:
-            if r.ident == self.selected:
-                return r
-        return self.view.rows[0]
-
-    def _move(self, step: int) -> None:
-        rows = self.view.rows if self.view else []
-        if not rows:
-            return
-        idents = [r.ident for r in rows]
-        i = idents.index(self.selected) if self.selected in idents else 0
-        i = max(0, min(len(rows) - 1, i + step))
-        self.selected = idents[i]
-
     def handle_key(self, ch: int) -> bool | None:
-        """Apply one key; False means quit."""
-        if ch == curses.KEY_RESIZE:
-            return None
-        if self.prompt is not None:
-            return self._prompt_key(ch)
-        if self.show_help:
-            self.show_help = False
-            if ch in (ord("q"), ord("Q")):
-                return False
-            return None
-        key = chr(ch) if 0 <= ch < 256 else ""
-        m = self.model
-        row = self._selected_row()
-        domid = row.domid if row else None
-        if key in ("q", "Q"):
-            return False
-        if key in ("h", "?"):
-            self.show_help = True
-        elif key in ("p", " "):
-            self.paused = not self.paused
-        elif key == "s":
-            m.cycle_sort(1)
-            self.say(f"sort: {SORT_KEYS[m.sort][2]}")
-        elif key == "S":
-            m.cycle_sort(-1)
-            self.say(f"sort: {SORT_KEYS[m.sort][2]}")
-        elif key == "i":
-            m.reverse = not m.reverse
-        elif ch in (curses.KEY_DOWN,) or key == "j":
-            self._move(1)
-        elif ch in (curses.KEY_UP,) or key == "k":
-            self._move(-1)
-        elif ch == curses.KEY_NPAGE:
-            self._move(self._table_height())
-        elif ch == curses.KEY_PPAGE:
-            self._move(-self._table_height())
-        elif ch == curses.KEY_HOME:
-            self._move(-10 ** 9)
-        elif ch == curses.KEY_END:
-            self._move(10 ** 9)
-        elif domid is not None and (key in ("\n", "\r", "+", "l") or
-                                    ch in (curses.KEY_ENTER, curses.KEY_RIGHT)):
-            exp = m.expansion(domid)
-            if "vcpu" in exp and "range" in exp:
-                self._collapse(domid)
-            else:
-                for what in ("vcpu", "range"):
-                    if what not in m.expansion(domid):
-                        m.toggle(domid, what)
-            self.selected = ("domain", domid)
-        elif domid is not None and (key == "-" or ch == curses.KEY_LEFT):
-            self._collapse(domid)
-            self.selected = ("domain", domid)
-        elif domid is not None and key in ("v", "r", "a"):
-            m.toggle(domid, {"v": "vcpu", "r": "range", "a": "addr"}[key])
-        elif key in ("V", "R", "A"):
-            m.toggle_all({"V": "vcpu", "R": "range", "A": "addr"}[key])
-        elif key in ("f", "/"):
-            self.prompt = ""
-        elif key == "c":
-            m.filter = parse_filter_spec("")
-            self.say("filters cleared")
-        elif key == "d" and row is not None:
-            if m.filter.domains == [str(row.domid)]:
-                m.filter.domains = []
-            else:
-                m.filter.domains = [str(row.domid)]
-        else:
-            return None
-        self._rebuild()
-        return None
-
-    def _collapse(self, domid: int) -> None:
-        for what in ("addr", "range", "vcpu"):
-            if what in self.model.expansion(domid):
-                self.model.toggle(domid, what)
-
-    def _prompt_key(self, ch: int):
-        if ch in (27,):                                  # Esc: cancel
-            self.prompt = None
-        elif ch in (10, 13, curses.KEY_ENTER):
-            text, self.prompt = self.prompt, None
-            try:
-                self.model.filter = parse_filter_spec(text or "", self.model.filter) \
-                    if text and text.strip() else parse_filter_spec("")
-                desc = self.model.filter.describe()
-                self.say(f"filter: {desc}" if desc else "filters cleared")
-            except FilterError as exc:
-                self.say(f"bad filter: {exc}", 6.0)
-            self._rebuild()
-        elif ch in (curses.KEY_BACKSPACE, 127, 8):
-            self.prompt = self.prompt[:-1]
-        elif 32 <= ch < 127:
-            self.prompt += chr(ch)
-        return None
+        """Apply one key (iotrace.top.keys); False means quit."""
+        return keys.handle_key(self, ch)
 
     # -- drawing -------------------------------------------------------------------------------
-    def _table_height(self) -> int:
+    def table_height(self) -> int:
         h, _ = self.scr.getmaxyx()
         return max(1, h - HEADER_LINES - 1)
 
@@ -379,23 +196,30 @@ class TopScreen:
         curses.doupdate()
 
     def _draw_main(self, h: int, w: int) -> None:
-        v, m = self.view, self.model
-        snap = v.snapshot
-        A = self.attr
-        # line 0: title
-        attr_name, desc, _ = SORT_KEYS[m.sort]
+        self._draw_title(w)
+        self._draw_sources()
+        self._draw_totals()
+        shown = self._draw_table(h, w)
+        self._draw_status(h, shown)
+
+    def _draw_title(self, w: int) -> None:
+        """Line 0: host, time, interval, sort; PAUSED on the right."""
+        snap, m = self.view.snapshot, self.model
+        _, desc, _ = SORT_KEYS[m.sort]
         arrow = "^" if (desc == m.reverse) else "v"
         title = (f"iotrace top - {snap.host} - {time.strftime('%H:%M:%S', time.localtime(snap.wall))}"
                  f" - every {self.interval:g}s - sort {m.sort} {arrow}")
-        self._put(0, 0, title, A["title"])
+        self._put(0, 0, title, self.attr["title"])
         if self.paused:
             tag = " PAUSED "
-            self._put(0, max(0, w - 1 - len(tag)), tag, A["paused"])
-        # line 1: sources
-        x = 0
+            self._put(0, max(0, w - 1 - len(tag)), tag, self.attr["paused"])
+
+    def _draw_sources(self) -> None:
+        """Line 1: each source, up or DOWN!, its events, lost events and probes."""
+        v, A = self.view, self.attr
         self._put(1, 0, "sources:")
         x = 9
-        for st in snap.stats:
+        for st in v.snapshot.stats:
             if st.up:
                 s = f"{st.name} up"
                 attr = 0
@@ -415,7 +239,10 @@ class TopScreen:
                 s += f": {st.error}"
             self._put(1, x, s, attr)
             x += len(s) + 3
-        # line 2: totals and filter
+
+    def _draw_totals(self) -> None:
+        """Line 2: totals over the domains shown, and the filter."""
+        v, m = self.view, self.model
         tot = (f"{v.domains_shown} domains  {fmt_count(v.total_req_rate)} req/s  "
                f"{fmt_bytes(v.total_byte_rate)} B/s  rd {fmt_count(v.total_read_rate)}/s  "
                f"wr {fmt_count(v.total_write_rate)}/s")
@@ -423,11 +250,15 @@ class TopScreen:
         if desc_f:
             tot += f"  filter: {desc_f}"
         self._put(2, 0, tot)
-        # line 3: column header, then the table
+
+    def _draw_table(self, h: int, w: int) -> int:
+        """Line 3: the column header; then the rows that fit, scrolled to keep the selected one
+        visible. Returns how many rows there are."""
+        A, m = self.attr, self.model
         cols = layout(w)
         self._put(3, 0, render_header(cols).ljust(w - 1), A["head"])
-        rows = v.rows
-        th = self._table_height()
+        rows = self.view.rows
+        th = self.table_height()
         idents = [r.ident for r in rows]
         if rows and self.selected not in idents:
             self.selected = idents[0]
@@ -449,14 +280,19 @@ class TopScreen:
             if row.ident == self.selected:
                 attr |= curses.A_REVERSE
             self._put(HEADER_LINES + i, 0, render_row(row, cols), attr)
-        # last line: prompt, message or key hints
+        return len(rows)
+
+    def _draw_status(self, h: int, n_rows: int) -> None:
+        """The last line: the filter prompt, a message, or the key hints."""
+        th = self.table_height()
         if self.prompt is not None:
-            self._put(h - 1, 0, "filter (Enter applies, Esc cancels): " + self.prompt, A["title"])
+            self._put(h - 1, 0, "filter (Enter applies, Esc cancels): " + self.prompt,
+                      self.attr["title"])
         elif self.message and time.monotonic() < self.message_until:
-            self._put(h - 1, 0, self.message, A["title"])
+            self._put(h - 1, 0, self.message, self.attr["title"])
         else:
-            more = f"  rows {self.top + 1}-{min(len(rows), self.top + th)}/{len(rows)}" \
-                if len(rows) > th else ""
+            more = f"  rows {self.top + 1}-{min(n_rows, self.top + th)}/{n_rows}" \
+                if n_rows > th else ""
             self._put(h - 1, 0, "q quit  h help  s sort  f filter  enter expand  p pause" + more)
 
 

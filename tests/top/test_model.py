@@ -7,18 +7,10 @@ import pytest
 from iotrace.core import events
 from iotrace.core.aggregate import Cell, Key
 from iotrace.core.source import DomainInfo, SourceStats
-from iotrace.top.model import (
-    Filter,
-    FilterError,
-    Model,
-    Snapshot,
-    fmt_bytes,
-    fmt_count,
-    fmt_secs,
-    make_filter,
-    parse_filter_spec,
-    take_snapshot,
-)
+from iotrace.top.columns import fmt_bytes, fmt_count, fmt_secs
+from iotrace.top.filters import Filter, FilterError, make_filter, parse_filter_spec
+from iotrace.top.model import Model
+from iotrace.top.snapshot import Snapshot, take_snapshot
 from support.fakes import FedSource, batch
 
 
@@ -264,7 +256,7 @@ def test_formatting():
 
 
 def test_sampler_keeps_last_totals_of_a_failing_source(fed):
-    from iotrace.top.model import Sampler
+    from iotrace.top.snapshot import Sampler
     clock = Clock()
     sample = Sampler([fed], clock=clock, host="h")
     fed.feed(batch(10, 1, 0, events.TYPE_PIO, 0x3f8, events.DIR_WRITE, 1))
@@ -287,8 +279,9 @@ def test_sampler_keeps_last_totals_of_a_failing_source(fed):
 
 
 def test_view_layout_fits_and_keeps_busiest_names():
-    from iotrace.top.model import Row
-    from iotrace.top.screen import layout, render_header, render_row, too_small_lines
+    from iotrace.top.columns import Row
+    from iotrace.top.screen import too_small_lines
+    from iotrace.top.table import layout, render_header, render_row
     row = Row("domain", 0, 14, "dom14", reqs=105, req_rate=24.0, byte_rate=0.0, read_rate=24.0,
               write_rate=0.0, busiest="pci-bar-io", busiest_share=1.0, p50=74.9e-6, p95=125e-6)
     child = Row("range", 1, 14, "ide-secondary", reqs=3, req_rate=0.0, busiest="0xae00",
