@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test unit demo bench standin xtwalk clean
+.PHONY: install test unit lint demo bench standin xtwalk clean
 
 install: $(STAMP) standin xtwalk
 
@@ -28,7 +28,13 @@ xtwalk: xen-tracepoints/_xtwalk.so
 xen-tracepoints/_xtwalk.so: xen-tracepoints/xtwalk.c
 	$(CC) -O2 -Wall -Wextra -shared -fPIC -o $@ $<
 
-test: install
+# The lint gate: ruff's rule set (pyproject.toml [tool.ruff]) and no path of a build machine in
+# the sources (comments cite files of this repository or upstream sources).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	bash scripts/check-no-machine-paths.sh
+
+test: install lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 unit: install

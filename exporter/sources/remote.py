@@ -23,7 +23,7 @@ text format; we ask for it with ``Accept: text/plain; version=0.0.4``). Metrics 
 * ``iotrace_source_up`` {source}, ``iotrace_events_lost_total`` {source}: the source state.
 
 A remote exporter may run several sources (qemu and xentrace see the same requests twice, see
-DESIGN.md), so one source is shown: ``source=`` if given, else ``qemu`` if present, else the first
+the README's two sources), so one source is shown: ``source=`` if given, else ``qemu`` if present, else the first
 by name.
 """
 from __future__ import annotations

@@ -25,7 +25,7 @@ struct xen_ioreq {
  *   IOREQ_TYPE_COPY (MMIO, 1)   the 4 KiB page: addr & ~0xfff
  *   IOREQ_TYPE_PCI_CONFIG (2)   SEG/BUS/DEV/FN without the register: addr & ~0xffffffff
  *                               (Xen packs SEG[63:48] BUS[47:40] DEV[39:35] FN[34:32] REG[31:0]:
- *                               /work/shared/DESIGN.md, ioreq_t facts)
+ *                               xen/include/public/hvm/ioreq.h, IOREQ_TYPE_PCI_CONFIG)
  *   everything else             the exact address (port I/O: at most 65536 ports) */
 #define IOREQ_TYPE_PIO         0
 #define IOREQ_TYPE_COPY        1

@@ -42,7 +42,8 @@ FUNC = "handle_ioreq"
 BUFFERED_CALLER = "handle_buffered_iopage"
 SYNC_CALLER = "cpu_handle_ioreq"
 
-# state->send_vcpu in XenIOState (field facts, see DESIGN.md): 0x50 in QEMU <= 8.0 (the struct still
+# state->send_vcpu in XenIOState (QEMU's hw/i386/xen/xen-hvm.c, hw/xen/xen-hvm-common.c): 0x50 in
+# QEMU <= 8.0 (the struct still
 # has shared_vmport_page), 0x48 from 8.1 (hw/xen/xen-hvm-common.c).
 SEND_VCPU_OFFSET_OLD = 0x50
 SEND_VCPU_OFFSET_81 = 0x48

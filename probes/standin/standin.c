@@ -57,7 +57,7 @@
 
 #define STANDIN_NOIPA __attribute__((noipa, used))
 
-/* ---- ABI checks against DESIGN.md / xen/include/public/hvm/ioreq.h ---------------------------- */
+/* ---- ABI checks against Xen's xen/include/public/hvm/ioreq.h --------------------------------- */
 _Static_assert(sizeof(ioreq_t) == 32, "ioreq_t is 32 bytes");
 _Static_assert(offsetof(ioreq_t, addr) == 0, "ioreq_t.addr @0");
 _Static_assert(offsetof(ioreq_t, data) == 8, "ioreq_t.data @8");

@@ -1,7 +1,7 @@
 """Request streams for the stand-in device model: CSV capture -> what Xen forwards -> stream file.
 
 The input is a device-access capture in the CSV format of ``linux-boot-tcg.csv.gz`` (columns
-``t_us,vcpu,space,dir,addr,size,value,region``; see ../shared/data/README.md). It logs every access
+``t_us,vcpu,space,dir,addr,size,value,region``; see docs/data.md). It logs every access
 that reached a QEMU device under TCG. Under a Xen HVM guest only some of them become ioreqs to
 qemu-dm; :func:`forward` applies Xen's forwarding rules:
 

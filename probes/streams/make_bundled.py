@@ -1,8 +1,8 @@
 """Make the bundled stream ``linux-boot-excerpt.stream`` from the shared Linux-boot capture.
 
-    .venv/bin/python probes/streams/make_bundled.py [../shared/data/linux-boot-tcg.csv.gz]
+    .venv/bin/python probes/streams/make_bundled.py [PATH/linux-boot-tcg.csv.gz]
 
-The whole capture (see ../shared/data/README.md) is converted with Xen's forwarding rules
+The whole capture (see docs/data.md) is converted with Xen's forwarding rules
 (``iotrace.probes.standin.stream.forward``: the 0xcf8 latch and the set of registered PCI functions need
 the whole boot), then three excerpts of it are kept, each contiguous and unchanged except for
 its time origin:

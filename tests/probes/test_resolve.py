@@ -38,7 +38,8 @@ def test_debian_binary_resolves_through_the_table():
     assert res.build_id == DEBIAN_BUILD_ID
     assert res.method == "table"                      # stripped: no .symtab
     assert res.func_offset == 0x520FE0
-    # Deltas from handle_ioreq to the return addresses after its two calls (DESIGN.md).
+    # Deltas from handle_ioreq to the return addresses after its two calls (QEMU's cpu_handle_ioreq
+    # and handle_buffered_iopage).
     assert res.buffered == (0x521DFB - 0x520FE0, 0x521DFB - 0x520FE0 + 1)
     assert res.sync == (0x523039 - 0x520FE0, 0x523039 - 0x520FE0 + 1)
     assert res.send_vcpu_offset == 0x50

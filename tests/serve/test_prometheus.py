@@ -1,7 +1,7 @@
 """A real Prometheus scrapes `iotrace serve`; PromQL sums equal the ground truth.
 
 * `--replay` of a synthetic xentrace capture (iotrace.xentrace.testing.synth: every I/O record known) and
-  of the real capture in ../shared/data (94 port reads + 11 writes, per its README);
+  of the real xentrace capture (94 port reads + 11 writes, docs/data.md);
 * TLS + basic auth scraping (right password: up 1, wrong one: up 0);
 * as root, the live qemu source on a stand-in device model (`iotrace standin`'s C program, probed
   with real uprobes): sums equal the requests the stand-in reports having issued.

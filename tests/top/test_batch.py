@@ -2,7 +2,7 @@
 
 Truth comes from recordings written here with ``iotrace.offline.recording.RecordingWriter`` (every event
 chosen by the test) and from the real xentrace capture (94 port reads + 11 writes of domain 14,
-see ../shared/data/README.md).
+see docs/data.md).
 """
 from __future__ import annotations
 

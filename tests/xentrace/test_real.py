@@ -1,4 +1,4 @@
-"""The decoder on a real xentrace capture (../shared/data/xentrace-hvm-real.bin, see its README):
+"""The decoder on a real xentrace capture (xentrace-hvm-real.bin, see docs/data.md):
 every port I/O record found, and the xenalyze-compatible mode against the real xenalyze."""
 from __future__ import annotations
 
