@@ -38,13 +38,13 @@ def child(args) -> int:
     from iotrace.serve.server import ExporterServer
 
     am = AddressMap.default()
-    seg = am._segments["pio"]
     # one port per named range (the first address of each painted segment), RANGES of them
     ports, names = [], []
-    for start, idx in zip(seg.starts.tolist(), seg.index.tolist()):
-        if am.names[idx] not in names:
+    for start in am.segment_starts("pio"):
+        name = am.name(TYPE_PIO, start)
+        if name not in names:
             ports.append(start)
-            names.append(am.names[idx])
+            names.append(name)
     if len(ports) < args.ranges:
         raise SystemExit(f"the default map has only {len(ports)} port ranges")
     ports, names = ports[:args.ranges], names[:args.ranges]

@@ -164,6 +164,11 @@ class AddressMap:
                 out[types == code] = idx
         return out
 
+    def segment_starts(self, kind: str) -> list[int]:
+        """The first address of every painted segment of ``kind`` (pio | mmio | pci_config): one
+        address per distinct (range, handler) stretch of the map, in address order."""
+        return self._segments[kind].starts.tolist()
+
     def name(self, type_code: int, addr: int) -> str:
         idx = self.lookup(np.array([type_code], dtype=np.uint8), np.array([addr], dtype=np.uint64))
         return self.names[int(idx[0])]

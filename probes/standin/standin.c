@@ -38,6 +38,11 @@
  * (domid, vcpu, type, dir, addr); buffered requests have vcpu -1).
  *
  * Bad arguments or an unreadable stream: one line on stderr, exit 2.
+ *
+ * One file of about 800 lines on purpose: like QEMU's xen-hvm code it is one translation unit, so
+ * the call chain the probes see (static functions, their two call sites, the stack copy) is
+ * decided by one compiler invocation; splitting it would put handle_ioreq's callers in other units
+ * and change the code the probes are tested against.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -123,34 +128,8 @@ struct devices {
     uint64_t served[4];                     /* per type: pio, copy, pci_config, other */
 };
 
-/* ---- stream file (written by probes/standin/stream.py; see its docstring) ------------------------------ */
-#define STREAM_MAGIC "IOTSTRM\0"
-#define STREAM_VERSION 1
-struct stream_header {
-    char magic[8];
-    uint32_t version, header_size, key_size, rec_size;
-    uint32_t n_keys, reserved;
-    uint64_t n_recs;
-    uint64_t duration_ns;
-};
-struct stream_key {                         /* a distinct (vcpu, type, dir, addr) */
-    uint64_t addr;
-    int32_t vcpu;                           /* -1: buffered */
-    uint8_t type, dir;
-    uint16_t pad;
-};
-struct stream_rec {
-    uint64_t t_ns;                          /* since the stream's start */
-    uint64_t data;                          /* value written (reads: ignored, the device answers) */
-    uint32_t key;                           /* index into the key table */
-    uint16_t count;                         /* rep count */
-    uint8_t size;                           /* bytes per access: 1, 2, 4, 8 */
-    uint8_t flags;                          /* bit 0: buffered */
-};
-_Static_assert(sizeof(struct stream_header) == 48, "stream header");
-_Static_assert(sizeof(struct stream_key) == 16, "stream key");
-_Static_assert(sizeof(struct stream_rec) == 24, "stream record");
-#define REC_BUFFERED 1
+/* ---- stream file: its layout is declared once, in stream_format.h (read by stream.py too) --- */
+#include "stream_format.h"
 
 static const char *prog = "iotrace-standin";
 int main(int argc, char **argv);
@@ -467,7 +446,7 @@ static void load_stream(const char *path, struct stream *st)
         if (r->key >= st->h.n_keys || (r->size != 1 && r->size != 2 && r->size != 4 && r->size != 8))
             die("%s: bad record %llu (key %u, size %u)", path, (unsigned long long)i, r->key,
                 r->size);
-        if (((r->flags & REC_BUFFERED) != 0) != (st->keys[r->key].vcpu == -1))
+        if (((r->flags & STREAM_REC_BUFFERED) != 0) != (st->keys[r->key].vcpu == -1))
             die("%s: record %llu: buffered flag and key disagree", path, (unsigned long long)i);
         if (i && r->t_ns < st->recs[i - 1].t_ns)
             die("%s: record %llu goes back in time", path, (unsigned long long)i);
@@ -663,7 +642,7 @@ static int print_layout(void)
     state_init(&s, 1);
     layout_probe = 1;
     struct stream_key kb = {0xa0000, -1, IOREQ_TYPE_COPY, IOREQ_WRITE, 0};
-    struct stream_rec rb = {0, 0x55, 0, 1, 1, REC_BUFFERED};
+    struct stream_rec rb = {0, 0x55, 0, 1, 1, STREAM_REC_BUFFERED};
     struct stream_key ks = {0x3f8, 0, IOREQ_TYPE_PIO, IOREQ_WRITE, 0};
     struct stream_rec rs = {0, 0x41, 0, 1, 1, 0};
     xen_send_buffered(&s, &kb, &rb);
@@ -797,7 +776,7 @@ int main(int argc, char **argv)
                 if (!sleep_until(due))
                     break;
             }
-            if (r->flags & REC_BUFFERED)
+            if (r->flags & STREAM_REC_BUFFERED)
                 xen_send_buffered(&state, k, r);
             else
                 xen_send_sync(&state, k, r);

@@ -48,6 +48,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,15 +68,25 @@ from iotrace.core.events import (
     empty,
 )
 
-MAGIC = b"IOTSTRM\0"
-VERSION = 1
+
+def _format_defines() -> dict[str, str]:
+    """The #defines of stream_format.h, the one declaration of the file format (shared with
+    standin.c; tests/probes/test_standin_build.py checks the structs below against it)."""
+    text = Path(__file__).with_name(FORMAT_HEADER).read_text()
+    return dict(re.findall(r"^#define\s+(STREAM_\w+)\s+(\S+)", text, re.M))
+
+
+FORMAT_HEADER = "stream_format.h"
+_DEFS = _format_defines()
+MAGIC = _DEFS["STREAM_MAGIC"].strip('"').replace("\\0", "\0").encode()
+VERSION = int(_DEFS["STREAM_VERSION"])
 HEADER = struct.Struct("<8sIIIIIIQQ")
 KEY_DTYPE = np.dtype([("addr", "<u8"), ("vcpu", "<i4"), ("type", "u1"), ("dir", "u1"),
                       ("pad", "<u2")])
 REC_DTYPE = np.dtype([("t_ns", "<u8"), ("data", "<u8"), ("key", "<u4"), ("count", "<u2"),
                       ("size", "u1"), ("flags", "u1")])
 assert HEADER.size == 48 and KEY_DTYPE.itemsize == 16 and REC_DTYPE.itemsize == 24
-FLAG_BUFFERED = 1
+FLAG_BUFFERED = int(_DEFS["STREAM_REC_BUFFERED"])
 MAX_VCPUS = 128                     # slots in one shared ioreq page (the stand-in's limit too)
 
 CSV_COLUMNS = ["t_us", "vcpu", "space", "dir", "addr", "size", "value", "region"]

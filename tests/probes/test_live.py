@@ -232,7 +232,7 @@ def test_churn_and_nothing_left_behind(bins, tmp_path):
             procs.append(a)
             assert wait_for(ta.exists), a.stderr
             assert totals_counts(src.totals(), 911) == truth_counts(ta, bucketed=True)
-            assert 911 in src.domains(), (src.domains(), src._pm.known())
+            assert 911 in src.domains(), (src.domains(), src.domain_names())
             stop(a)
             tb = tmp_path / "b.json"
             b = start_standin(exe, 912, tb, hold=True)

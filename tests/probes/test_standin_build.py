@@ -143,3 +143,31 @@ def test_send_vcpu_offset_is_readable_from_the_file(fresh_build, name, offset):
                 assert int.from_bytes(data, "little") == offset
                 return
     raise AssertionError("iotrace_send_vcpu_offset is not in a loaded segment")
+
+
+def test_stream_format_header_matches_the_python_mirror(tmp_path):
+    """stream_format.h is the one declaration of the stream file: standin.c includes it, stream.py
+    reads its constants; its structs (compiled here) have the sizes and offsets of the dtypes."""
+    from iotrace.probes.standin import stream
+    gcc = require_tool("gcc")
+    fields = {"stream_key": stream.KEY_DTYPE, "stream_rec": stream.REC_DTYPE}
+    lines = ['#include <stddef.h>', '#include <stdio.h>', f'#include "{SRC / "stream_format.h"}"',
+             "int main(void) {", '  printf("stream_header %zu\\n", sizeof(struct stream_header));']
+    for struct_name, dt in fields.items():
+        lines.append(f'  printf("{struct_name} %zu\\n", sizeof(struct {struct_name}));')
+        for f in dt.names:
+            lines.append(f'  printf("{struct_name}.{f} %zu\\n", offsetof(struct {struct_name}, {f}));')
+    lines += ["  return 0;", "}"]
+    src = tmp_path / "layout.c"
+    src.write_text("\n".join(lines) + "\n")
+    exe = tmp_path / "layout"
+    subprocess.run([gcc, "-o", str(exe), str(src)], check=True)
+    got = dict(line.split() for line in subprocess.run([str(exe)], capture_output=True, text=True,
+                                                        check=True).stdout.splitlines())
+    assert int(got["stream_header"]) == stream.HEADER.size
+    for struct_name, dt in fields.items():
+        assert int(got[struct_name]) == dt.itemsize
+        for f in dt.names:
+            assert int(got[f"{struct_name}.{f}"]) == dt.fields[f][1], (struct_name, f)
+    assert "#include \"stream_format.h\"" in (SRC / "standin.c").read_text()
+    assert stream.MAGIC == b"IOTSTRM\0" and stream.VERSION == 1 and stream.FLAG_BUFFERED == 1

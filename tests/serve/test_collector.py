@@ -266,8 +266,8 @@ def test_worst_case_bound_holds():
     s.start()
     # one address in every painted segment of the map (a later entry may cover an earlier
     # entry's start), plus an unmapped one
-    addrs = {TYPE_PIO: am._segments["pio"].starts.tolist() + [0x5555],
-             TYPE_MMIO: am._segments["mmio"].starts.tolist() + [0x1234_0000],
+    addrs = {TYPE_PIO: am.segment_starts("pio") + [0x5555],
+             TYPE_MMIO: am.segment_starts("mmio") + [0x1234_0000],
              TYPE_PCI_CONFIG: [0, 1 << 35], 3: [0], 7: [0], 8: [0], 99: [0]}
     rows = []
     for t, lst in addrs.items():
