@@ -135,100 +135,73 @@ def _steps(thresholds):
         [{"color": color, "value": value} for value, color in thresholds or []]
 
 
+def _panel(kind, title, description, targets, defaults, options, **rest):
+    """The fields every panel has, in Grafana's order; ``rest`` adds panel-specific ones."""
+    return {"type": kind, "title": title, "description": description, "datasource": DS,
+            "targets": targets, "fieldConfig": {"defaults": defaults, "overrides": []},
+            "options": options, **rest}
+
+
 def timeseries(title, description, exprs, unit="short", *, stack=False, thresholds=None):
-    steps = _steps(thresholds)
-    return {
-        "type": "timeseries",
-        "title": title,
-        "description": description,
-        "datasource": DS,
-        "targets": _targets(exprs),
-        "fieldConfig": {
-            "defaults": {
-                "unit": unit,
-                "custom": {
-                    "drawStyle": "line", "lineWidth": 1, "fillOpacity": 10 if stack else 0,
-                    "showPoints": "never", "spanNulls": False,
-                    "stacking": {"mode": "normal" if stack else "none", "group": "A"},
-                    "thresholdsStyle": {"mode": "line" if thresholds else "off"},
-                },
-                "thresholds": {"mode": "absolute", "steps": steps},
-            },
-            "overrides": [],
+    defaults = {
+        "unit": unit,
+        "custom": {
+            "drawStyle": "line", "lineWidth": 1, "fillOpacity": 10 if stack else 0,
+            "showPoints": "never", "spanNulls": False,
+            "stacking": {"mode": "normal" if stack else "none", "group": "A"},
+            "thresholdsStyle": {"mode": "line" if thresholds else "off"},
         },
-        "options": {
-            "legend": {"displayMode": "table", "placement": "right", "showLegend": True,
-                       "calcs": ["mean", "max", "lastNotNull"]},
-            "tooltip": {"mode": "multi", "sort": "desc"},
-        },
+        "thresholds": {"mode": "absolute", "steps": _steps(thresholds)},
     }
+    options = {
+        "legend": {"displayMode": "table", "placement": "right", "showLegend": True,
+                   "calcs": ["mean", "max", "lastNotNull"]},
+        "tooltip": {"mode": "multi", "sort": "desc"},
+    }
+    return _panel("timeseries", title, description, _targets(exprs), defaults, options)
 
 
 def stat(title, description, exprs, unit="short", *, thresholds=None, mappings=None):
-    steps = _steps(thresholds)
-    return {
-        "type": "stat",
-        "title": title,
-        "description": description,
-        "datasource": DS,
-        "targets": _targets(exprs),
-        "fieldConfig": {
-            "defaults": {"unit": unit, "thresholds": {"mode": "absolute", "steps": steps},
-                         "mappings": mappings or [], "color": {"mode": "thresholds"}},
-            "overrides": [],
-        },
-        "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                    "colorMode": "value", "graphMode": "area", "justifyMode": "auto",
-                    "orientation": "auto", "textMode": "auto"},
-    }
+    defaults = {"unit": unit, "thresholds": {"mode": "absolute", "steps": _steps(thresholds)},
+                "mappings": mappings or [], "color": {"mode": "thresholds"}}
+    options = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+               "colorMode": "value", "graphMode": "area", "justifyMode": "auto",
+               "orientation": "auto", "textMode": "auto"}
+    return _panel("stat", title, description, _targets(exprs), defaults, options)
 
 
 def table(title, description, expr, *, unit="short", exclude=(), rename=None, legend="__auto",
           sort_by=None):
     t = target(expr, legend, instant=True, fmt="table")
     excluded = {"Time": True, **{name: True for name in exclude}}
-    panel = {
-        "type": "table",
-        "title": title,
-        "description": description,
-        "datasource": DS,
-        "targets": [t],
-        "fieldConfig": {"defaults": {"unit": unit, "custom": {"align": "auto"}}, "overrides": []},
-        "options": {"showHeader": True, "cellHeight": "sm",
+    panel = _panel("table", title, description, [t], {"unit": unit, "custom": {"align": "auto"}},
+                   {"showHeader": True, "cellHeight": "sm",
                     "footer": {"show": False, "reducer": ["sum"], "fields": ""}},
-        "transformations": [{"id": "organize", "options": {
-            "excludeByName": excluded, "renameByName": rename or {}, "indexByName": {}}}],
-    }
+                   transformations=[{"id": "organize", "options": {
+                       "excludeByName": excluded, "renameByName": rename or {}, "indexByName": {}}}])
     if sort_by:
         panel["options"]["sortBy"] = [{"displayName": sort_by, "desc": True}]
     return panel
 
 
 def heatmap(title, description, expr):
-    return {
-        "type": "heatmap",
-        "title": title,
-        "description": description,
-        "datasource": DS,
-        "targets": [target(expr, "{{le}}", fmt="heatmap")],
-        "fieldConfig": {"defaults": {"custom": {"scaleDistribution": {"type": "linear"},
-                                                "hideFrom": {"legend": False, "tooltip": False,
-                                                             "viz": False}}},
-                        "overrides": []},
-        "options": {
-            "calculate": False,
-            "cellGap": 1,
-            "color": {"mode": "scheme", "scheme": "Oranges", "fill": "dark-orange",
-                      "scale": "exponential", "exponent": 0.5, "steps": 64, "reverse": False},
-            "exemplars": {"color": "rgba(255,0,255,0.7)"},
-            "filterValues": {"le": 1e-9},
-            "legend": {"show": True},
-            "rowsFrame": {"layout": "auto"},
-            "tooltip": {"mode": "single", "yHistogram": True, "showColorScale": False},
-            "yAxis": {"axisPlacement": "left", "unit": "s", "reverse": False},
-            "cellValues": {"unit": "reqps"},
-        },
+    defaults = {"custom": {"scaleDistribution": {"type": "linear"},
+                           "hideFrom": {"legend": False, "tooltip": False, "viz": False}}}
+    options = {
+        "calculate": False,
+        "cellGap": 1,
+        "color": {"mode": "scheme", "scheme": "Oranges", "fill": "dark-orange",
+                  "scale": "exponential", "exponent": 0.5, "steps": 64, "reverse": False},
+        "exemplars": {"color": "rgba(255,0,255,0.7)"},
+        "filterValues": {"le": 1e-9},
+        "legend": {"show": True},
+        "rowsFrame": {"layout": "auto"},
+        "tooltip": {"mode": "single", "yHistogram": True, "showColorScale": False},
+        "yAxis": {"axisPlacement": "left", "unit": "s", "reverse": False},
+        "cellValues": {"unit": "reqps"},
     }
+    return _panel("heatmap", title, description, [target(expr, "{{le}}", fmt="heatmap")], defaults,
+                  options)
 
 
 def dashboard(uid, title, description, layout, *, annotations=()):

@@ -18,33 +18,30 @@ from iotrace.core.errors import UserError
 MAX_SPEED = 1e6
 
 
-def _number(text) -> float:
-    v = float(text)               # ValueError for text that is not a number
-    if not math.isfinite(v):
-        raise ValueError
+def _number(text, expected: str, lo: float, hi: float, lo_open: bool) -> float:
+    """A finite number in [lo, hi] (lo excluded when ``lo_open``); ValueError saying
+    ``expected`` otherwise."""
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not math.isfinite(v) or v < lo or (lo_open and v == lo) or v > hi:
+        raise ValueError(f"expected {expected}, got {text!r}")
     return v
 
 
 def seconds(text) -> float:
     """A positive, finite number of seconds."""
     try:
-        v = _number(text)
+        float(text)
     except (TypeError, ValueError):
         raise ValueError(f"expected seconds, got {text!r}") from None
-    if v <= 0:
-        raise ValueError(f"expected a positive number of seconds, got {text!r}")
-    return v
+    return _number(text, "a positive number of seconds", 0.0, math.inf, True)
 
 
 def positive(text) -> float:
     """A positive, finite number (a unit the flag's help names)."""
-    try:
-        v = _number(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected a number, got {text!r}") from None
-    if v <= 0:
-        raise ValueError(f"expected a positive number, got {text!r}")
-    return v
+    return _number(text, "a positive number", 0.0, math.inf, True)
 
 
 def count(text) -> int:
@@ -52,7 +49,7 @@ def count(text) -> int:
     try:
         v = int(str(text), 10)
     except ValueError:
-        raise ValueError(f"expected a whole number (1 or more), got {text!r}") from None
+        v = 0
     if v < 1:
         raise ValueError(f"expected a whole number (1 or more), got {text!r}")
     return v
@@ -60,13 +57,8 @@ def count(text) -> int:
 
 def speed(text) -> float:
     """A replay speed: 0 (as fast as possible / all at once) or a factor of real time."""
-    try:
-        v = _number(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected a number >= 0 (0: as fast as possible), got {text!r}") from None
-    if not 0 <= v <= MAX_SPEED:
-        raise ValueError(f"expected a number in 0..{MAX_SPEED:g}, got {text!r}")
-    return v
+    return _number(text, f"a number in 0..{int(MAX_SPEED)} (0: as fast as possible)", 0.0, MAX_SPEED,
+                   False)
 
 
 def domid(text) -> int:

@@ -29,6 +29,17 @@ from support.fakes import random_batch
 NOW = 1_000_000.0
 
 
+def fed_collector(seed: int, n: int):
+    """A started source fed ``n`` random requests, its collector and a private registry."""
+    s = Fed()
+    s.start()
+    s.feed(random_batch(np.random.default_rng(seed), n))
+    col = IotraceCollector([s])
+    reg = CollectorRegistry()
+    reg.register(col)
+    return col, reg
+
+
 def truth(totals: dict, source: str, names: dict, vcpu_label: bool) -> dict:
     """{(sample name, sorted labels): value} from a totals dict, the slow obvious way."""
     out: dict = {}
@@ -232,10 +243,7 @@ def test_first_seen_and_ranges_seen_per_domain():
 
 
 def test_concurrent_renders_one_thread_same_body():
-    s = Fed()
-    s.start()
-    s.feed(random_batch(np.random.default_rng(5), 5000))
-    col = IotraceCollector([s])
+    col, _ = fed_collector(5, 5000)
     bodies, threads = [], set()
     orig = col.renderer.render_into
 
@@ -257,12 +265,7 @@ def test_concurrent_renders_one_thread_same_body():
 
 
 def test_server_sends_chunks_plain_and_gzip():
-    s = Fed()
-    s.start()
-    s.feed(random_batch(np.random.default_rng(6), 2000))
-    col = IotraceCollector([s])
-    reg = CollectorRegistry()
-    reg.register(col)
+    col, reg = fed_collector(6, 2000)
     srv = ExporterServer(reg, "127.0.0.1:0", fast_text=col.iter_chunks)
     srv.start()
     try:
@@ -289,12 +292,7 @@ def test_server_sends_chunks_plain_and_gzip():
 
 
 def test_failed_rendering_is_500_then_recovers():
-    s = Fed()
-    s.start()
-    s.feed(random_batch(np.random.default_rng(8), 200))
-    col = IotraceCollector([s])
-    reg = CollectorRegistry()
-    reg.register(col)
+    col, reg = fed_collector(8, 200)
     calls = []
 
     def flaky():
@@ -331,10 +329,7 @@ def test_render_thread_ends_when_idle_and_comes_back(monkeypatch):
 
     import iotrace.serve.render as render_mod
     monkeypatch.setattr(render_mod, "IDLE_SECONDS", 0.2)
-    s = Fed()
-    s.start()
-    s.feed(random_batch(np.random.default_rng(9), 100))
-    col = IotraceCollector([s])
+    col, _ = fed_collector(9, 100)
     first = col.render_text()
     worker = col.renderer.thread
     assert worker is not None and worker.daemon
