@@ -133,91 +133,111 @@ def parse_metrics(text: str, source: str | None = None) -> Parsed:
         families = list(text_string_to_metric_families(text))
     except Exception as exc:  # the parser raises ValueError/IndexError/... on malformed lines
         raise RemoteError(f"not a Prometheus text page: {exc}") from None
-    by_name = {f.name: f for f in families}
+    page = _Page({f.name: f for f in families})
     out = Parsed()
+    _read_sources(page, out)
+    out.source = _pick_source(out, source)
+    _read_domains(page, out)
+    _read_counters(page, out)
+    _read_service(page, out)
+    return out
 
-    def samples(m: MetricDef):
-        """The samples of a counter or gauge of the metric table, by its exposed name."""
-        fam = by_name.get(m.name)
+
+class _Page:
+    """The families of one page, read through the metric table."""
+
+    def __init__(self, by_name: dict):
+        self.by_name = by_name
+
+    def samples(self, m: MetricDef, source: str | None = None) -> list:
+        """The samples of a counter or gauge, by its exposed name (of one source if given)."""
+        fam = self.by_name.get(m.name)
         if fam is None:
             return []
-        return [s for s in fam.samples if s.name == m.sample]
+        return [s for s in fam.samples if s.name == m.sample
+                and (source is None or s.labels.get("source") == source)]
 
-    for s in samples(UP):
+
+def _read_sources(page: _Page, out: Parsed) -> None:
+    for s in page.samples(UP):
         out.sources[s.labels.get("source", "")] = s.value >= 1
-    seen_in_counters = {s.labels.get("source", "") for s in samples(IOREQS)}
-    for name in seen_in_counters:
-        out.sources.setdefault(name, True)
-    if IOREQS.name not in by_name and UP.name not in by_name:
+    for s in page.samples(IOREQS):
+        out.sources.setdefault(s.labels.get("source", ""), True)
+    if IOREQS.name not in page.by_name and UP.name not in page.by_name:
         raise RemoteError(f"no {IOREQS.sample} or {UP.sample}: not an iotrace exporter")
-    if source is None:
-        names = sorted(out.sources)
-        source = "qemu" if "qemu" in out.sources else (names[0] if names else None)
-    elif source not in out.sources:
-        known = ", ".join(sorted(out.sources)) or "none"
-        raise RemoteError(f"the exporter has no source {source!r} (it has: {known})")
-    out.source = source
-
-    def mine(s) -> bool:
-        return s.labels.get("source") == source
-
-    for s in samples(INFO):
-        if mine(s):
-            d = _int(s.labels.get("domid"))
-            out.domains[d] = DomainInfo(d, s.labels.get("domain") or fallback_name(d))
-    for s in samples(PROBES):
-        if mine(s):
-            d = _int(s.labels.get("domid"))
-            info = out.domains.setdefault(d, DomainInfo(d, s.labels.get("domain") or fallback_name(d)))
-            info.probes_attached += int(s.value)
-            out.probes[source] = out.probes.get(source, 0) + int(s.value)
-    for s in samples(LOST):
+    for s in page.samples(LOST):
         out.lost[s.labels.get("source", "")] = int(s.value)
 
-    def key_of(labels, vcpu=None, dir_=None) -> Key:
-        d = _int(labels.get("domid"))
-        if d not in out.domains and labels.get("domain"):
-            out.domains[d] = DomainInfo(d, labels["domain"])
-        return Key(d, _int(labels.get("vcpu")) if vcpu is None else vcpu,
-                   _type_code(labels.get("type", "")),
-                   _dir_code(labels.get("dir", "")) if dir_ is None else dir_,
-                   labels.get("range", "other"), 0)
 
-    for s in samples(IOREQS):
-        if mine(s):
-            out.totals.setdefault(key_of(s.labels), Cell()).count += int(s.value)
-            if "vcpu" not in s.labels:
-                out.vcpu_label = False
-    for s in samples(BYTES):
-        if mine(s):
-            out.totals.setdefault(key_of(s.labels), Cell()).bytes += int(s.value)
+def _pick_source(out: Parsed, source: str | None) -> str | None:
+    """``source`` if the page has it (else RemoteError), by default qemu, else the first."""
+    if source is None:
+        names = sorted(out.sources)
+        return "qemu" if "qemu" in out.sources else (names[0] if names else None)
+    if source not in out.sources:
+        known = ", ".join(sorted(out.sources)) or "none"
+        raise RemoteError(f"the exporter has no source {source!r} (it has: {known})")
+    return source
 
-    fam = by_name.get(SERVICE.name)
-    if fam is not None:
-        groups: dict[Key, dict] = {}
-        base = SERVICE.name
-        for s in fam.samples:
-            if not mine(s):
-                continue
-            labels = {k: v for k, v in s.labels.items() if k != "le"}
-            key = key_of(labels, vcpu=UNKNOWN, dir_=DIR_ANY)
-            g = groups.setdefault(key, {"buckets": [], "count": 0, "sum": 0.0})
-            if s.name == base + "_bucket":
-                le = s.labels.get("le", "+Inf")
-                g["buckets"].append((float("inf") if le in ("+Inf", "Inf") else float(le),
-                                     s.value))
-            elif s.name == base + "_count":
-                g["count"] = int(s.value)
-            elif s.name == base + "_sum":
-                g["sum"] = s.value
-        for key, g in groups.items():
-            if not g["count"]:
-                continue
-            cell = out.totals.setdefault(key, Cell())
-            cell.service_n += g["count"]
-            cell.service_sum_ns += int(round(g["sum"] * 1e9))
-            cell.hist += buckets_to_hist(g["buckets"])
-    return out
+
+def _read_domains(page: _Page, out: Parsed) -> None:
+    for s in page.samples(INFO, out.source):
+        d = _int(s.labels.get("domid"))
+        out.domains[d] = DomainInfo(d, s.labels.get("domain") or fallback_name(d))
+    for s in page.samples(PROBES, out.source):
+        d = _int(s.labels.get("domid"))
+        info = out.domains.setdefault(d, DomainInfo(d, s.labels.get("domain") or fallback_name(d)))
+        info.probes_attached += int(s.value)
+        out.probes[out.source] = out.probes.get(out.source, 0) + int(s.value)
+
+
+def _key_of(out: Parsed, labels: dict, vcpu=None, dir_=None) -> Key:
+    """The Key of a series' labels (addresses are not labels: addr 0); names its domain."""
+    d = _int(labels.get("domid"))
+    if d not in out.domains and labels.get("domain"):
+        out.domains[d] = DomainInfo(d, labels["domain"])
+    return Key(d, _int(labels.get("vcpu")) if vcpu is None else vcpu,
+               _type_code(labels.get("type", "")),
+               _dir_code(labels.get("dir", "")) if dir_ is None else dir_,
+               labels.get("range", "other"), 0)
+
+
+def _read_counters(page: _Page, out: Parsed) -> None:
+    for s in page.samples(IOREQS, out.source):
+        out.totals.setdefault(_key_of(out, s.labels), Cell()).count += int(s.value)
+        if "vcpu" not in s.labels:
+            out.vcpu_label = False
+    for s in page.samples(BYTES, out.source):
+        out.totals.setdefault(_key_of(out, s.labels), Cell()).bytes += int(s.value)
+
+
+def _read_service(page: _Page, out: Parsed) -> None:
+    """The service histogram as service-only cells (no vcpu, no dir: see the module doc)."""
+    fam = page.by_name.get(SERVICE.name)
+    if fam is None:
+        return
+    groups: dict[Key, dict] = {}
+    base = SERVICE.name
+    for s in fam.samples:
+        if s.labels.get("source") != out.source:
+            continue
+        labels = {k: v for k, v in s.labels.items() if k != "le"}
+        key = _key_of(out, labels, vcpu=UNKNOWN, dir_=DIR_ANY)
+        g = groups.setdefault(key, {"buckets": [], "count": 0, "sum": 0.0})
+        if s.name == base + "_bucket":
+            le = s.labels.get("le", "+Inf")
+            g["buckets"].append((float("inf") if le in ("+Inf", "Inf") else float(le), s.value))
+        elif s.name == base + "_count":
+            g["count"] = int(s.value)
+        elif s.name == base + "_sum":
+            g["sum"] = s.value
+    for key, g in groups.items():
+        if not g["count"]:
+            continue
+        cell = out.totals.setdefault(key, Cell())
+        cell.service_n += g["count"]
+        cell.service_sum_ns += int(round(g["sum"] * 1e9))
+        cell.hist += buckets_to_hist(g["buckets"])
 
 
 def split_auth(url: str, auth: str | None) -> tuple[str, str | None]:
