@@ -44,6 +44,22 @@ def positive(text) -> float:
     return _number(text, "a positive number", 0.0, math.inf, True)
 
 
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def duration(text) -> float:
+    """A positive duration with its unit, in seconds: 250us, 1.5ms, 2s (ns, us/µs, ms, s).
+    The unit is required: a bare number is ambiguous between the flag's and the view's units."""
+    t = str(text).strip()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if t.endswith(unit):
+            num = t[:-len(unit)].strip()
+            v = _number(num, "a positive duration such as 250us, 1ms, 2s", 0.0, math.inf, True)
+            return v * _UNITS[unit]
+    raise ValueError(f"expected a duration with its unit (ns, us, ms, s), e.g. 250us or 1ms, "
+                     f"got {text!r}")
+
+
 def count(text) -> int:
     """A whole number, 1 or more."""
     try:

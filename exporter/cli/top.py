@@ -14,9 +14,10 @@ import sys
 import threading
 import time
 
-from iotrace.cli.args import argtype, count, positive, seconds, speed
+from iotrace.cli.args import argtype, count, duration, seconds, speed
 from iotrace.core.errors import UserError
 from iotrace.sources import registry
+from iotrace.top.batch import FORMATS
 from iotrace.top.columns import SORT_ORDER
 from iotrace.top.filters import FilterError, make_filter
 from iotrace.top.model import Model
@@ -26,14 +27,19 @@ HELP = "live per-domain view of guest I/O requests (like top/xentop; -b for text
 EXAMPLES = """\
 examples:
   iotrace top                           # live qemu-dm probes, refresh every second (root)
-  iotrace top 2                         # refresh every 2 s
+  iotrace top 2                         # refresh every 2 s (or -d 2, as xentop)
   iotrace top -b 5 12                   # batch: a text table every 5 s, 12 times (for logs)
-  iotrace top -d web1 -e vcpu,range     # one domain, with its vCPUs and ranges expanded
-  iotrace top --type pio --range 'com*' --sort bytes
+  iotrace top -b -d 1 -i 2              # the same with xentop's flags: delay 1 s, 2 iterations
+  iotrace top -b --format csv 10 > io.csv   # CSV (or --format json: one JSON object per line)
+  iotrace top -D web1 -e vcpu,range     # one domain, with its vCPUs and ranges expanded
+  iotrace top --type pio --range 'com*' --sort bytes --slow 250us
   iotrace top --source xentrace         # Xen trace points (sees what Xen itself emulates too)
   iotrace top --replay capture.bin --speed 10
-  iotrace top --from https://dom0-a:9878/metrics --from-auth ops:secret --from-ca ca.pem
+  iotrace top --from https://dom0-a:9878/metrics --from-auth @/etc/iotrace/from.auth --from-ca ca.pem
   iotrace top --source qemu --binary probes/standin/iotrace-standin   # the stand-in device model
+
+Batch mode exits 1 when a source was down (each one said on stderr), 0 otherwise. REQS and BYTES
+count since the source started; every other column covers the last interval.
 
 keys: q quit, h help, s sort, f filter, enter expand, p pause (see h in the view)."""
 
@@ -51,14 +57,21 @@ def _expand(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("interval", nargs="?", type=argtype(seconds), default=1.0,
+    p.add_argument("interval", nargs="?", type=argtype(seconds), default=None,
                    help="seconds between refreshes (default 1)")
     p.add_argument("count", nargs="?", type=argtype(count), default=None,
                    help="number of refreshes, then exit (default: until q / Ctrl-C)")
+    p.add_argument("-d", "--delay", type=argtype(seconds), default=None, metavar="SECONDS",
+                   help="seconds between refreshes, as xentop's -d (same as INTERVAL)")
+    p.add_argument("-i", "--iterations", type=argtype(count), default=None, metavar="N",
+                   help="number of refreshes, as xentop's -i (same as COUNT)")
     p.add_argument("-b", "--batch", action="store_true",
                    help="print plain-text tables (one per interval) instead of the full-screen view")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="batch output: table (default), csv or json (one object per line); "
+                        "implies -b")
     g = p.add_argument_group("filters (repeatable or comma-separated)")
-    g.add_argument("-d", "--domain", action="append", default=[], metavar="NAME|ID",
+    g.add_argument("-D", "--domain", action="append", default=[], metavar="NAME|ID",
                    help="only these domains (id, or name with shell wildcards)")
     g.add_argument("--vcpu", action="append", default=[], metavar="N",
                    help="only requests from these vCPUs (-1: unknown, e.g. buffered ioreqs)")
@@ -72,8 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-e", "--expand", type=_expand, action="append", default=[],
                    metavar="vcpu,range,addr",
                    help="expand every domain into vCPUs, ranges, and/or addresses in ranges")
-    p.add_argument("--slow", type=argtype(positive), default=1.0, metavar="MS",
-                   help="flag rows whose service-time p95 is at least MS milliseconds (default 1)")
+    p.add_argument("--slow", type=argtype(duration), default=1e-3, metavar="DURATION",
+                   help="flag rows whose service-time p95 is at least DURATION, with its unit "
+                        "as the view shows it: 250us, 1ms (default 1ms)")
     p.add_argument("--no-color", action="store_true", help="no colours (markers only)")
     s = p.add_argument_group("sources (default: live qemu-dm probes)")
     s.add_argument("--source", choices=("qemu", "xentrace"), default=None,
@@ -85,9 +99,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--speed", type=argtype(speed), default=None, metavar="X",
                    help="with --replay: X times real time (default 1); 0 = all at once")
     s.add_argument("--from", dest="from_url", metavar="URL",
-                   help="read a remote 'iotrace serve' /metrics page (http[s]://[user:pass@]host:port)")
-    s.add_argument("--from-auth", metavar="USER:PASS",
-                   help="basic auth for --from (or @FILE holding USER:PASS)")
+                   help="read a remote 'iotrace serve' /metrics page (http[s]://host:port)")
+    s.add_argument("--from-auth", metavar="@FILE",
+                   help="basic auth for --from: a file holding USER:PASS (or set "
+                        f"{AUTH_ENV}=USER:PASS; a password on the command line shows in ps)")
     s.add_argument("--from-ca", metavar="FILE", help="CA certificate(s) to verify an https --from")
     s.add_argument("--from-source", metavar="NAME",
                    help="which of the remote exporter's sources to show (default qemu, else first)")
@@ -97,6 +112,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 SETTLE_SECONDS = 1.0     # without root: how long a live source may take to report its failure
+AUTH_ENV = "IOTRACE_FROM_AUTH"
+
+
+def _timing(args) -> tuple[float, int | None]:
+    """The refresh interval and count, from INTERVAL COUNT or xentop's -d/-i (one of each)."""
+    if args.interval is not None and args.delay is not None and args.interval != args.delay:
+        raise UserError("give the interval once: INTERVAL or -d/--delay")
+    if args.count is not None and args.iterations is not None and args.count != args.iterations:
+        raise UserError("give the count once: COUNT or -i/--iterations")
+    interval = args.interval if args.interval is not None else args.delay
+    return (1.0 if interval is None else interval), \
+        (args.count if args.count is not None else args.iterations)
+
+
+def _remote_auth(args) -> str | None:
+    """--from credentials from a file (@FILE) or the environment, never the command line."""
+    if args.from_auth is not None and not args.from_auth.startswith("@"):
+        raise UserError(f"--from-auth: give @FILE (a file holding USER:PASS) or set {AUTH_ENV}: "
+                        "a password on the command line shows in ps")
+    from urllib.parse import urlsplit
+    if urlsplit(args.from_url).password is not None:
+        raise UserError(f"--from: no password in the URL (it shows in ps): use --from-auth @FILE "
+                        f"or {AUTH_ENV}")
+    return args.from_auth or os.environ.get(AUTH_ENV) or None
 
 
 def build_source(args):
@@ -113,7 +152,7 @@ def build_source(args):
     if args.from_url:
         if args.config:
             raise UserError("--config does not apply to --from (the remote exporter names ranges)")
-        return registry.build("remote", args.from_url, auth=args.from_auth, cafile=args.from_ca,
+        return registry.build("remote", args.from_url, auth=_remote_auth(args), cafile=args.from_ca,
                               source=args.from_source, timeout=args.from_timeout)
     from iotrace.core.addrmap import AddressMap
     addrmap = AddressMap.load(args.config) if args.config else None
@@ -128,7 +167,15 @@ def build_source(args):
     return registry.build(args.source or "qemu", **kwargs)
 
 
+def _normalise(args) -> None:
+    """One interval and count (INTERVAL COUNT or -d/-i); --format implies batch mode."""
+    args.interval, args.count = _timing(args)
+    if args.format is not None:
+        args.batch = True
+
+
 def run(args) -> int:
+    _normalise(args)
     try:
         filt = make_filter(args.domain, args.vcpu, args.range, args.type)
     except FilterError as exc:
@@ -144,13 +191,14 @@ def _check_terminal(args) -> None:
 
 def run_source(args, src, filt=None) -> int:
     """Start ``src`` (any object following iotrace.core.source.Source), show it, stop it."""
+    _normalise(args)                   # idempotent: run() did it, a test's args may not have
     if filt is None:
         try:
             filt = make_filter(args.domain, args.vcpu, args.range, args.type)
         except FilterError as exc:
             raise UserError(str(exc)) from None
     _check_terminal(args)
-    model = Model(slow_p95=args.slow / 1000.0, sort=args.sort, reverse=args.reverse, filt=filt)
+    model = Model(slow_p95=args.slow, sort=args.sort, reverse=args.reverse, filt=filt)
     for group in args.expand:
         for what in group:
             if what not in model.expand_all:
@@ -225,16 +273,39 @@ def _interrupt_on_term() -> None:
 
 
 def _run_batch(model: Model, take, args) -> int:
-    from iotrace.top.batch import format_table
+    """Print a table every interval; exit 1 if a source was down (said on stderr, once per
+    source and reason), 0 otherwise. A filter that matches nothing is said on stderr too."""
+    from iotrace.top import batch
+    fmt = args.format or "table"
     n = 0
+    said: set = set()
+    down = False
     next_t = model.cur.t + args.interval       # from the baseline, not after the first read
     while args.count is None or n < args.count:
         time.sleep(max(0.0, next_t - time.monotonic()))
         next_t += args.interval
         model.update(take())
-        lines = format_table(model.view(), model.sort + (",reversed" if model.reverse else ""),
-                             model.filter.describe())
-        sys.stdout.write("\n".join(lines) + "\n\n")
+        view = model.view()
+        sort = model.sort + (",reversed" if model.reverse else "")
+        desc = model.filter.describe()
+        if fmt == "csv":
+            lines = batch.format_csv(view, header=n == 0)
+            out = "\n".join(lines) + "\n" if lines else ""
+        elif fmt == "json":
+            out = batch.format_json(view, sort, desc) + "\n"
+        else:
+            out = "\n".join(batch.format_table(view, sort, desc)) + "\n\n"
+        sys.stdout.write(out)
         sys.stdout.flush()
+        for st in view.snapshot.stats:
+            if not st.up:
+                down = True
+                if (st.name, st.error) not in said:
+                    said.add((st.name, st.error))
+                    print(f"iotrace top: source {st.name} is down"
+                          f"{': ' + st.error if st.error else ''}", file=sys.stderr)
+        if desc and not view.rows and "filter" not in said:
+            said.add("filter")
+            print(f"iotrace top: the filter {desc} matches nothing (yet)", file=sys.stderr)
         n += 1
-    return 0
+    return 1 if down else 0

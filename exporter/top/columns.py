@@ -101,6 +101,36 @@ class Column:
     sort: str | None = None   # its --sort / 's' key name, if rows can be sorted by it
     descending: bool = True   # the sort's default direction
     means: str = ""           # what the sort orders by (shown when it is picked)
+    # The raw value, for batch text, CSV and JSON: rate (per second, float), count (int), bytes
+    # (int), seconds (float), text. None: unknown. Batch text writes seconds in microseconds.
+    kind: str = "text"
+    domain_only: bool = False  # a domain row's value only (vCPU, range, address rows: unknown)
+
+    def raw(self, row: Row):
+        """The value behind the cell, unformatted (None when unknown)."""
+        if self.domain_only and row.kind != "domain":
+            return None
+        if self.id == "busiest":
+            if not row.busiest:
+                return None
+            return row.busiest if row.busiest_share is None else \
+                f"{row.busiest}:{row.busiest_share * 100:.1f}%"
+        v = getattr(row, self.id)
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        return v
+
+    @property
+    def batch_header(self) -> str:
+        return self.header + "us" if self.kind == "seconds" else self.header
+
+    @property
+    def field(self) -> str:
+        """Its name in CSV and JSON (base units: per second, seconds, bytes)."""
+        return {"req_rate": "req_per_second", "byte_rate": "bytes_per_second",
+                "read_rate": "reads_per_second", "write_rate": "writes_per_second",
+                "p50": "p50_seconds", "p95": "p95_seconds", "avg": "avg_seconds",
+                "reqs": "reqs_total", "bytes": "bytes_total"}.get(self.id, self.id)
 
 
 def _label(row: Row) -> str:
@@ -109,31 +139,35 @@ def _label(row: Row) -> str:
 
 COLUMNS = [
     Column("domid", "ID", 5, True, False,
-           lambda r: str(r.domid) if r.kind == "domain" else "", "domid", False, "domain id"),
+           lambda r: str(r.domid) if r.kind == "domain" else "", "domid", False, "domain id",
+           "count"),
     Column("name", "NAME", 10, False, False, _label, "name", False, "domain name"),
     Column("req_rate", "REQ/s", 7, True, False, lambda r: fmt_count(r.req_rate), "reqs", True,
-           "requests/s"),
+           "requests/s", "rate"),
     Column("byte_rate", "BYTES/s", 7, True, False, lambda r: fmt_bytes(r.byte_rate), "bytes",
-           True, "bytes/s"),
+           True, "bytes/s", "rate"),
     Column("read_rate", "RD/s", 6, True, False, lambda r: fmt_count(r.read_rate), "reads", True,
-           "reads/s"),
+           "reads/s", "rate"),
     Column("write_rate", "WR/s", 6, True, False, lambda r: fmt_count(r.write_rate), "writes",
-           True, "writes/s"),
+           True, "writes/s", "rate"),
     Column("busiest", "BUSIEST", 11, False, False, fmt_busiest),
     Column("p50", "P50", 6, True, False, lambda r: fmt_secs(r.p50), "p50", True,
-           "service time p50"),
+           "service time p50", "seconds"),
     Column("p95", "P95", 6, True, False, lambda r: fmt_secs(r.p95), "p95", True,
-           "service time p95"),
+           "service time p95", "seconds"),
     Column("lost", "LOST", 4, True, False,
-           lambda r: "-" if r.lost is None else fmt_count(r.lost), "lost", True, "lost events"),
+           lambda r: "-" if r.lost is None else fmt_count(r.lost), "lost", True, "lost events",
+           "count"),
     Column("reqs", "REQS", 8, True, True, lambda r: fmt_count(r.reqs), "total", True,
-           "requests since start"),
-    Column("bytes", "BYTES", 7, True, True, lambda r: fmt_bytes(r.bytes)),
-    Column("avg", "AVG", 6, True, True, lambda r: fmt_secs(r.avg)),
+           "requests since start", "count"),
+    Column("bytes", "BYTES", 7, True, True, lambda r: fmt_bytes(r.bytes), kind="bytes"),
+    Column("avg", "AVG", 6, True, True, lambda r: fmt_secs(r.avg), kind="seconds"),
     Column("vcpus", "VCPUS", 5, True, True,
-           lambda r: ("-" if r.vcpus is None else str(r.vcpus)) if r.kind == "domain" else ""),
+           lambda r: ("-" if r.vcpus is None else str(r.vcpus)) if r.kind == "domain" else "",
+           kind="count", domain_only=True),
     Column("probes", "PROBES", 6, True, True,
-           lambda r: "" if r.kind != "domain" or r.probes is None else str(r.probes)),
+           lambda r: "" if r.kind != "domain" or r.probes is None else str(r.probes),
+           kind="count", domain_only=True),
 ]
 
 

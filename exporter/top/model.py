@@ -131,11 +131,11 @@ class Model:
 
     @staticmethod
     def _busiest(groups: dict, label=lambda k: str(k)) -> tuple[str, float | None]:
-        """The group with the most requests in the interval (else since start), and its share."""
+        """The group with the most requests in the interval, and its share; none when the
+        interval had no requests (no stale name from earlier traffic)."""
         best, best_n, total = None, -1, 0
-        use_delta = any(a.d_count for a in groups.values())
         for k, a in groups.items():
-            n = a.d_count if use_delta else a.reqs
+            n = a.d_count
             total += n
             if n > best_n or (n == best_n and best is not None and label(k) < label(best)):
                 best, best_n = k, n

@@ -40,9 +40,13 @@ iotrace top - keys (any key closes this help)
               (a bare word is a domain; field= alone clears that field)
   d           only the selected domain (again: all)     c   clear filters
 
-REQ/s BYTES/s RD/s WR/s: rates over the last interval. BUSIEST: the range
-(under a range: the address) with most requests, and its share. P50 P95:
-service times over the interval. LOST: events the source lost.
+Every column covers the last interval, except REQS and BYTES (since start).
+REQ/s BYTES/s RD/s WR/s: rates. BUSIEST: the range (under a range: the
+address) with most requests, and its share. P50 P95 AVG: service time
+median, 95th percentile and mean (qemu: in the device model; xentrace: VM
+exit to entry). LOST: events the source lost. REQS BYTES: totals since the
+source started. VCPUS: vCPUs that sent requests. PROBES: uprobes attached
+for the domain's device model (qemu source).
 '!' marks a row needing attention: lost events, or P95 above --slow.
 DOWN! marks a source that is down."""
 
@@ -243,10 +247,14 @@ class TopScreen:
     def _draw_totals(self) -> None:
         """Line 2: totals over the domains shown, and the filter."""
         v, m = self.view, self.model
-        tot = (f"{v.domains_shown} domains  {fmt_count(v.total_req_rate)} req/s  "
+        tot = (f"{v.domains_shown} domain{'' if v.domains_shown == 1 else 's'}  "
+               f"{fmt_count(v.total_req_rate)} req/s  "
                f"{fmt_bytes(v.total_byte_rate)} B/s  rd {fmt_count(v.total_read_rate)}/s  "
                f"wr {fmt_count(v.total_write_rate)}/s")
         desc_f = m.filter.describe()
+        if desc_f and not v.rows:              # the totals are all 0: say why instead
+            self._put(2, 0, f"the filter matches nothing: {desc_f}", self.attr["slow"])
+            return
         if desc_f:
             tot += f"  filter: {desc_f}"
         self._put(2, 0, tot)

@@ -48,10 +48,13 @@ def fit(text: str, width: int, right: bool) -> str:
 
 
 def _cell(c: Column, row: Row, width: int) -> str:
-    if c.id == "busiest":
+    if c.id == "busiest" and row.busiest and row.busiest_share is not None:
         full = c.get(row)
-        if len(full) > width and row.busiest and len(row.busiest) <= width:
-            full = row.busiest              # no room for the share: the name matters more
+        if len(full) > width:               # keep the share: cut the name ("vga-lo~:42%")
+            share = full[len(row.busiest):]
+            room = width - len(share)
+            if room >= 3:
+                return fit(row.busiest[:room - 1] + "~" + share, width, c.right)
         return fit(full, width, c.right)
     return fit(c.get(row), width, c.right)
 

@@ -40,7 +40,7 @@ HEADER = (f"{'TIME':<15} {'DOMAIN':<12} {'VCPU':>4} {'TYPE':<10} {'DIR':<5} {'AD
 
 
 def add_arguments(p) -> None:
-    p.add_argument("-d", "--domain", action="append", default=[], metavar="DOM",
+    p.add_argument("-D", "-d", "--domain", action="append", default=[], metavar="DOM",
                    help="only this domain (domid or name; repeatable)")
     p.add_argument("--vcpu", type=int, action="append", default=None, metavar="N",
                    help="only this vCPU (-1: buffered requests; repeatable)")

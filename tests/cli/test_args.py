@@ -16,14 +16,17 @@ from iotrace.core.errors import UserError
     (A.speed, {"0": 0.0, "1": 1.0, "2.5": 2.5, "1e6": 1e6}, ["-1", "1e7", "nan", "inf", "fast"]),
     (A.domid, {"0": 0, "7": 7, "0x10": 16, "32751": 32751}, ["-1", "32752", "32767", "x"]),
     (A.byte_offset, {"0x48": 0x48, "80": 80, "0": 0}, ["-5", "0x10000", "x"]),
+    (A.duration, {"250us": 250e-6, "1ms": 1e-3, "1.5 ms": 1.5e-3, "2s": 2.0, "100ns": 1e-7,
+                  "3µs": 3e-6}, ["1", "0ms", "-1ms", "fastms", "ms", "5m", "nan s"]),
 ])
 def test_parsers(parse, good, bad):
     for text, want in good.items():
-        assert parse(text) == want
+        assert parse(text) == pytest.approx(want, rel=1e-12)
     for text in bad:
         with pytest.raises(ValueError) as exc:
             parse(text)
-        assert repr(text) in str(exc.value) or "outside" in str(exc.value)
+        assert repr(text) in str(exc.value) or "outside" in str(exc.value) \
+            or "duration" in str(exc.value)
 
 
 def test_argtype_is_argparse_error_and_checked_is_one_line():

@@ -15,8 +15,8 @@ from iotrace.core import events
 from iotrace.offline.recording import RecordingWriter
 from support.fakes import batch
 
-HEADER = ["ID", "NAME", "REQ/s", "BYTES/s", "RD/s", "WR/s", "BUSIEST", "P50", "P95", "LOST",
-          "REQS", "BYTES", "AVG", "VCPUS", "PROBES", "FLAGS"]
+HEADER = ["ID", "NAME", "REQ/s", "BYTES/s", "RD/s", "WR/s", "BUSIEST", "P50us", "P95us", "LOST",
+          "REQS", "BYTES", "AVGus", "VCPUS", "PROBES", "FLAGS"]
 
 
 @pytest.fixture
@@ -67,26 +67,29 @@ def test_replay_totals_line_by_line(iotrace_exe, known_recording):
     assert "sources: replay=up events=1650 lost=3" == t1[1]
     assert "domains=2" in t1[0] and "reqs=1650" in t1[0] and "sort=reqs" in t1[0]
     a, b = rows(t1)
+    # raw numbers: 1000 x 1 B + 250 x 2 B; 400 x 4 B
     assert (a["ID"], a["NAME"], a["REQS"], a["BYTES"], a["VCPUS"]) == ("1", "alpha", "1250",
-                                                                         "1.5K", "2")
+                                                                         "1500", "2")
     assert (b["ID"], b["NAME"], b["REQS"], b["BYTES"], b["VCPUS"]) == ("2", "beta", "400",
-                                                                        "1.6K", "0")
-    assert a["BUSIEST"] == "com1:80%" and b["BUSIEST"] == "vga-lowmem:100%"
+                                                                        "1600", "0")
+    assert a["BUSIEST"] == "com1:80.0%" and b["BUSIEST"] == "vga-lowmem:100.0%"
+    assert float(a["BYTES/s"]) * interval_of(t1) == pytest.approx(1500, rel=0.03)
     # Everything arrived in the first interval: rate x interval = the totals (3 significant digits).
     dt = interval_of(t1)
     assert float(a["REQ/s"]) * dt == pytest.approx(1250, rel=0.03)
     assert float(a["RD/s"]) * dt == pytest.approx(250, rel=0.03)
     assert float(a["WR/s"]) * dt == pytest.approx(1000, rel=0.03)
-    assert a["P50"].endswith("us") and 4.0 <= float(a["P50"][:-2]) <= 8.2      # 5 us, log2 slot
-    assert a["P95"].endswith("us") and 32.0 <= float(a["P95"][:-2]) <= 65.6    # 40 us
-    assert a["AVG"] == "12.0us"                                 # (1000x5 + 250x40) / 1250
-    assert b["P50"] == b["P95"] == b["AVG"] == "-"               # no timing for buffered writes
+    assert 4.0 <= float(a["P50us"]) <= 8.2                      # 5 us, log2 slot
+    assert 32.0 <= float(a["P95us"]) <= 65.6                    # 40 us
+    assert a["AVGus"] == "12.0"                                 # (1000x5 + 250x40) / 1250
+    assert b["P50us"] == b["P95us"] == b["AVGus"] == "-"         # no timing for buffered writes
     assert a["FLAGS"] == b["FLAGS"] == "-"
     assert a["PROBES"] == b["PROBES"] == "-"                    # a replay attaches no probes
     # Second interval: nothing new, totals unchanged.
     a2, b2 = rows(t2)
     assert (a2["REQ/s"], a2["REQS"], b2["REQ/s"], b2["REQS"]) == ("0", "1250", "0", "400")
-    assert a2["P95"] == "-"
+    assert a2["P95us"] == "-"
+    assert a2["BUSIEST"] == b2["BUSIEST"] == "-"                # no requests: no stale busiest
 
 
 def test_expansion_filter_and_sort_in_batch(iotrace_exe, known_recording):
@@ -105,15 +108,15 @@ def test_expansion_filter_and_sort_in_batch(iotrace_exe, known_recording):
     (t,) = tables(r.stdout)
     assert "filter=vcpu=1;type=pio" in t[0]
     assert [(x["NAME"], x["REQS"], x["BUSIEST"]) for x in rows(t)] == \
-        [("alpha", "250", "ide-primary:100%")]
-    r = run_top(iotrace_exe, "--replay", str(known_recording), "--speed", "0", "-d", "beta",
+        [("alpha", "250", "ide-primary:100.0%")]
+    r = run_top(iotrace_exe, "--replay", str(known_recording), "--speed", "0", "-D", "beta",
                 "--range", "vga*", "0.2", "1")
     (t,) = tables(r.stdout)
     assert [x["NAME"] for x in rows(t)] == ["beta"]
 
 
 def test_slow_flag(iotrace_exe, known_recording):
-    r = run_top(iotrace_exe, "--replay", str(known_recording), "--speed", "0", "--slow", "0.02",
+    r = run_top(iotrace_exe, "--replay", str(known_recording), "--speed", "0", "--slow", "20us",
                 "0.2", "1")
     (t,) = tables(r.stdout)
     assert rows(t)[0]["FLAGS"] == "!slow"                    # alpha p95 ~40 us >= 20 us
@@ -196,3 +199,63 @@ def test_sigterm_ends_batch_cleanly(iotrace_exe, real_xentrace):
         if p.poll() is None:
             p.kill()
     assert p.returncode == 130 and err == ""
+
+
+def test_xentop_flags_delay_and_iterations(iotrace_exe, known_recording):
+    """-d SECONDS and -i N as xentop has them: two tables about one second apart."""
+    r = run_top(iotrace_exe, "--replay", str(known_recording), "--speed", "0", "-d", "1", "-i", "2")
+    assert r.returncode == 0, r.stderr
+    t1, t2 = tables(r.stdout)
+    assert 0.8 <= interval_of(t2) <= 1.6
+    stamps = [re.match(r"iotrace top (\S+ \S+)", t[0]).group(1) for t in (t1, t2)]
+    assert stamps[0] != stamps[1]
+    r = run_top(iotrace_exe, "--replay", str(known_recording), "-d", "1", "2", "1")
+    assert r.returncode == 2 and "give the interval once" in r.stderr
+
+
+def test_a_filter_that_matches_nothing_says_so(iotrace_exe, known_recording):
+    r = run_top(iotrace_exe, "--replay", str(known_recording), "--speed", "0", "-D", "nosuchdom",
+                "0.2", "2")
+    assert r.returncode == 0
+    t1, t2 = tables(r.stdout)
+    assert "filter=domain=nosuchdom (matches-nothing)" in t1[0] and rows(t1) == []
+    assert r.stderr.strip().splitlines() == [
+        "iotrace top: the filter domain=nosuchdom matches nothing (yet)"]
+
+
+def test_csv_and_json(iotrace_exe, known_recording):
+    import csv
+    import io
+    import json
+    r = run_top(iotrace_exe, "--replay", str(known_recording), "--speed", "0", "--format", "csv",
+                "0.25", "2")
+    assert r.returncode == 0, r.stderr
+    recs = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert r.stdout.count("time,host,") == 1                    # one header row
+    first = [x for x in recs if x["reqs_total"] and x["kind"] == "domain"][:2]
+    alpha = next(x for x in first if x["name"] == "alpha")
+    assert (alpha["domid"], alpha["reqs_total"], alpha["bytes_total"]) == ("1", "1250", "1500")
+    assert float(alpha["avg_seconds"]) == pytest.approx(12e-6)
+    assert float(alpha["req_per_second"]) * float(alpha["interval_seconds"]) == \
+        pytest.approx(1250, rel=0.03)
+    assert len(recs) == 4                                      # 2 domains x 2 tables
+    r = run_top(iotrace_exe, "--replay", str(known_recording), "--speed", "0", "--format", "json",
+                "-e", "range", "0.25", "1")
+    (line,) = r.stdout.splitlines()
+    doc = json.loads(line)
+    assert doc["sources"][0] == {"name": "replay", "up": True, "events": 1650, "lost": 3,
+                                 "probes_attached": 0, "probes_failed": 0, "error": None}
+    by = {(x["kind"], x["name"]): x for x in doc["rows"]}
+    assert by[("range", "com1")]["reqs_total"] == 1000 and by[("range", "com1")]["level"] == 1
+    assert by[("domain", "beta")]["p95_seconds"] is None and doc["filter_matches"]
+
+
+@pytest.mark.integration
+@pytest.mark.root
+def test_batch_exits_1_when_a_source_is_down(iotrace_exe):
+    """No Xen here: the live xentrace source is down; batch mode says so and exits 1."""
+    r = run_top(iotrace_exe, "--source", "xentrace", "0.3", "1")
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    (t,) = tables(r.stdout)
+    assert "xentrace=DOWN" in t[1]
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("iotrace top: source xentrace is down")]

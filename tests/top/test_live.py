@@ -17,7 +17,7 @@ def test_live_probes_on_a_standin(iotrace_exe):
     with sr.StandIn(domid=DOMID, name="top-live", speed=1, loop=True) as s:
         assert s.running()
         r = subprocess.run([iotrace_exe, "top", "-b", "--source", "qemu", "--binary", str(exe),
-                            "-d", str(DOMID), "-e", "vcpu", "0.7", "4"],
+                            "-D", str(DOMID), "-e", "vcpu", "0.7", "4"],
                            capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     blocks = [b.splitlines() for b in r.stdout.strip("\n").split("\n\n")]
@@ -43,7 +43,7 @@ def test_live_view_in_tmux_as_demo_runs_it(iotrace_exe):
     exe = sr.build()
     with sr.StandIn(domid=DOMID + 1, name="top-tmux", speed=1, loop=True):
         t = Tmux(f"{shlex.quote(iotrace_exe)} top --source qemu --binary {shlex.quote(str(exe))}"
-                 f" -d {DOMID + 1} 0.5")
+                 f" -D {DOMID + 1} 0.5")
         try:
             s = t.wait_for(lambda x: "top-tmux" in x and "REQ/s" in x and
                            table_rows(x) and table_rows(x)[0].split()[3][0].isdigit()

@@ -278,7 +278,7 @@ def test_sampler_keeps_last_totals_of_a_failing_source(fed):
     assert m.view().rows[0].req_rate == 0
 
 
-def test_view_layout_fits_and_keeps_busiest_names():
+def test_view_layout_fits_and_keeps_the_busiest_share():
     from iotrace.top.columns import Row
     from iotrace.top.screen import too_small_lines
     from iotrace.top.table import layout, render_header, render_row
@@ -293,7 +293,7 @@ def test_view_layout_fits_and_keeps_busiest_names():
     cols80 = layout(80)
     assert [c.id for c, _ in cols80][-1] == "lost"
     line = render_row(row, cols80)
-    assert " pci-bar-io " in line                           # share dropped, name kept whole
+    assert " pci-b~:100% " in line                          # the name cut, the share kept
     assert "  ide-secondary " in render_row(child, cols80)  # child labels use the ID column too
     wide = layout(160)
     assert "pci-bar-io:100%" in render_row(row, wide) and {"reqs", "avg"} <= {c.id for c, _ in wide}
