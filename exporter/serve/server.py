@@ -2,8 +2,16 @@
 
 A ``ThreadingHTTPServer``: every connection has its own thread, so a slow scraper (or a slow TLS
 handshake, which is done in that thread, not in the accept loop) never blocks other scrapers, and
-the sources run on their own threads regardless. Sockets time out after ``timeout`` seconds so a
-stalled client cannot hold a thread forever.
+the sources run on their own threads regardless. Hostile clients are bounded (issue #12):
+
+* a request head (TLS handshake, request line and headers) must arrive within
+  ``HEAD_TIMEOUT_SECONDS`` in all, not per byte: a client sending a byte a second is dropped
+  (``_DeadlineReader``); a keep-alive connection waits that long for its next request;
+* at most ``MAX_CONNECTIONS`` connections at once: a new one beyond that evicts the oldest
+  connection still sending its head (a slowloris, never a scrape being answered), and when none
+  is, it is answered 503 and closed: a scraper always gets in;
+* basic auth keeps bcrypt off the path of a known credential and bounds the bcrypt work done at
+  once (``iotrace.serve.webconfig.WebConfig.verify``); with no slot free the answer is 503.
 
 Metrics are rendered from a private ``CollectorRegistry`` with prometheus_client's encoders
 (text 0.0.4, or OpenMetrics when the scraper asks for it; gzip when accepted).
@@ -14,10 +22,12 @@ import base64
 import binascii
 import errno
 import html
+import io
 import logging
 import socket
 import ssl
 import threading
+import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -26,8 +36,12 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encode
 
 from iotrace import __version__
 from iotrace.core.errors import UserError
+from iotrace.serve.webconfig import Verdict
 
 log = logging.getLogger("iotrace.serve")
+
+HEAD_TIMEOUT_SECONDS = 10.0
+MAX_CONNECTIONS = 64
 
 DEFAULT_PORT = 9878
 DEFAULT_LISTEN = f":{DEFAULT_PORT}"
@@ -60,11 +74,30 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def setup(self):
-        self.request.settimeout(self.server.timeout_seconds)
+        self.head_deadline = time.monotonic() + self.server.head_timeout
+        self.request.settimeout(min(self.server.timeout_seconds, self.server.head_timeout))
         if isinstance(self.request, ssl.SSLSocket):
             # The handshake runs here, in this connection's thread (see module doc).
             self.request.do_handshake()
         super().setup()
+        self.rfile = io.BufferedReader(_DeadlineReader(self), self.rbufsize if self.rbufsize > 0
+                                       else io.DEFAULT_BUFFER_SIZE)
+
+    def handle_one_request(self):
+        # each request of a keep-alive connection has its head deadline
+        self.head_deadline = time.monotonic() + self.server.head_timeout
+        self.server.head_started(self.request)
+        super().handle_one_request()
+
+    def parse_request(self):
+        ok = super().parse_request()
+        self.head_deadline = None           # the head is in: answering it is not bounded here
+        self.server.head_done(self.request)
+        return ok
+
+    def finish(self):
+        self.server.head_done(self.request)
+        super().finish()
 
     def log_message(self, fmt, *args):  # access log at debug level only
         log.debug("%s %s", self.address_string(), fmt % args)
@@ -96,8 +129,14 @@ class _Handler(BaseHTTPRequestHandler):
                     .decode("utf-8", "surrogateescape").partition(":")
             except (binascii.Error, ValueError):
                 sep = ""
-            if sep and web.check_password(user, password):
-                return True
+            if sep:
+                verdict = web.verify(user, password)
+                if verdict is Verdict.OK:
+                    return True
+                if verdict is Verdict.BUSY:
+                    self._send(503, b"Too many credentials being checked: try again\n",
+                               "text/plain; charset=utf-8", {"Retry-After": "1"})
+                    return False
         self._send(401, b"Unauthorized\n", "text/plain; charset=utf-8",
                    {"WWW-Authenticate": 'Basic realm="iotrace"'})
         return False
@@ -151,20 +190,89 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, body, ctype, extra)
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The connection's socket as a raw stream whose reads stop at the handler's head deadline
+    (a total time for the request head, not a time per byte)."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.sock = handler.connection
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        deadline = self.handler.head_deadline
+        base = self.handler.server.timeout_seconds
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("request head not received in time")
+            self.sock.settimeout(min(base, left))
+        else:
+            self.sock.settimeout(base)
+        return self.sock.recv_into(b)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64
 
-    def __init__(self, addr, registry, web_config, timeout_seconds, family, fast_text):
+    def __init__(self, addr, registry, web_config, timeout_seconds, family, fast_text,
+                 head_timeout=HEAD_TIMEOUT_SECONDS, max_connections=MAX_CONNECTIONS):
         self.address_family = family
         self.registry = registry
         self.fast_text = fast_text
         self.web_config = web_config
         self.timeout_seconds = timeout_seconds
+        self.head_timeout = head_timeout
+        self.max_connections = max_connections
         self.extra_headers = dict(web_config.headers) if web_config else {}
         self.landing_text = ""
+        self._conn_lock = threading.Lock()
+        self._open: set = set()              # connections being served
+        self._in_head: dict = {}             # connection -> when it began sending a head
         super().__init__(addr, _Handler, bind_and_activate=False)
+
+    # -- the connection cap (see the module docstring) -----------------------------------------
+    def process_request(self, request, client_address):
+        with self._conn_lock:
+            if len(self._open) >= self.max_connections:
+                victim = min(self._in_head, key=self._in_head.get) if self._in_head else None
+                if victim is None:
+                    refuse = True
+                else:
+                    refuse = False
+                    del self._in_head[victim]
+                    self._open.discard(victim)
+                    _drop(victim)
+            else:
+                refuse = False
+            if not refuse:
+                self._open.add(request)
+                self._in_head[request] = time.monotonic()
+        if refuse:
+            log.warning("connection from %s refused: %d connections open", client_address[0],
+                        self.max_connections)
+            _refuse(request)
+            return
+        super().process_request(request, client_address)
+
+    def head_started(self, conn) -> None:
+        with self._conn_lock:
+            if conn in self._open:
+                self._in_head.setdefault(conn, time.monotonic())
+
+    def head_done(self, conn) -> None:
+        with self._conn_lock:
+            self._in_head.pop(conn, None)
+
+    def shutdown_request(self, request):
+        with self._conn_lock:
+            self._open.discard(request)
+            self._in_head.pop(request, None)
+        super().shutdown_request(request)
 
     def server_bind(self):
         if self.address_family == socket.AF_INET6:
@@ -190,11 +298,37 @@ class _Server(ThreadingHTTPServer):
         return self.landing_text.encode()
 
 
+def _drop(conn) -> None:
+    """Cut a connection another thread is reading from (its read fails at once)."""
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _refuse(conn) -> None:
+    """Answer 503 to a connection beyond the cap, without reading it, and close it."""
+    try:
+        conn.settimeout(1.0)
+        if not isinstance(conn, ssl.SSLSocket):
+            conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                         b"Retry-After: 1\r\nConnection: close\r\n\r\n")
+    except OSError:
+        pass
+    finally:
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+
 class ExporterServer:
     """Binds at construction (so 'address in use' is reported before anything starts)."""
 
     def __init__(self, registry, listen_address: str = DEFAULT_LISTEN, web_config=None,
-                 timeout_seconds: float = 30.0, description: str = "", fast_text=None):
+                 timeout_seconds: float = 30.0, description: str = "", fast_text=None,
+                 head_timeout: float = HEAD_TIMEOUT_SECONDS,
+                 max_connections: int = MAX_CONNECTIONS):
         """``fast_text``: optional callable returning the registry's metrics in the text format
         0.0.4, as bytes or as pieces to send one after the other (a list, or an iterator that
         makes them: ``IotraceCollector.render_text`` / ``render_chunks`` / ``iter_chunks``),
@@ -217,7 +351,7 @@ class ExporterServer:
                                 f"{host!r}: {exc.strerror}") from None
             family, bind_host = infos[0][0], infos[0][4][0]
         self.httpd = _Server((bind_host, port), registry, web_config, timeout_seconds, family,
-                             fast_text)
+                             fast_text, head_timeout, max_connections)
         try:
             self.httpd.server_bind()
             self.httpd.server_activate()

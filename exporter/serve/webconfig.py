@@ -23,11 +23,13 @@ must never be ignored silently.
 """
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import os
 import ssl
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import bcrypt
@@ -53,7 +55,16 @@ HTTP_KEYS = ("headers", "http2")
 RESERVED_HEADERS = {"authorization", "content-type", "content-length", "content-encoding",
                     "www-authenticate", "date", "server", "connection"}
 _BCRYPT_PREFIXES = (b"$2a$", b"$2b$", b"$2y$")
-_CACHE_MAX = 1024
+GOOD_CACHE_MAX = 1024        # credentials that were right: an LRU (Prometheus's stays in it)
+BAD_CACHE_MAX = 4096         # recent wrong ones: answered without bcrypt when tried again
+BCRYPT_SLOTS = 1             # bcrypt checks at once: the other core stays free for scrapes
+BCRYPT_WAIT_SECONDS = 2.0    # a check that finds no slot that long is answered "busy"
+
+
+class Verdict(enum.Enum):
+    OK = "ok"
+    BAD = "bad"
+    BUSY = "busy"            # too many unknown credentials being checked: try again later
 
 
 @dataclass
@@ -64,8 +75,10 @@ class WebConfig:
     headers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        self._cache: dict[bytes, bool] = {}
+        self._good: OrderedDict[bytes, None] = OrderedDict()
+        self._bad: OrderedDict[bytes, None] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self._bcrypt_slots = threading.BoundedSemaphore(BCRYPT_SLOTS)
         # Checked against when the user is unknown, so that a wrong user name costs the same
         # bcrypt time as a wrong password (no user enumeration by timing).
         rounds = max((int(h[4:6]) for h in self.users.values()), default=4)
@@ -80,32 +93,50 @@ class WebConfig:
         return bool(self.users)
 
     def check_password(self, user: str, password: str) -> bool:
-        """True if ``user`` is configured and ``password`` matches its bcrypt hash.
+        """True if ``user`` is configured and ``password`` matches its bcrypt hash (waits for a
+        bcrypt slot as long as it takes; the server uses ``verify``)."""
+        return self.verify(user, password, wait=None) is Verdict.OK
 
-        bcrypt is slow on purpose (tens of ms at cost 10-12); every scrape carries the same
-        credentials, so results are cached under a keyed digest of (user, password, hash), as the
-        exporter-toolkit does. The cache never holds a password.
+    def verify(self, user: str, password: str, wait: float | None = BCRYPT_WAIT_SECONDS) -> Verdict:
+        """Whether ``user``/``password`` may scrape.
+
+        bcrypt is slow on purpose (tens of ms at cost 10-12), so it is kept off the path of a
+        credential already known: a right one is remembered in an LRU (every scrape of a
+        Prometheus carries the same credentials; a flood of other credentials cannot evict it
+        by filling a cache that is cleared whole), a wrong one in another, so guessing the same
+        thing twice costs nothing. New credentials take one of BCRYPT_SLOTS bcrypt slots; with
+        none free within ``wait`` seconds the answer is BUSY (the server says 503, Retry-After),
+        so password guessing costs the server a bounded amount of CPU and never delays a known
+        scraper. The caches hold keyed digests of (user, password, hash), never a password.
         """
         if not self.users:
-            return True
+            return Verdict.OK
         hashed = self.users.get(user)
         target = hashed if hashed is not None else self._dummy
         digest = hmac.new(target, f"{user}\0{password}".encode("utf-8", "surrogateescape"),
                           hashlib.sha256).digest()
         with self._cache_lock:
-            hit = self._cache.get(digest)
-        if hit is not None:
-            return hit and hashed is not None
+            if digest in self._good:
+                self._good.move_to_end(digest)
+                return Verdict.OK
+            if digest in self._bad:
+                self._bad.move_to_end(digest)
+                return Verdict.BAD
+        if not self._bcrypt_slots.acquire(timeout=wait):
+            return Verdict.BUSY
         try:
             ok = bcrypt.checkpw(password.encode("utf-8", "surrogateescape"), target)
         except ValueError:
             ok = False
+        finally:
+            self._bcrypt_slots.release()
         ok = ok and hashed is not None
         with self._cache_lock:
-            if len(self._cache) >= _CACHE_MAX:
-                self._cache.clear()
-            self._cache[digest] = ok
-        return ok
+            cache, limit = (self._good, GOOD_CACHE_MAX) if ok else (self._bad, BAD_CACHE_MAX)
+            cache[digest] = None
+            while len(cache) > limit:
+                cache.popitem(last=False)           # the least recently used
+        return Verdict.OK if ok else Verdict.BAD
 
 
 def _lines(mapping, default):
