@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from iotrace.core.addrmap import AddressMap
+from iotrace.cli.config import load_config
 from iotrace.core.aggregate import Aggregator
 from iotrace.core.errors import UserError
 from iotrace.offline.capture import load_capture
@@ -45,7 +45,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    addrmap = AddressMap.load(args.config)
+    cfg = load_config(args.config)
+    cfg.print_warnings("report")
+    addrmap = cfg.addrmap
     cpu_hz = _cpu_hz(args.cpu_hz) if args.cpu_hz is not None else None
     capture = load_capture(args.file, cpu_hz=cpu_hz, xenalyze_compat=args.xenalyze_compat)
     agg = Aggregator(addrmap, keep_addr=True)

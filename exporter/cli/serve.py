@@ -18,11 +18,10 @@ import time
 from prometheus_client import CollectorRegistry
 
 from iotrace.cli.args import argtype, speed
-from iotrace.core.addrmap import AddressMap
+from iotrace.cli.config import load_config
 from iotrace.core.errors import InputError, UserError
 from iotrace.serve.collector import IotraceCollector
 from iotrace.serve.server import DEFAULT_LISTEN, ExporterServer
-from iotrace.serve.settings import load_settings
 from iotrace.sources import registry
 
 HELP = "Prometheus exporter: serve per-domain I/O request metrics on /metrics"
@@ -170,8 +169,10 @@ def _monitor(sources, stop: threading.Event) -> None:
 def run(args) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s iotrace serve %(levelname)s: %(message)s")
-    settings = load_settings(args.config)
-    addrmap = AddressMap.load(args.config)
+    cfg = load_config(args.config)
+    for w in cfg.warnings:
+        log.warning("%s", w)
+    settings, addrmap = cfg.exporter, cfg.addrmap
     web = None
     if args.web_config_file:
         from iotrace.serve.webconfig import load_web_config

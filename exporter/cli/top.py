@@ -154,8 +154,10 @@ def build_source(args):
             raise UserError("--config does not apply to --from (the remote exporter names ranges)")
         return registry.build("remote", args.from_url, auth=_remote_auth(args), cafile=args.from_ca,
                               source=args.from_source, timeout=args.from_timeout)
-    from iotrace.core.addrmap import AddressMap
-    addrmap = AddressMap.load(args.config) if args.config else None
+    from iotrace.cli.config import load_config
+    cfg = load_config(args.config)
+    cfg.print_warnings("top")
+    addrmap = cfg.addrmap
     # top expands domains down to addresses: every source keeps per-address cells for it.
     if args.replay:
         return registry.build("replay", args.replay,

@@ -14,6 +14,7 @@ which names the range the page's start falls in.
 """
 from __future__ import annotations
 
+import heapq
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -64,16 +65,25 @@ class _Segments:
 
     def __init__(self, entries: list[RangeEntry], names: list[str]):
         index_of = {n: i for i, n in enumerate(names)}
-        # Paint: walk elementary intervals between all boundaries; the last entry covering wins.
+        # Paint: walk the elementary intervals between all boundaries; the last entry covering one
+        # wins. A sweep with a heap of the entries begun so far (latest first; ended ones dropped
+        # when they come to the top): O(n log n) for n entries. Every start and end + 1 is a
+        # boundary, so an entry that covers an interval's first address covers all of it.
         bounds = sorted({e.start for e in entries} | {e.end + 1 for e in entries})
+        by_start = sorted(range(len(entries)), key=lambda i: entries[i].start)
+        heap: list[tuple[int, int]] = []          # (-priority, end)
+        nxt = 0
         starts, ends, idx, handled = [], [], [], []
         for lo, hi in zip(bounds, bounds[1:]):
-            winner = None
-            for e in entries:
-                if e.start <= lo and hi - 1 <= e.end:
-                    winner = e
-            if winner is None:
+            while nxt < len(by_start) and entries[by_start[nxt]].start <= lo:
+                i = by_start[nxt]
+                heapq.heappush(heap, (-i, entries[i].end))
+                nxt += 1
+            while heap and heap[0][1] < lo:
+                heapq.heappop(heap)
+            if not heap:
                 continue
+            winner = entries[-heap[0][0]]
             if idx and idx[-1] == index_of[winner.name] and ends[-1] + 1 == lo \
                     and handled[-1] == winner.handled_by:
                 ends[-1] = hi - 1
@@ -111,8 +121,9 @@ class _Segments:
 class AddressMap:
     """Range names for (type, address) pairs. Build with ``AddressMap.load(config_path)``."""
 
-    def __init__(self, entries: list[RangeEntry]):
+    def __init__(self, entries: list[RangeEntry], warnings: list[str] | None = None):
         self.entries = list(entries)
+        self.warnings = list(warnings or [])       # about the operator's file (see overlaps())
         names = []
         for e in self.entries:
             if e.name not in names:
@@ -138,12 +149,18 @@ class AddressMap:
     @classmethod
     def load(cls, config_path: str | None = None) -> "AddressMap":
         """The PC default map, overridden by the operator's config file when one is given."""
+        doc = load_yaml(config_path) if config_path else None
+        return cls.from_document(doc, config_path)
+
+    @classmethod
+    def from_document(cls, doc, path: str | None) -> "AddressMap":
+        """The PC default map with the ranges of an already parsed config document (None: the
+        defaults alone); warnings name the operator's duplicate names and overlaps."""
         entries = default_entries()
-        if config_path:
-            doc = load_yaml(config_path)
-            user, replace = parse_map_document(doc, config_path)
-            entries = user if replace else entries + user
-        return cls(entries)
+        if doc is None:
+            return cls(entries)
+        user, replace = parse_map_document(doc, path or "<config>")
+        return cls(user if replace else entries + user, overlaps(user))
 
     # -- lookup --------------------------------------------------------------------------------
     def lookup(self, types: np.ndarray, addrs: np.ndarray) -> np.ndarray:
@@ -179,6 +196,34 @@ class AddressMap:
         if kind is None:
             return "qemu"
         return self._segments[kind].handled_by(int(addr)) or "qemu"
+
+
+def overlaps(entries: list[RangeEntry]) -> list[str]:
+    """One line per name given twice and per pair of overlapping ranges among ``entries`` (an
+    operator's file), saying which range wins where they overlap (the later one)."""
+    out = []
+    seen: dict[tuple[str, str], RangeEntry] = {}
+    for e in entries:
+        first = seen.setdefault((e.kind, e.name), e)
+        if first is not e:
+            out.append(f"{e.origin}: {e.kind} range name {e.name!r} is used again (first at "
+                       f"{first.origin}); both count as {e.name}")
+    for kind in ("pio", "mmio", "pci_config"):
+        mine = sorted((e for e in entries if e.kind == kind), key=lambda e: (e.start, e.end))
+        active: list[RangeEntry] = []             # those not ended before the next start
+        for e in mine:
+            active = [a for a in active if a.end >= e.start]
+            for a in active:
+                later, earlier = (e, a) if entries.index(e) > entries.index(a) else (a, e)
+                lo, hi = max(a.start, e.start), min(a.end, e.end)
+                out.append(f"{later.origin}: {kind} range {later.name!r} overlaps "
+                           f"{earlier.name!r} ({earlier.origin}) at {lo:#x}-{hi:#x}: "
+                           f"{later.name!r} wins there (the later entry)")
+            active.append(e)
+            if len(out) >= 100:                    # a generated file can overlap everywhere
+                out.append("... (more overlaps not listed)")
+                return out
+    return out
 
 
 def default_entries() -> list[RangeEntry]:

@@ -96,9 +96,26 @@ def load_yaml(path: str):
     return parse_yaml(text, path)
 
 
+def yaml_kind(value) -> str:
+    """What a parsed YAML value is, in YAML's words (never a Python class name)."""
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return "a value of another kind"
+
+
 def require_mapping(value, path, what, line=None):
     if not isinstance(value, dict):
-        raise ConfigError(f"expected a mapping, got {type(value).__name__}", path,
+        raise ConfigError(f"expected a mapping, got {yaml_kind(value)}", path,
                           getattr(value, "line", line), what)
     return value
 

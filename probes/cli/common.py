@@ -6,7 +6,7 @@ events mode (one ring-buffer record per request, exact addresses).
 from __future__ import annotations
 
 from iotrace.cli.args import argtype, byte_offset, seconds
-from iotrace.core.addrmap import AddressMap
+from iotrace.cli.config import load_config
 from iotrace.core.errors import ProbeError
 from iotrace.probes.live import DEBIAN_DM
 from iotrace.sources import registry
@@ -36,7 +36,9 @@ def events_source(args):
     """The qemu source in events mode, as the options say (not started)."""
     if not args.binary and args.no_default_binaries:
         raise ProbeError("--no-default-binaries needs at least one --binary PATH")
-    addrmap = AddressMap.load(args.config)
+    cfg = load_config(args.config)
+    cfg.print_warnings(getattr(args, "verb", "probe"))
+    addrmap = cfg.addrmap
     return registry.build("qemu", addrmap, binaries=args.binary, strict=args.strict,
                           mode="events", timing=not args.no_service_time,
                           defaults=not args.no_default_binaries,
