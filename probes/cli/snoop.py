@@ -86,6 +86,31 @@ class Filter:
         return batch[keep], rng[keep]
 
 
+class DomainFilterCheck:
+    """Says on stderr, once, when -D names no domain a device model serves: after WAIT seconds,
+    and at the end (a typo must not look like a quiet guest)."""
+
+    WAIT = 5.0
+
+    def __init__(self, flt: Filter, t0: float):
+        self.flt, self.t0 = flt, t0
+        self.matched = flt.domains is None
+        self.said = False
+
+    def check(self, names: dict[int, str], now: float | None) -> None:
+        if self.matched or self.said:
+            return
+        if self.flt.domids(names) & set(names):
+            self.matched = True
+            return
+        if now is None or now - self.t0 >= self.WAIT:
+            self.said = True
+            running = ", ".join(sorted(set(names.values()))) or "none so far"
+            print(f"iotrace snoop: -D {','.join(self.flt.domains)} matches no domain "
+                  f"{'yet ' if now is not None else ''}(device models seen: {running})",
+                  file=sys.stderr)
+
+
 def format_line(ev, rng_name: str, dom_name: str, wall_offset: float) -> str:
     t = ev["ts_ns"] / 1e9 + wall_offset
     lt = time.localtime(t)
@@ -126,10 +151,12 @@ def run(args) -> int:
         deadline = None if args.duration is None else time.monotonic() + args.duration
         lost_reported = 0
         names: dict[int, str] = {}
+        unmatched = DomainFilterCheck(flt, time.monotonic())
         while not stop["flag"] and (deadline is None or time.monotonic() < deadline):
             batch = src.poll(100)
+            names.update(src.domain_names())
+            unmatched.check(names, time.monotonic())
             if len(batch):
-                names.update(src.domain_names())
                 batch, rng = flt.apply(batch, names)
                 out = [format_line(ev, src.addrmap.names[int(r)],
                                    display_name(int(ev["domid"]), names),
@@ -145,6 +172,7 @@ def run(args) -> int:
         st = src.stats()
         print(f"iotrace snoop: {st.events} event(s), {st.extra.get('lost_events', 0)} lost",
               file=sys.stderr)
+        unmatched.check(names, None)
     finally:
         signal.signal(signal.SIGTERM, old)
         signal.signal(signal.SIGINT, old_int)

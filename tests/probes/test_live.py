@@ -312,6 +312,24 @@ def test_record_cli_sigterm_flushes_everything(bins, tmp_path, iotrace_exe):
     assert r.meta["source"] == "qemu"
 
 
+def test_snoop_says_when_its_domain_filter_matches_nothing(bins, tmp_path, iotrace_exe):
+    """-D with a name no device model has: one line saying so (with the domains seen), not a
+    silent empty output (issue #12, item 11)."""
+    p = start_standin(bins["7.2"], 951, tmp_path / "t.json", speed=1.0, loop=True, name="real")
+    try:
+        r = subprocess.run([iotrace_exe, "snoop", "--binary", bins["7.2"], "--no-default-binaries",
+                            "-D", "nosuchdom", "--duration", "2"], capture_output=True, text=True,
+                           timeout=120)
+    finally:
+        p.kill()
+        p.wait(10)
+    assert r.returncode == 0, r.stderr
+    said = [ln for ln in r.stderr.splitlines() if "matches no domain" in ln]
+    assert len(said) == 1 and said[0].startswith("iotrace snoop: -D nosuchdom matches no domain")
+    assert "real" in said[0]
+    assert r.stdout.splitlines()[1:] == []                 # the header only
+
+
 def test_snoop_cli_filters(bins, tmp_path, iotrace_exe):
     truth = tmp_path / "t.json"
     # stdout to a file: a pipe nobody reads would block snoop (and then the ring buffer overflows)
