@@ -18,6 +18,20 @@ from iotrace.core import domains
 
 PROC = "/proc"
 
+# Where device models are installed (checked at start; any other path is found from its process):
+KNOWN_PATHS = (
+    # Debian, Ubuntu: package qemu-system-xen (what Debian's libxl starts by default)
+    "/usr/libexec/xen-qemu-system-i386",
+    # Upstream Xen's own qemu-xen build: <libexecdir>/xen/bin (Xen's config/Paths.mk.in,
+    # LIBEXEC_BIN; libexecdir defaults to $exec_prefix/lib there, m4/paths.m4), for the prefixes
+    # and libexecdirs distributions use: /usr/lib, /usr/local/lib (the default prefix), /usr/lib64
+    # (SUSE-style), /usr/libexec (Fedora/RHEL-style)
+    "/usr/lib/xen/bin/qemu-system-i386",
+    "/usr/local/lib/xen/bin/qemu-system-i386",
+    "/usr/lib64/xen/bin/qemu-system-i386",
+    "/usr/libexec/xen/bin/qemu-system-i386",
+)
+
 
 @dataclass(frozen=True)
 class DmProcess:
@@ -103,14 +117,37 @@ def inspect(pid: int, proc: str = PROC) -> DmProcess | None:
     ticks = start_ticks(pid, proc)
     if ticks is None:
         return None
-    try:
-        exe = os.path.realpath(os.readlink(f"{proc}/{pid}/exe"))
-        if exe.endswith(" (deleted)"):
-            exe = exe[:-len(" (deleted)")]
-    except OSError:
-        exe = None
+    exe = read_exe(pid, proc)
     domid, qname = parsed
     return DmProcess(pid, domid, domain_name(domid, qname), exe, ticks, time.time())
+
+
+def read_exe(pid: int, proc: str = PROC) -> str | None:
+    try:
+        exe = os.path.realpath(os.readlink(f"{proc}/{pid}/exe"))
+    except OSError:
+        return None
+    return exe[:-len(" (deleted)")] if exe.endswith(" (deleted)") else exe
+
+
+def installed_binaries(paths=KNOWN_PATHS) -> list[str]:
+    """The known install paths that exist (real paths, each once)."""
+    out = []
+    for p in paths:
+        if os.path.exists(p):
+            r = os.path.realpath(p)
+            if r not in out:
+                out.append(r)
+    return out
+
+
+def default_binaries(proc: str = PROC) -> list[str]:
+    """The installed device models, plus the binaries of running device models."""
+    out = installed_binaries()
+    for dm in scan(proc).values():
+        if dm.exe and dm.exe not in out:
+            out.append(dm.exe)
+    return out
 
 
 def scan(proc: str = PROC) -> dict[int, DmProcess]:

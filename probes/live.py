@@ -35,6 +35,7 @@ from iotrace.core.source import DomainInfo, SourceStats
 from iotrace.probes.bpf import types as T
 from iotrace.probes.bpf.loader import RINGBUF_PAGES, ProbeSet
 from iotrace.probes.discovery import ProcessMap, scan
+from iotrace.probes.hook.auto import Finding
 from iotrace.probes.hook.resolve import ElfError, resolve
 
 DEBIAN_DM = "/usr/libexec/xen-qemu-system-i386"
@@ -176,13 +177,22 @@ class QemuProbeSource:
             off = self.send_vcpu_offset
             if isinstance(off, dict):           # per binary: {path: offset}
                 off = {os.path.realpath(k): v for k, v in off.items()}.get(res.path)
-            if off is not None and not res.send_vcpu_from.startswith("table"):
+            sv = res.findings.get("send_vcpu")
+            if off is not None and not (sv and sv.how.startswith("table")):
                 res.send_vcpu_offset = off
                 res.send_vcpu_from = "command line"
-            elif res.send_vcpu_from.startswith("default"):
-                self.warn(f"{res.path}: XenIOState layout unknown (no table entry, no QEMU "
-                          f"banner): assuming send_vcpu at {res.send_vcpu_offset:#x} (QEMU <= 8.0); "
-                          f"use --send-vcpu-offset 0x48 for QEMU >= 8.1")
+                res.findings["send_vcpu"] = Finding(off, "command line (--send-vcpu-offset)",
+                                                    "exact")
+            elif sv is not None and sv.confidence == "guess":
+                self.warn(f"{res.path}: XenIOState layout not found in the code: assuming "
+                          f"send_vcpu at {res.send_vcpu_offset:#x} ({sv.how}); use "
+                          f"--send-vcpu-offset (0x50 up to QEMU 8.0, 0x48 from 8.1) if wrong")
+            doubts = res.doubts()
+            if doubts:
+                msg = f"{res.path}: not sure of " + "; ".join(doubts)
+                if self.strict:
+                    self._fail(msg + " (--strict)")
+                self.warn(msg + " (--strict would refuse it)")
             try:
                 ps = ProbeSet(res, self.mode, self.timing, ringbuf_pages=self.ringbuf_pages)
             except ProbeError as exc:
