@@ -258,7 +258,7 @@ class Row:
     vcpus: int | None = 0       # None when the source does not know vCPUs
     probes: int | None = None
     expanded: frozenset = frozenset()
-    flags: frozenset = frozenset()   # "lost", "slow"
+    flags: frozenset = frozenset()   # "lost", "slow", "unprobed"
     ident: tuple = ()
 
     def sort_value(self, attr: str):
@@ -417,6 +417,8 @@ class View:
     total_reqs: int
     lost_delta: dict[str, int]
     domains_shown: int
+    # domid -> why its device model is not probed (DomainInfo.probe_error), domains shown only
+    unprobed: dict[int, str] = field(default_factory=dict)
 
 
 class Model:
@@ -587,6 +589,8 @@ class Model:
                       expanded=frozenset(exp))
             if row.lost:
                 row.flags = frozenset({"lost"})
+            if info is not None and info.probe_error:
+                row.flags = row.flags | {"unprobed"}
             self._fill(row, g)
             row.busiest, row.busiest_share = self._busiest(ranges_of.get(domid, {}))
             tops.append(row)
@@ -673,9 +677,11 @@ class Model:
         prev_lost = {s.name: s.lost for s in self.prev.stats} if self.prev else {}
         for st in snap.stats:
             lost_delta[st.name] = max(0, st.lost - prev_lost.get(st.name, st.lost))
+        unprobed = {r.domid: snap.domains[r.domid].probe_error for r in tops
+                    if "unprobed" in r.flags}
         return View(rows, snap, self.elapsed, self._rate(tot.d_count),
                     self._rate(tot.d_bytes), self._rate(tot.reads), self._rate(tot.writes),
-                    tot.reqs, lost_delta, len(tops))
+                    tot.reqs, lost_delta, len(tops), unprobed)
 
 
 def _default_name(domid: int) -> str:

@@ -415,6 +415,12 @@ class TopScreen:
                 s += f": {st.error}"
             self._put(1, x, s, attr)
             x += len(s) + 3
+        if v.unprobed:                   # domains whose device model is not probed: why
+            names = {d: (snap.domains[d].name if d in snap.domains else str(d)) for d in v.unprobed}
+            first = min(v.unprobed)
+            s = (f"not probed: {', '.join(names[d] for d in sorted(v.unprobed))}! "
+                 f"({names[first]}: {v.unprobed[first]})")
+            self._put(1, x, s, A["down"])
         # line 2: totals and filter
         tot = (f"{v.domains_shown} domains  {fmt_count(v.total_req_rate)} req/s  "
                f"{fmt_bytes(v.total_byte_rate)} B/s  rd {fmt_count(v.total_read_rate)}/s  "

@@ -44,6 +44,7 @@ from iotrace.probes.hook.elf import (EM_X86_64, SHF_ALLOC, SHF_EXECINSTR, SHT_NO
                                      UsdtProbe)
 
 FUNC = "handle_ioreq"
+ET_EXEC = 2                     # e_type of a non-PIE executable (System V gABI)
 # The event's format string as QEMU's log backend emits it (the handle_ioreq event of
 # hw/xen/trace-events, same text from QEMU 2.x to 10.0). handle_ioreq_read / handle_ioreq_write
 # differ right after "handle_ioreq" and do not match.
@@ -146,50 +147,64 @@ class Code:
         self._insns: dict[int, tuple[list, list[int]]] = {}
 
     # -- scans -----------------------------------------------------------------------------------
-    def _windows(self, signed: bool):
-        """Per executable section and alignment: (vaddr of window 0, stride 4, values), where
-        value k is the int32 (signed) or uint32 at that window."""
+    # Every 4-byte window of the code is read as a little-endian uint32 (four zero-copy views of
+    # each section, one per alignment). A rel32 ending at window k of a view based at vaddr B
+    # targets B + 4k + 4 + disp; comparing ``disp + 4k`` with ``target - B - 4`` modulo 2^32
+    # needs one add and one compare per window. Wrap-around can only add candidates, and every
+    # candidate is confirmed by capstone in its function's disassembly.
+    def _windows(self):
+        """(vaddr of window 0, uint32 view of the windows, 4k as uint32) per section and
+        alignment."""
         for s in self.sections:
             buf = self.elf.view(s)
             try:
                 n = len(buf)
+                steps = np.arange(0, 4 * (n // 4 + 1), 4, dtype=np.uint32)
                 for a in range(4):
                     cnt = (n - a) // 4
                     if cnt > 0:
-                        yield s.addr + a, np.frombuffer(buf, dtype="<i4" if signed else "<u4",
-                                                        count=cnt, offset=a).astype(np.int64)
+                        yield s.addr + a, np.frombuffer(buf, dtype="<u4", count=cnt,
+                                                        offset=a), steps[:cnt]
             finally:
                 del buf
 
+    @staticmethod
+    def _u32(x: int) -> np.uint32:
+        return np.uint32(x & 0xFFFFFFFF)
+
     def rel32_into(self, lo: int, hi: int) -> list[int]:
         """Vaddrs of every 4-byte window that, read as the rel32 displacement ending an
-        instruction, points into [lo, hi). One comparison per byte of code, in NumPy."""
+        instruction, points into [lo, hi)."""
         out = []
-        for base, disp in self._windows(signed=True):
-            disp += np.arange(base + 4, base + 4 + 4 * len(disp), 4, dtype=np.int64)
-            idx = np.flatnonzero((disp >= lo) & (disp < hi))
+        for base, val, steps in self._windows():
+            rel = val + steps                                   # = target - base - 4 (mod 2^32)
+            rel -= self._u32(lo - base - 4)                     # = target - lo (mod 2^32)
+            idx = np.flatnonzero(rel < np.uint32(hi - lo))
             out.extend(base + 4 * int(k) for k in idx)
         return sorted(out)
 
     def rel32_to(self, targets) -> list[tuple[int, int]]:
         """(window vaddr, target) for windows whose rel32 points exactly at one of ``targets``."""
-        tg = np.array(sorted(set(targets)), dtype=np.int64)
+        tg = sorted(set(targets))
         out = []
-        for base, disp in self._windows(signed=True):
-            disp += np.arange(base + 4, base + 4 + 4 * len(disp), 4, dtype=np.int64)
-            idx = np.flatnonzero(np.isin(disp, tg))
-            out.extend((base + 4 * int(k), int(disp[k])) for k in idx)
+        for base, val, steps in self._windows():
+            rel = val + steps
+            for t in tg:
+                idx = np.flatnonzero(rel == self._u32(t - base - 4))
+                out.extend((base + 4 * int(k), t) for k in idx)
         return sorted(out)
 
     def abs32_to(self, targets) -> list[tuple[int, int]]:
-        """(window vaddr, target) for windows holding a target's address (non-PIE code)."""
-        tg = np.array(sorted(t for t in set(targets) if t < 1 << 32), dtype=np.int64)
-        if not len(tg):
+        """(window vaddr, target) for windows holding a target's address: non-PIE code only
+        (ET_EXEC; position-independent code has no absolute addresses in its instructions)."""
+        tg = sorted(t for t in set(targets) if t < 1 << 32)
+        if not tg or self.elf.e_type != ET_EXEC:
             return []
         out = []
-        for base, val in self._windows(signed=False):
-            idx = np.flatnonzero(np.isin(val, tg))
-            out.extend((base + 4 * int(k), int(val[k])) for k in idx)
+        for base, val, _steps in self._windows():
+            for t in tg:
+                idx = np.flatnonzero(val == np.uint32(t))
+                out.extend((base + 4 * int(k), t) for k in idx)
         return sorted(out)
 
     def byte(self, vaddr: int) -> int | None:
