@@ -146,7 +146,7 @@ class QemuProbeSource:
         self._seen_tgids: set[int] = set()
         self._probed: dict[str, ProbeSet] = {}      # binary (real path) -> its newest probe set
         self._probed_ids: dict[tuple, ProbeSet] = {}   # (st_dev, st_ino) of the probed file
-        self._attached_at: dict = {}                # file id (else path) -> CLOCK_BOOTTIME of attach
+        self._attached_at: dict = {}                # file id (else path) -> boottime of attach
         self._unprobed: dict[str, str] = {}         # binary -> why it is not probed
         self._queued: set[str] = set()              # binaries waiting for the attach thread
         self._attach_q: queue.Queue = queue.Queue()

@@ -11,30 +11,32 @@ from iotrace.probes.hook.resolve import FIELDS, TABLE_FILE, ElfError, resolve
 HELP = "show the build-id of a device model binary, where iotrace hooks it, and how sure that is"
 EXAMPLES = f"""\
 examples:
-  iotrace probe-info                                  # the device models at the known paths
+  iotrace probe-info                       # the device models at the known install paths
   iotrace probe-info /usr/libexec/xen-qemu-system-i386
-  iotrace probe-info --strict /usr/lib/xen/bin/qemu-system-i386   # fail unless every number is sure
-  iotrace probe-info --attach /usr/libexec/xen-qemu-system-i386   # also attach a uprobe (root)
-  iotrace probe-info --table-entry ./qemu-dm >> my-offsets.yaml     # pin what was found
+  iotrace probe-info --strict /usr/lib/xen/bin/qemu-system-i386  # fail unless all is sure
+  iotrace probe-info --attach /usr/libexec/xen-qemu-system-i386  # also attach (root)
+  iotrace probe-info --table-entry ./qemu-dm >> my-offsets.yaml    # pin what was found
   iotrace probe-info --json ./qemu-dm
 
-Resolution order: the binary's .symtab, debug info by build-id (/usr/lib/debug/.build-id/xx/yyyy.debug),
-the per-build table probes/hook/{TABLE_FILE} (keyed by build-id; when it has the build it wins, and the
-automatic resolver is run only to cross-check it), then the automatic resolver for stripped builds:
-function bounds from .eh_frame, handle_ioreq as the function that loads QEMU's handle_ioreq trace format
-string (log trace backend) or holds its USDT probe (dtrace backend), its two call sites told apart
-(handle_buffered_iopage: buffered, cpu_handle_ioreq: synchronous), send_vcpu from the store
-`state->send_vcpu = i` before the synchronous call. The QEMU version banner is only a last resort for
-send_vcpu (0x50 up to QEMU 8.0, 0x48 from 8.1).
+Resolution order: the binary's .symtab, debug info by build-id
+(/usr/lib/debug/.build-id/xx/yyyy.debug), the per-build table probes/hook/{TABLE_FILE} (keyed
+by build-id; when it has the build it wins, and the automatic resolver only cross-checks it),
+then the automatic resolver for stripped builds: function bounds from .eh_frame, handle_ioreq
+as the function that loads QEMU's handle_ioreq trace format string (log trace backend) or
+holds its USDT probe (dtrace backend), its two call sites told apart (handle_buffered_iopage:
+buffered, cpu_handle_ioreq: synchronous), send_vcpu from the store `state->send_vcpu = i`
+before the synchronous call. The QEMU version banner is only a last resort for send_vcpu
+(0x50 up to QEMU 8.0, 0x48 from 8.1).
 
-Each number is printed with how it was found and how sure that is: exact (symbols, the table), sure (from
-the code, independent observations agree), likely (one observation), guess (banner or default), doubt
-(observations disagree). --strict (here and in serve, top, snoop, record) refuses anything below sure.
+Each number is printed with how it was found and how sure that is: exact (symbols, the
+table), sure (from the code, independent observations agree), likely (one observation), guess
+(banner or default), doubt (observations disagree). --strict (here and in serve, top, snoop,
+record) refuses anything below sure.
 
-USDT: a dtrace-built QEMU's qemu:handle_ioreq probe only locates the function; the uprobe goes on its
-entry, where the XenIOState pointer (for the vCPU) and the return address (buffered or not) are at hand:
-the probe's own arguments (the trace event's: req, type, dir, df, data_is_ptr, addr, data, count, size)
-carry neither.
+USDT: a dtrace-built QEMU's qemu:handle_ioreq probe only locates the function; the uprobe goes
+on its entry, where the XenIOState pointer (for the vCPU) and the return address (buffered or
+not) are at hand: the probe's own arguments (the trace event's: req, type, dir, df,
+data_is_ptr, addr, data, count, size) carry neither.
 """
 
 LABELS = {"handle_ioreq": "handle_ioreq", "buffered": "buffered call", "sync": "sync call",

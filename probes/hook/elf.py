@@ -33,7 +33,7 @@ EM_X86_64 = 62
 SHN_XINDEX = 0xFFFF
 
 EHDR_SIZE, SHDR_SIZE, PHDR_SIZE, SYM_SIZE = 64, 64, 56, 24
-MAX_NAME = 4096          # longest section/symbol name read (a corrupt table cannot make us scan MBs)
+MAX_NAME = 4096          # longest section/symbol name read (a corrupt table cannot cost MBs)
 MAX_SECTION = 1 << 30    # a device model's largest section is tens of MB; more is a corrupt file
 
 

@@ -96,7 +96,7 @@ def test_a_wrong_table_entry_still_wins_and_the_disagreement_is_reported():
     assert "buffered 0x521dfb vs 0x523039" in note and "send_vcpu 0x50 vs 0x48" in note
 
 
-# -- Debian 13: resolved, and checked against an independent disassembler ---------------------------
+# -- Debian 13: resolved, and checked against an independent disassembler --------------------------
 
 def _objdump(path: Path, start: int, stop: int) -> list[tuple[int, str]]:
     """(address, instruction text) of objdump -d (binutils, not capstone) over [start, stop)."""
@@ -177,7 +177,7 @@ def test_probe_info_prints_how_and_how_sure(capsys):
     assert res.buffered == tuple(d["buffered_caller"]) and res.sync == tuple(d["sync_caller"])
 
 
-# -- stand-ins: the ground truth of -print-layout ------------------------------------------------------
+# -- stand-ins: the ground truth of -print-layout --------------------------------------------------
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_stripped_standin_matches_its_layout(variants, name):
@@ -212,7 +212,7 @@ def test_symtab_build_without_the_send_vcpu_symbol_reads_it_from_the_code(tmp_pa
     assert res.findings["send_vcpu"].how.startswith("automatic: mov %e.., 0x48(state)")
 
 
-# -- what the resolver refuses to guess ---------------------------------------------------------------
+# -- what the resolver refuses to guess ------------------------------------------------------------
 
 FAKE = r"""
 #include <stdio.h>
@@ -272,7 +272,7 @@ def test_not_a_device_model_is_one_line_with_the_fix():
     assert "offsets.yaml" in res.error
 
 
-# -- .eh_frame: the fast table against pyelftools, an independent decoder ---------------------------
+# -- .eh_frame: the fast table against pyelftools, an independent decoder --------------------------
 
 def test_function_table_matches_pyelftools(variants):
     from elftools.dwarf.callframe import FDE

@@ -90,7 +90,7 @@ def test_known_paths_include_upstream_xens_libexec_dirs():
     assert all(os.path.isabs(p) and os.path.exists(p) for p in installed)
 
 
-# -- the live source (root) --------------------------------------------------------------------------
+# -- the live source (root) ------------------------------------------------------------------------
 
 def _scrape(port) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
