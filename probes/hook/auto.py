@@ -433,7 +433,9 @@ def locate_function(code: Code, found: list[Anchor]) -> tuple[Finding | None, li
     obs = sorted(kinds)
     if len(calls) == 2 and not jumps:
         obs.append("called from exactly two sites, as in QEMU")
-    conf = "sure" if len(obs) >= 2 else "likely"
+    # A tail jump is not in QEMU's source: its requests would carry the caller's caller as
+    # return address (counted as synchronous): never "sure" then.
+    conf = "sure" if len(obs) >= 2 and not jumps else "likely"
     what = []
     strings = sorted(k for k in kinds if k != "USDT probe")
     if strings:

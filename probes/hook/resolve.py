@@ -243,7 +243,9 @@ def _resolve(elf: ElfFile, real: str, table: dict | None, debug_root: str) -> Re
     res.usdt = [p for p in probes if p.name == FUNC]
     if res.usdt:
         res.notes.append(f"USDT {res.usdt[0].provider}:{FUNC} present (dtrace trace backend): "
-                         f"used to find {FUNC}; the uprobe goes on its entry")
+                         f"used to find {FUNC}; the uprobe goes on its entry, not on the probe, "
+                         f"whose arguments carry neither XenIOState (the vCPU) nor the caller "
+                         f"(buffered or not)")
     found = False
     if elf.has_symtab():
         found = _from_symbols(res, elf, elf, "symtab")
