@@ -47,6 +47,8 @@ bench: install
 	$(PY) bench/xentrace_decode.py
 	$(PY) bench/probe_overhead.py
 	$(PY) bench/exporter_scrape.py
+	$(PY) bench/resolver.py
+	$(PY) bench/discovery.py
 
 clean:
 	rm -rf $(VENV) .bootstrap-done build *.egg-info xen-tracepoints/_xtwalk.so

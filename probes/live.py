@@ -13,14 +13,24 @@
   the totals as well (exact addresses there too). Records the ring buffer could not take are
   counted (``stats().lost``).
 
-Probes are attached per binary (pid -1), so a device model started later is covered from its first
-request. Binaries: the Debian device model (``/usr/libexec/xen-qemu-system-i386``) when present,
-the binaries of running processes with ``-xen-domid``, and any given with ``binaries=[...]``.
+Probes are attached per binary (pid -1), so a device model started later from a probed binary is
+covered from its first request. Binaries at start: those installed at the known paths
+(``discovery.KNOWN_PATHS``: Debian's ``/usr/libexec/xen-qemu-system-i386``, upstream Xen's
+``<libexecdir>/xen/bin/qemu-system-i386``), the binaries of running processes with ``-xen-domid``,
+and any given with ``binaries=[...]``. After that, every refresh (each scrape, each ``top``
+refresh, every 0.2 s in events mode) looks for new ``-xen-domid`` processes; one whose binary is
+not probed yet (``device_model_override=``, a copy anywhere) has that binary resolved and
+attached by a background thread, so the refresh itself stays cheap. Requests such a process
+served before its binary was attached are not seen, and their number cannot be known from
+outside the process: each such process is logged with how long it ran unobserved, and counted
+in ``stats().extra["unobserved_processes"]``. A domain whose device model cannot be probed is
+listed with ``DomainInfo.probes_attached == 0`` and the reason in ``DomainInfo.probe_error``.
 """
 from __future__ import annotations
 
 import ctypes as ct
 import os
+import queue
 import sys
 import threading
 import time
@@ -34,11 +44,12 @@ from iotrace.core.events import EVENT_DTYPE
 from iotrace.core.source import DomainInfo, SourceStats
 from iotrace.probes.bpf import types as T
 from iotrace.probes.bpf.loader import RINGBUF_PAGES, ProbeSet
-from iotrace.probes.discovery import ProcessMap, scan
+from iotrace.probes.discovery import CLK_TCK, ProcessMap, file_id
+from iotrace.probes.discovery import default_binaries as _default_binaries
+from iotrace.probes.hook.auto import Finding
 from iotrace.probes.hook.resolve import ElfError, resolve
 
 DEBIAN_DM = "/usr/libexec/xen-qemu-system-i386"
-DEFAULT_BINARIES = (DEBIAN_DM,)
 
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
@@ -59,6 +70,11 @@ def metrics_bucket(type_code: int, addr: int) -> int:
     return addr
 
 
+def _boottime() -> float:
+    """Seconds since boot, on the clock /proc/PID/stat's start times use."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 def has_bpf_privileges() -> bool:
     """Effective capabilities allow loading tracing BPF programs and attaching uprobes: CAP_BPF and
     CAP_PERFMON (kernel >= 5.8), or CAP_SYS_ADMIN (e.g. root under deploy/iotrace.service's
@@ -73,12 +89,8 @@ def has_bpf_privileges() -> bool:
 
 
 def default_binaries() -> list[str]:
-    """The Debian device model if installed, plus the binaries of running device models."""
-    out = [p for p in DEFAULT_BINARIES if os.path.exists(p)]
-    for dm in scan().values():
-        if dm.exe and dm.exe not in out:
-            out.append(dm.exe)
-    return out
+    """The device models installed at the known paths, plus the binaries of running ones."""
+    return _default_binaries()
 
 
 class QemuProbeSource:
@@ -88,9 +100,12 @@ class QemuProbeSource:
     that cannot be resolved or attached raises ``ProbeError`` (else it is a warning, counted in
     ``stats().probes_failed``). Keyword-only: mode "metrics" | "events"; timing: the return probe
     for service times (a second trap per request); defaults: also probe the Debian binary and the
-    binaries of running device models; send_vcpu_offset: an int, or {path: int}, for binaries whose
-    XenIOState layout the table and the QEMU banner do not tell; keep_addr: keep raw addresses in
-    the keys (the collector folds them into ranges); ringbuf_pages: ring buffer size (events).
+    binaries of running device models, and follow device models that appear later from binaries
+    not probed yet (off with defaults=False: only ``binaries``); send_vcpu_offset: an int, or
+    {path: int}, for binaries whose XenIOState layout the resolver cannot tell; keep_addr: keep raw
+    addresses in the keys (the collector folds them into ranges); ringbuf_pages: ring buffer size
+    (events). strict applies at start; a binary found later that cannot be probed (or, strict,
+    is not sure) is reported (warning, ``stats().probes_failed``, the domain's ``probe_error``).
 
     Address buckets: in metrics mode the kernel keys by ``metrics_bucket(type, addr)`` (MMIO: the
     4 KiB page; PCI config: the function, register dropped; port I/O: exact), so ``totals()`` keys
@@ -130,6 +145,16 @@ class QemuProbeSource:
         self._last_refresh = 0.0
         self._alive: set[int] = set()
         self._seen_tgids: set[int] = set()
+        self._probed: dict[str, ProbeSet] = {}      # binary (real path) -> its newest probe set
+        self._probed_ids: dict[tuple, ProbeSet] = {}   # (st_dev, st_ino) of the probed file
+        self._attached_at: dict = {}                # file id (else path) -> boottime of attach
+        self._unprobed: dict[str, str] = {}         # binary -> why it is not probed
+        self._queued: set[str] = set()              # binaries waiting for the attach thread
+        self._attach_q: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._reported: set[tuple[int, str]] = set()   # (pid, what) already logged
+        self._t_start = 0.0                          # CLOCK_BOOTTIME of start()
+        self._before_start = 0                       # device models running before start()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def binaries(self) -> list[str]:
@@ -149,10 +174,11 @@ class QemuProbeSource:
                 out.append(r)
         return out
 
-    def _fail(self, msg: str) -> None:
-        self._stats.probes_failed += 1
-        self._stats.error = msg
-        if self.strict:
+    def _fail(self, msg: str, strict: bool | None = None) -> None:
+        with self._lock:
+            self._stats.probes_failed += 1
+            self._stats.error = msg
+        if self.strict if strict is None else strict:
             self.stop()
             raise ProbeError(msg)
         self.warn(msg)
@@ -164,52 +190,133 @@ class QemuProbeSource:
             raise ProbeError("the qemu-dm probes need root (CAP_BPF and CAP_PERFMON, or "
                              "CAP_SYS_ADMIN: loading BPF programs and uprobes)")
         self._started = True
+        self._t_start = _boottime()
         for path in self.binaries():
-            try:
-                res = resolve(path)
-            except ElfError as exc:
-                self._fail(str(exc))
-                continue
-            self.resolutions.append(res)
-            if not res.ok:
-                self._fail(res.error)
-                continue
-            off = self.send_vcpu_offset
-            if isinstance(off, dict):           # per binary: {path: offset}
-                off = {os.path.realpath(k): v for k, v in off.items()}.get(res.path)
-            if off is not None and not res.send_vcpu_from.startswith("table"):
-                res.send_vcpu_offset = off
-                res.send_vcpu_from = "command line"
-            elif res.send_vcpu_from.startswith("default"):
-                self.warn(f"{res.path}: XenIOState layout unknown (no table entry, no QEMU "
-                          f"banner): assuming send_vcpu at {res.send_vcpu_offset:#x} (QEMU <= 8.0); "
-                          f"use --send-vcpu-offset 0x48 for QEMU >= 8.1")
-            try:
-                ps = ProbeSet(res, self.mode, self.timing, ringbuf_pages=self.ringbuf_pages)
-            except ProbeError as exc:
-                self._fail(str(exc))
-                continue
-            for a in ps.attach():
-                self.attach_log.append((res.path, a.point, a.ok, a.error))
-                if a.ok:
-                    self._stats.probes_attached += 1
-                else:
-                    ps.close() if self.strict else None
-                    self._fail(f"{res.path}: cannot attach the {a.point} uprobe at "
-                               f"{res.func_offset:#x}: {a.error}")
-            if ps.attached:
-                if self.mode == "events":
-                    ps.open_ring(self._on_record)
-                self.sets.append(ps)
-            else:
-                ps.close()
-        self._stats.up = bool(self.sets)
+            self._probe_binary(path, strict=self.strict)
+        self._stats.up = bool(self.sets) or self.defaults
+        if self.defaults:
+            self._worker = threading.Thread(target=self._attach_loop, name="iotrace-attach",
+                                            daemon=True)
+            self._worker.start()
         self._refresh_domains()
+        if self._before_start:
+            self.warn(f"{self._before_start} device model process(es) were running before "
+                      f"iotrace started: requests they served before then are not counted")
+
+    def _probe_binary(self, path: str, strict: bool,
+                      refuse_doubts: bool | None = None) -> ProbeSet | None:
+        """Resolve ``path``, load the BPF program for it and attach; on failure the reason goes
+        to ``_unprobed`` (and ``_fail``: a warning, or ProbeError when ``strict``). A resolution
+        that is not sure of every number is refused when ``refuse_doubts`` (default: strict)."""
+        refuse_doubts = self.strict if refuse_doubts is None else refuse_doubts
+        real = os.path.realpath(path)
+        try:
+            res = resolve(real)
+        except ElfError as exc:
+            return self._not_probed(real, str(exc), strict)
+        with self._lock:
+            self.resolutions.append(res)
+        if not res.ok:
+            return self._not_probed(real, res.error, strict)
+        off = self.send_vcpu_offset
+        if isinstance(off, dict):           # per binary: {path: offset}
+            off = {os.path.realpath(k): v for k, v in off.items()}.get(res.path)
+        sv = res.findings.get("send_vcpu")
+        if off is not None and not (sv and sv.how.startswith("table")):
+            res.send_vcpu_offset = off
+            res.send_vcpu_from = "command line"
+            res.findings["send_vcpu"] = Finding(off, "command line (--send-vcpu-offset)", "exact")
+        elif sv is not None and sv.confidence == "guess":
+            self.warn(f"{res.path}: XenIOState layout not found in the code: assuming "
+                      f"send_vcpu at {res.send_vcpu_offset:#x} ({sv.how}); use "
+                      f"--send-vcpu-offset (0x50 up to QEMU 8.0, 0x48 from 8.1) if wrong")
+        doubts = res.doubts()
+        if doubts:
+            msg = f"{res.path}: not sure of " + "; ".join(doubts)
+            if refuse_doubts:
+                return self._not_probed(res.path, msg + " (--strict)", strict)
+            self.warn(msg + " (--strict would refuse it)")
+        ident = file_id(res.path)
+        try:
+            ps = ProbeSet(res, self.mode, self.timing, ringbuf_pages=self.ringbuf_pages)
+        except ProbeError as exc:
+            return self._not_probed(res.path, str(exc), strict)
+        failed = None
+        for a in ps.attach():
+            with self._lock:
+                self.attach_log.append((res.path, a.point, a.ok, a.error))
+            if not a.ok and failed is None:
+                failed = (f"{res.path}: cannot attach the {a.point} uprobe at "
+                          f"{res.func_offset:#x}: {a.error}")
+        if failed is not None and (strict or not ps.attached):
+            ps.close()
+            return self._not_probed(res.path, failed, strict)
+        if failed is not None:
+            self._fail(failed)
+        if self.mode == "events":
+            ps.open_ring(self._on_record)
+        with self._lock:
+            self._stats.probes_attached += ps.attached
+            self.sets = self.sets + [ps]        # a new list: readers iterate the old one
+            self._probed[res.path] = ps
+            if ident is not None:
+                self._probed_ids[ident] = ps
+            self._attached_at[ident if ident is not None else res.path] = _boottime()
+            self._unprobed.pop(res.path, None)
+            self._stats.up = True
+        return ps
+
+    def _not_probed(self, path: str, why: str, strict: bool) -> None:
+        with self._lock:
+            self._unprobed[path] = why
+        self._fail(why, strict)
+        return None
+
+    def _attach_loop(self) -> None:
+        """The attach thread: binaries of new device models, one at a time."""
+        while True:
+            path = self._attach_q.get()
+            if path is None:
+                return
+            try:
+                self._probe_binary(path, strict=False, refuse_doubts=self.strict)
+            except Exception as exc:              # never let the thread die silently
+                self._not_probed(path, f"{path}: {type(exc).__name__}: {exc}", False)
+            finally:
+                with self._lock:
+                    self._queued.discard(path)
+
+    def _follow(self, alive: dict) -> None:
+        """Queue the binaries of device models that are neither probed nor known to fail."""
+        if not self.defaults or self._worker is None:
+            return
+        for dm in alive.values():
+            exe = dm.exe
+            if not exe or self._covered(dm) or exe in self._unprobed or exe in self._queued:
+                continue
+            if exe in self._probed and file_id(exe) != dm.exe_id:
+                continue        # runs a file replaced on disk since: see _probe_error
+            self._queued.add(exe)
+            self._attach_q.put(exe)
+
+    def _covered(self, dm) -> bool:
+        """The file ``dm`` runs has our probes (by inode: a path replaced on disk, say by a
+        package upgrade, is a new binary to probe)."""
+        if dm.exe_id is not None:
+            return dm.exe_id in self._probed_ids
+        return dm.exe in self._probed
 
     def stop(self) -> None:
+        w, self._worker = self._worker, None
+        if w is not None:
+            self._attach_q.put(None)
+            if w is not threading.current_thread():
+                w.join(timeout=60)             # a BPF compile in progress finishes first
         for ps in self.sets:
             ps.close()
         self.sets = []
+        self._probed.clear()
+        self._probed_ids.clear()
         self._stats.up = False
 
     def __enter__(self):
@@ -224,21 +331,72 @@ class QemuProbeSource:
         return sum(ps.attached for ps in self.sets)
 
     # -- domains ---------------------------------------------------------------------------------
-    def _probes_for(self, exe: str | None) -> int:
-        return sum(ps.attached for ps in self.sets if exe and ps.res.path == exe)
+    def _probes_for(self, dm) -> int:
+        ps = self._probed_ids.get(dm.exe_id) if dm.exe_id is not None else \
+            self._probed.get(dm.exe)
+        return ps.attached if ps is not None else 0
+
+    def _probe_error(self, dm) -> str | None:
+        """Why the device model ``dm`` is not probed (None when it is)."""
+        if not dm.exe:
+            return "its binary is unreadable (/proc/PID/exe)"
+        if self._covered(dm):
+            return None
+        if dm.exe in self._probed and file_id(dm.exe) != dm.exe_id:
+            return (f"{dm.exe}: it runs a version of that file replaced on disk after it "
+                    f"started, which iotrace did not probe (restart the device model)")
+        if dm.exe in self._unprobed:
+            return self._unprobed[dm.exe]
+        if dm.exe in self._queued:
+            return f"{dm.exe}: being resolved and attached"
+        if not self.defaults:
+            return f"{dm.exe}: not probed (only --binary paths are, --no-default-binaries)"
+        return f"{dm.exe}: not probed yet"
+
+    def _check_late(self, pid: int, dm) -> None:
+        """Log (once) a device model that ran before its binary was probed: the requests it
+        served meanwhile are not counted, and how many there were cannot be known."""
+        at = self._attached_at.get(dm.exe_id if dm.exe_id is not None else dm.exe)
+        if at is None or (pid, "late") in self._reported:
+            return
+        started = dm.start_ticks / CLK_TCK
+        ran = at - started
+        self._reported.add((pid, "late"))
+        if ran <= 2.0 / CLK_TCK:            # /proc start times have clock-tick resolution
+            return
+        self._stats.extra["unobserved_processes"] = \
+            self._stats.extra.get("unobserved_processes", 0) + 1
+        if started < self._t_start:         # running before iotrace: said once, in start()
+            self._before_start += 1
+            return
+        self.warn(f"domain {dm.domid} ({dm.name}, pid {pid}): its device model {dm.exe} ran "
+                  f"{ran:.1f} s before iotrace probed it: requests it served before then are "
+                  f"not counted (how many cannot be known)")
+
+    def _report(self, pid: int, what: str, msg: str) -> None:
+        if (pid, what) not in self._reported:
+            self._reported.add((pid, what))
+            self.warn(msg)
 
     def _refresh_domains(self) -> set[int]:
         """Pick up new device models, drop those that went away; returns the pids gone."""
         alive, gone = self._pm.refresh()
         self._alive = set(alive)
+        self._follow(alive)
         now = time.time()
         doms: dict[int, DomainInfo] = {}
         for pid, dm in alive.items():
             old = self._domains.get(dm.domid)
-            info = DomainInfo(dm.domid, dm.name, pid, self._probes_for(dm.exe),
+            err = self._probe_error(dm)
+            info = DomainInfo(dm.domid, dm.name, pid, self._probes_for(dm),
                               first_seen=old.first_seen if old and old.pid == pid else dm.first_seen,
-                              last_seen=now)
+                              last_seen=now, probe_error=err)
             doms[dm.domid] = info
+            if err is not None and dm.exe in self._unprobed:
+                self._report(pid, "unprobed", f"domain {dm.domid} ({dm.name}, pid {pid}): its "
+                             f"device model cannot be probed: {err}")
+            elif err is None:
+                self._check_late(pid, dm)
         dropped = {d for d in self._domains if d not in doms}
         self._domains = doms
         if gone:

@@ -5,7 +5,9 @@ set -euo pipefail
 
 PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 libxen-dev xen-utils-4.17
       prometheus gcc make tmux python3-venv python3-numpy qemu-system-xen libelf-dev
-      openssl)   # openssl: test certificates for https (iotrace top --from, serve TLS)
+      openssl    # openssl: test certificates for https (iotrace top --from, serve TLS)
+      python3-capstone python3-pyelftools   # the automatic resolver; its tests' .eh_frame oracle
+      binutils)  # objdump/objcopy/readelf: the resolver tests, scripts/fetch-device-model.sh
 
 missing=()
 for p in "${PKGS[@]}"; do

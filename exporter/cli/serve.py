@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(kept apart by the 'source' label)")
     p.add_argument("--binary", action="append", default=[], metavar="PATH",
                    help="with --source qemu/both: also probe this device-model binary "
-                        "(repeatable; Debian's qemu-dm is found by default)")
+                        "(repeatable; those at the known install paths and of any running "
+                        "-xen-domid process are found by default)")
     p.add_argument("--replay", metavar="FILE",
                    help="serve a recording or xentrace capture instead of live sources")
     p.add_argument("--speed", type=argtype(speed), default=None, metavar="X",

@@ -94,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="live source: qemu-dm uprobes (default) or Xen trace points")
     s.add_argument("--binary", action="append", default=[], metavar="PATH",
                    help="with --source qemu: device-model binary to probe (repeatable; "
-                        "default: the ones running domains use)")
+                        "default: the known install paths and the ones running domains use)")
     s.add_argument("--replay", metavar="FILE", help="a recording or xentrace capture, replayed")
     s.add_argument("--speed", type=argtype(speed), default=None, metavar="X",
                    help="with --replay: X times real time (default 1); 0 = all at once")

@@ -29,6 +29,7 @@ class DomainInfo:
     probes_attached: int = 0       # uprobes attached on its behalf (qemu source)
     first_seen: float = 0.0        # wall-clock time the domain was first seen
     last_seen: float = 0.0         # wall-clock time it was last known alive
+    probe_error: str | None = None  # why its device model is not probed (qemu source; None: it is)
 
 
 @dataclass

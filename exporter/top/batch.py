@@ -53,6 +53,9 @@ def source_line(view: View) -> str:
         if st.error and not st.up:
             s += f" error={st.error!r}"
         parts.append(s)
+    for domid, why in sorted(view.unprobed.items()):
+        info = view.snapshot.domains.get(domid)
+        parts.append(f"unprobed={domid}:{info.name if info else domid} reason={why!r}")
     return "sources: " + ("; ".join(parts) if parts else "none")
 
 

@@ -31,7 +31,7 @@ class Row:
     vcpus: int | None = 0       # None when the source does not know vCPUs
     probes: int | None = None
     expanded: frozenset = frozenset()
-    flags: frozenset = frozenset()   # "lost", "slow"
+    flags: frozenset = frozenset()   # "lost", "slow", "unprobed"
     ident: tuple = ()
 
     def sort_value(self, attr: str):

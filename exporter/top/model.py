@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -45,6 +45,8 @@ class View:
     total_reqs: int
     lost_delta: dict[str, int]
     domains_shown: int
+    # domid -> why its device model is not probed (DomainInfo.probe_error), domains shown only
+    unprobed: dict[int, str] = field(default_factory=dict)
 
 
 class Model:
@@ -185,9 +187,11 @@ class Model:
         for top in self._sorted(tops):
             rows.append(top)
             rows.extend(children.get(top.domid, []))
+        unprobed = {r.domid: snap.domains[r.domid].probe_error for r in tops
+                    if "unprobed" in r.flags}
         return View(rows, snap, self.elapsed, self._rate(tot.d_count),
                     self._rate(tot.d_bytes), self._rate(tot.reads), self._rate(tot.writes),
-                    tot.reqs, self._lost_delta(snap), len(tops))
+                    tot.reqs, self._lost_delta(snap), len(tops), unprobed)
 
     # -- the steps of view() -------------------------------------------------------------------
     def _selected(self, fr: Frame, names: dict[int, str]) -> np.ndarray:
@@ -240,6 +244,8 @@ class Model:
                       expanded=frozenset(self.expansion(domid)))
             if row.lost:
                 row.flags = frozenset({"lost"})
+            if info is not None and info.probe_error:
+                row.flags = row.flags | {"unprobed"}
             self._fill(row, by_dom.get(domid, Group()))
             row.busiest, row.busiest_share = self._busiest(ranges_of.get(domid, {}))
             tops.append(row)

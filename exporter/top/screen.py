@@ -243,6 +243,13 @@ class TopScreen:
                 s += f": {st.error}"
             self._put(1, x, s, attr)
             x += len(s) + 3
+        if v.unprobed:                   # domains whose device model is not probed: why
+            snap = v.snapshot
+            names = {d: (snap.domains[d].name if d in snap.domains else str(d)) for d in v.unprobed}
+            first = min(v.unprobed)
+            s = (f"not probed: {', '.join(names[d] for d in sorted(v.unprobed))}! "
+                 f"({names[first]}: {v.unprobed[first]})")
+            self._put(1, x, s, A["down"])
 
     def _draw_totals(self) -> None:
         """Line 2: totals over the domains shown, and the filter."""

@@ -18,16 +18,19 @@ def add_probe_arguments(p) -> None:
                    help="stop after S seconds (default: until SIGINT/SIGTERM)")
     p.add_argument("--binary", action="append", default=[], metavar="PATH",
                    help="also probe this device model binary (repeatable); the defaults are "
-                        f"{DEBIAN_DM} and the binaries of running -xen-domid processes")
+                        "the known install paths (e.g. " + DEBIAN_DM + ", <libexecdir>/xen/bin/"
+                        "qemu-system-i386) and the binary of any -xen-domid process, also "
+                        "those started later")
     p.add_argument("--no-default-binaries", action="store_true",
-                   help="probe only the --binary paths")
+                   help="probe only the --binary paths (and follow no new device model)")
     p.add_argument("--strict", action="store_true",
                    help="any binary that cannot be resolved or attached is fatal")
     p.add_argument("--no-service-time", action="store_true",
                    help="no return probe: no service times, one trap per request instead of two")
     p.add_argument("--send-vcpu-offset", type=argtype(byte_offset), default=None, metavar="OFF",
                    help="offsetof(XenIOState, send_vcpu) for binaries the table does not know "
-                        "(0x50 up to QEMU 8.0, 0x48 from 8.1; default: from the QEMU banner)")
+                        "(0x50 up to QEMU 8.0, 0x48 from 8.1; default: read from the code, see "
+                        "`iotrace probe-info`)")
     p.add_argument("--config", metavar="YAML", default=None,
                    help="address map overriding the PC default range names")
 

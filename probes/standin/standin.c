@@ -5,6 +5,7 @@
  * and demonstrated on a machine without Xen.
  *
  *   iotrace-standin -xen-domid N [-name NAME] -replay FILE [-speed X] [-loop] [-hold] [-truth OUT.json]
+ *                   [-trace-ioreq [-msg-timestamp]]
  *   iotrace-standin -print-layout
  *
  * What a probe sees, and where it comes from (QEMU 7.2 hw/i386/xen/xen-hvm.c; 8.1+
@@ -30,6 +31,10 @@
  *    (e8 rel32 calls) and confirmed by serving one request of each kind when no uretprobe hides them
  *    (a uretprobe replaces the return address on the stack with its trampoline once entry handlers
  *    have run: a BPF uprobe on entry still reads the real one).
+ *  - Like a Debian build (QEMU's `log` trace backend), handle_ioreq holds the handle_ioreq trace
+ *    event's format strings (printed with -trace-ioreq), so a stripped copy (objcopy --strip-all) is
+ *    resolved the way a stripped qemu-dm is (probes/hook/auto.py); built with -DSTANDIN_USDT it has a
+ *    USDT note qemu:handle_ioreq instead, like a `dtrace`-backend build (RHEL, Fedora).
  *
  * Replay: records are issued at t_ns / speed after the start (-speed 0: as fast as possible). With
  * -loop the stream restarts until SIGTERM/SIGINT; with -hold the process stays alive and idle after
@@ -137,6 +142,7 @@ static volatile sig_atomic_t stop_requested;
 static int layout_probe;                    /* -print-layout: remember handle_ioreq's callers */
 static void *layout_ret[2];
 static int layout_ret_n;
+static int trace_ioreq;                     /* -trace-ioreq: 1 plain, 2 with -msg-timestamp */
 
 static void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 static void die(const char *fmt, ...)
@@ -240,12 +246,82 @@ static void cpu_ioreq_config(struct devices *d, ioreq_t *req)
     device_work(d, req->addr ^ req->data, 24);
 }
 
+#ifndef STANDIN_USDT
+/* QEMU's trace_handle_ioreq() as its `log` trace backend generates it (scripts/tracetool/backend/log.py,
+ * the handle_ioreq event of hw/xen/trace-events): inlined into handle_ioreq, with the event's format
+ * string and its "%d@%zu.%06zu:"-prefixed twin (-msg timestamp=on) in .rodata. What probes/hook/auto.py
+ * finds handle_ioreq by in a stripped build; printed to stderr with -trace-ioreq. */
+#ifdef STANDIN_TRACE_COLD
+/* -DSTANDIN_TRACE_COLD: a call to a cold function makes GCC move the whole tracing branch into
+ * handle_ioreq.cold (a separate .eh_frame entry, reached by a jump), as it does for branches it
+ * judges cold: the resolver must follow the jump back to handle_ioreq. */
+static __attribute__((cold, noinline)) void trace_cold_path(void) { __asm__ __volatile__(""); }
+#define TRACE_COLD_PATH() trace_cold_path()
+#else
+#define TRACE_COLD_PATH() ((void)0)
+#endif
+
+static inline __attribute__((always_inline)) void trace_handle_ioreq(ioreq_t *req)
+{
+    if (__builtin_expect(trace_ioreq, 0)) {
+        TRACE_COLD_PATH();
+        if (trace_ioreq > 1) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            fprintf(stderr, "%d@%zu.%06zu:handle_ioreq I/O=%p type=%d dir=%d df=%d ptr=%d "
+                    "port=0x%lx data=0x%lx count=%d size=%d\n", (int)getpid(), (size_t)ts.tv_sec,
+                    (size_t)(ts.tv_nsec / 1000), (void *)req, req->type, req->dir, req->df,
+                    req->data_is_ptr, (unsigned long)req->addr, (unsigned long)req->data,
+                    req->count, req->size);
+        } else {
+            fprintf(stderr, "handle_ioreq I/O=%p type=%d dir=%d df=%d ptr=%d port=0x%lx data=0x%lx "
+                    "count=%d size=%d\n", (void *)req, req->type, req->dir, req->df,
+                    req->data_is_ptr, (unsigned long)req->addr, (unsigned long)req->data,
+                    req->count, req->size);
+        }
+    }
+}
+#else
+/* -DSTANDIN_USDT: QEMU's `dtrace` trace backend instead (RHEL/Fedora builds): no format string, a
+ * SystemTap SDT note qemu:handle_ioreq whose probe point (a nop) lies inside handle_ioreq. Emitted
+ * the way <sys/sdt.h> does (a .note.stapsdt entry: pc, base, semaphore, provider, name, arguments),
+ * without needing that header. */
+static inline __attribute__((always_inline)) void trace_handle_ioreq(ioreq_t *req)
+{
+    __asm__ __volatile__(
+        "990: nop\n"
+        ".pushsection .note.stapsdt,\"\",\"note\"\n"
+        ".balign 4\n"
+        ".4byte 992f-991f, 994f-993f, 3\n"
+        "991: .asciz \"stapsdt\"\n"
+        "992: .balign 4\n"
+        "993: .8byte 990b\n"
+        ".8byte _.stapsdt.base\n"
+        ".8byte 0\n"
+        ".asciz \"qemu\"\n"
+        ".asciz \"handle_ioreq\"\n"
+        ".asciz \"8@%0\"\n"
+        "994: .balign 4\n"
+        ".popsection\n"
+        ".ifndef _.stapsdt.base\n"
+        ".pushsection .stapsdt.base,\"aG\",\"progbits\",.stapsdt.base,comdat\n"
+        ".weak _.stapsdt.base\n"
+        ".hidden _.stapsdt.base\n"
+        "_.stapsdt.base: .space 1\n"
+        ".size _.stapsdt.base, 1\n"
+        ".popsection\n"
+        ".endif\n"
+        :: "r"(req));
+}
+#endif
+
 /* The function iotrace's uprobe attaches to: QEMU's `static void handle_ioreq(XenIOState *state,
  * ioreq_t *req)`. noipa keeps it out of line with its signature intact (no clones, no IPA-SRA). */
 static STANDIN_NOIPA void handle_ioreq(XenIOState *state, ioreq_t *req)
 {
     if (__builtin_expect(layout_probe, 0) && layout_ret_n < 2)
         layout_ret[layout_ret_n++] = __builtin_return_address(0);
+    trace_handle_ioreq(req);
 
     if (!req->data_is_ptr && req->dir == IOREQ_WRITE && req->size < sizeof(uint32_t))
         req->data &= (1ULL << (8 * req->size)) - 1;
@@ -672,7 +748,7 @@ static int print_layout(void)
 static void usage_error(const char *what)
 {
     die("%s (usage: %s -xen-domid N [-name NAME] -replay FILE [-speed X] [-loop] [-hold] "
-        "[-truth OUT.json] | -print-layout)", what, prog);
+        "[-truth OUT.json] [-trace-ioreq [-msg-timestamp]] | -print-layout)", what, prog);
 }
 
 static long parse_long(const char *opt, const char *s, long lo, long hi)
@@ -731,6 +807,10 @@ int main(int argc, char **argv)
             /* libxl passes it; nothing to do */
         } else if (!strcmp(a, "-print-layout")) {
             layout = 1;
+        } else if (!strcmp(a, "-trace-ioreq")) {
+            trace_ioreq = trace_ioreq > 1 ? 2 : 1;
+        } else if (!strcmp(a, "-msg-timestamp")) {
+            trace_ioreq = 2;
         } else {
             char msg[256];
             snprintf(msg, sizeof(msg), "unknown argument '%.200s'", argv[i]);

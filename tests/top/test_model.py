@@ -300,3 +300,24 @@ def test_view_layout_fits_and_keeps_the_busiest_share():
     assert "REQS" not in render_header(cols80)
     msg = too_small_lines(30, 5)
     assert msg[0].startswith("Terminal too small (30x5)") and all(len(x) <= 29 for x in msg)
+
+
+def test_a_domain_whose_device_model_is_not_probed_is_flagged_with_the_reason():
+    """DomainInfo.probe_error (qemu source): the domain row is flagged, the view carries the
+    reason for the header, and batch output prints it."""
+    from iotrace.top.batch import format_table
+    why = "/opt/dm/qemu: cannot find handle_ioreq (build-id 12ab)"
+    doms = {5: DomainInfo(5, "web", 100, 2), 6: DomainInfo(6, "db", 101, 0, probe_error=why)}
+    stats = [SourceStats("qemu", up=True, probes_attached=2)]
+    m = Model()
+    m.update(Snapshot(0.0, 0.0, {}, doms, stats))
+    m.update(Snapshot(1.0, 1.0, {}, doms, stats))
+    v = m.view()
+    rows = {r.name: r for r in v.rows}
+    assert "unprobed" in rows["db"].flags and "unprobed" not in rows["web"].flags
+    assert rows["db"].probes == 0 and rows["web"].probes == 2
+    assert v.unprobed == {6: why}
+    lines = format_table(v)
+    assert f"unprobed=6:db reason={why!r}" in lines[1]
+    db = next(ln for ln in lines[3:] if ln.split()[1] == "db")
+    assert db.split()[-1] == "!unprobed"
