@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
 import socket
 import statistics
 import subprocess

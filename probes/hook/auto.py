@@ -40,8 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from iotrace.probes.hook.ehframe import EhFrameError, Function, FunctionTable
-from iotrace.probes.hook.elf import (EM_X86_64, SHF_ALLOC, SHF_EXECINSTR, SHT_NOBITS, ElfFile,
-                                     UsdtProbe)
+from iotrace.probes.hook.elf import EM_X86_64, SHF_ALLOC, SHF_EXECINSTR, SHT_NOBITS, ElfFile, UsdtProbe
 
 FUNC = "handle_ioreq"
 ET_EXEC = 2                     # e_type of a non-PIE executable (System V gABI)

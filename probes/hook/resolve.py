@@ -47,9 +47,20 @@ import yaml
 
 from iotrace.probes.hook import auto
 from iotrace.probes.hook.auto import Finding
-from iotrace.probes.hook.elf import (NT_GNU_BUILD_ID, NT_STAPSDT, PT_LOAD,  # noqa: F401
-                                     SHT_DYNSYM, SHT_NOTE, SHT_SYMTAB, STT_FUNC, ElfError,
-                                     ElfFile, Section, Symbol, UsdtProbe)
+from iotrace.probes.hook.elf import (  # noqa: F401
+    NT_GNU_BUILD_ID,
+    NT_STAPSDT,
+    PT_LOAD,
+    SHT_DYNSYM,
+    SHT_NOTE,
+    SHT_SYMTAB,
+    STT_FUNC,
+    ElfError,
+    ElfFile,
+    Section,
+    Symbol,
+    UsdtProbe,
+)
 
 DEBUG_ROOT = "/usr/lib/debug"
 TABLE_FILE = "offsets.yaml"

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from iotrace.cli.config import load_config
-from iotrace.core.addrmap import AddressMap
 from iotrace.core.errors import ConfigError
 from iotrace.core.events import TYPE_PIO
 

@@ -198,7 +198,7 @@ def test_a_device_model_that_cannot_be_probed_is_shown_with_the_reason(tmp_path)
         assert _wait(lambda: any("domain 763 " in ln and "cannot be probed" in ln
                                  for ln in open(tmp_path / "serve.log")), timeout=60)
         r = subprocess.run([sys.executable, "-m", "iotrace", "top", "-b", "--source", "qemu",
-                            "-d", "763", "1", "3"], capture_output=True, text=True, timeout=180)
+                            "-D", "763", "1", "3"], capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stderr
         blocks = [b.splitlines() for b in r.stdout.strip("\n").split("\n\n")]
         last = blocks[-1]
