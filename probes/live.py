@@ -32,8 +32,10 @@ from iotrace.core.aggregate import Aggregator, Cell, Key
 from iotrace.core.errors import ProbeError
 from iotrace.core.events import EVENT_DTYPE
 from iotrace.core.source import DomainInfo, SourceStats
+from iotrace.probes.bpf import tracefs
 from iotrace.probes.bpf import types as T
 from iotrace.probes.bpf.loader import RINGBUF_PAGES, ProbeSet
+from iotrace.probes.bpf.uprobes import TracefsMissing
 from iotrace.probes.discovery import ProcessMap, scan
 from iotrace.probes.hook.resolve import ElfError, resolve
 
@@ -163,6 +165,9 @@ class QemuProbeSource:
             raise ProbeError("the qemu-dm probes need root (CAP_BPF and CAP_PERFMON, or "
                              "CAP_SYS_ADMIN: loading BPF programs and uprobes)")
         self._started = True
+        note = tracefs.ensure()
+        if note:
+            self.warn(note)
         for path in self.binaries():
             try:
                 res = resolve(path)
@@ -188,7 +193,14 @@ class QemuProbeSource:
             except ProbeError as exc:
                 self._fail(str(exc))
                 continue
-            for a in ps.attach():
+            try:
+                attachments = ps.attach()
+            except TracefsMissing:
+                # the host's problem, the same for every binary: one line, then stop trying
+                ps.close()
+                self.stop()
+                raise
+            for a in attachments:
                 self.attach_log.append((res.path, a.point, a.ok, a.error))
                 if a.ok:
                     self._stats.probes_attached += 1
@@ -207,7 +219,8 @@ class QemuProbeSource:
 
     def stop(self) -> None:
         for ps in self.sets:
-            ps.close()
+            for problem in ps.close():
+                self.warn(f"{ps.res.path}: detaching: {problem}")
         self.sets = []
         self._stats.up = False
 
