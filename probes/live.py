@@ -195,10 +195,11 @@ class QemuProbeSource:
                 continue
             try:
                 attachments = ps.attach()
-            except TracefsMissing:
+            except TracefsMissing as exc:
                 # the host's problem, the same for every binary: one line, then stop trying
                 ps.close()
                 self.stop()
+                self._stats.error = str(exc)
                 raise
             for a in attachments:
                 self.attach_log.append((res.path, a.point, a.ok, a.error))
