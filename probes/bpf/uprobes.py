@@ -1,7 +1,7 @@
 """Attach and detach BCC uprobes so that neither step depends on tracefs more than the kernel does.
 
 ``attach`` does what bcc's ``BPF.attach_uprobe`` / ``attach_uretprobe`` do (python/bcc/__init__.py:
-``_check_path_symbol``, ``load_func``, ``lib.bpf_attach_uprobe``, ``_add_uprobe_fd``) with two
+``_check_path_symbol``, ``load_func``, ``lib.bpf_attach_uprobe``, ``_add_uprobe_fd``) with three
 differences:
 
 * a short event name. bcc names a uprobe ``p_<path with every non-alphanumeric replaced>_0x<addr>``
@@ -12,6 +12,14 @@ differences:
   or more could not be probed. Ours is ``<p|r>_iotrace_<dev>_<inode>_<addr>`` (hex: at most 48
   characters, 60 with bcc's suffix; about 40 in practice) and names the file the way the kernel's
   uprobe does (by device and inode).
+* ``ref_ctr_offset`` 0. The C function has a 7th parameter (``uint32_t ref_ctr_offset``, the USDT
+  semaphore: libbpf.h, since bcc commit 50f2009c, 2020) that bcc's Python binding leaves out of
+  its argtypes and its call (python/bcc/libbcc.py, up to today's bcc), so the C side reads whatever
+  is on the stack (0x6 seen here). The kernel refuses a uprobe on an instruction where another one
+  is registered with a different ref_ctr_offset (kernel/events/uprobes.c: "ref_ctr_offset
+  mismatch", EINVAL, logged in dmesg): iotrace passes 0, the value for "no semaphore", so all its
+  uprobes agree with one another and with tracefs-made ones; a tool on bcc's binding probing the
+  same instruction at the same time can still clash with it (see ``EINVAL_HINT``).
 * what libbcc prints on stderr while attaching (``create_probe_event: open(...)``, ``cannot attach
   uprobe, ...``) becomes the detail of one error line instead of loose lines around it. (Output of
   other threads during those few milliseconds is kept when the attach works, and folded in with
@@ -27,6 +35,7 @@ mounted, leaving the remaining uprobes set until the process exits.
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import os
 import sys
 import tempfile
@@ -36,6 +45,11 @@ from iotrace.core.errors import ProbeError
 from iotrace.probes.bpf import tracefs
 
 BPF_PROBE_ENTRY, BPF_PROBE_RETURN = 0, 1      # enum bpf_probe_attach_type, bcc src/cc/libbpf.h
+
+
+EINVAL_HINT = ("if another tool has a uprobe on this instruction, the kernel refuses a second one "
+               "with a different ref_ctr_offset (dmesg: \"ref_ctr_offset mismatch\"); tools on "
+               "bcc's Python binding set an arbitrary one")
 
 
 class AttachError(Exception):
@@ -90,8 +104,7 @@ def attach(bpf, path: str, vaddr: int, fn_name: str, retprobe: bool = False) -> 
     ev = event_name(retprobe, bpath.decode(), addr)
     kind = BPF_PROBE_RETURN if retprobe else BPF_PROBE_ENTRY
     with c_stderr() as said:
-        # The C function has a 7th parameter (uint32_t ref_ctr_offset, libbpf.h) that bcc's
-        # Python binding leaves out of argtypes (so it gets whatever is on the stack): pass 0.
+        # the 7th parameter, ref_ctr_offset: 0 (see the module doc)
         fd = lib.bpf_attach_uprobe(fn.fd, kind, ev, bpath, addr, -1, ct.c_uint32(0))
         err = ct.get_errno()
     if fd >= 0:
@@ -99,9 +112,16 @@ def attach(bpf, path: str, vaddr: int, fn_name: str, retprobe: bool = False) -> 
             os.write(2, said[0].encode())
         bpf._add_uprobe_fd(ev, fd)
         return
+    if tracefs.tracing_dir() is not None:
+        # bcc leaves the tracefs event it made when opening it fails afterwards (libbpf.c
+        # bpf_attach_probe: its error path only closes the perf event): remove it
+        with c_stderr():
+            lib.bpf_detach_uprobe(ev)
     if tracefs.tracing_dir() is None and not tracefs.has_cap(tracefs.CAP_SYS_ADMIN):
         raise TracefsMissing(tracefs.MISSING)
     detail = _one_line(said[0]) or (os.strerror(err) if err else "")
+    if "Invalid argument" in detail or err == errno.EINVAL:
+        detail += f"; {EINVAL_HINT}"
     raise AttachError(f"Failed to attach BPF to {'uretprobe' if retprobe else 'uprobe'}"
                       + (f" ({detail})" if detail else ""))
 

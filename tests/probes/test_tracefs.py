@@ -130,12 +130,17 @@ def test_probeset_detaches_without_tracefs(exe, held, how):
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     try:
-        assert p.stdout.readline().strip() == "[True, True]", p.stderr.read()
+        line = p.stdout.readline()
+        if line.strip() != "[True, True]":
+            p.kill()
+            out, err = p.communicate(timeout=30)
+            pytest.fail(f"attach: {line!r} {out!r} {err!r}")
         assert runtime_byte(held.pid, exe, res.func_vaddr) == INT3
         out, err = p.communicate("go\n", timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
+            p.wait()
     assert p.returncode == 0, err
     if how == "close":
         assert out.strip() == "[]"                      # no problem while detaching
