@@ -18,8 +18,11 @@ differences:
   is on the stack (0x6 seen here). The kernel refuses a uprobe on an instruction where another one
   is registered with a different ref_ctr_offset (kernel/events/uprobes.c: "ref_ctr_offset
   mismatch", EINVAL, logged in dmesg): iotrace passes 0, the value for "no semaphore", so all its
-  uprobes agree with one another and with tracefs-made ones; a tool on bcc's binding probing the
-  same instruction at the same time can still clash with it (see ``EINVAL_HINT``).
+  uprobes agree with one another, with tracefs-made ones (bcc's own fallback included) and with
+  other libbpf tools. When the kernel refuses it (EINVAL) because a tool on bcc's binding already
+  probes the instruction, iotrace tries once more the way that binding calls (the same stack, so
+  far the same value), and shares the instruction; a bcc-based tool started after iotrace is
+  refused in turn, and says EINVAL (``EINVAL_HINT``).
 * what libbcc prints on stderr while attaching (``create_probe_event: open(...)``, ``cannot attach
   uprobe, ...``) becomes the detail of one error line instead of loose lines around it. (Output of
   other threads during those few milliseconds is kept when the attach works, and folded in with
@@ -48,7 +51,7 @@ BPF_PROBE_ENTRY, BPF_PROBE_RETURN = 0, 1      # enum bpf_probe_attach_type, bcc 
 
 
 EINVAL_HINT = ("if another tool has a uprobe on this instruction, the kernel refuses a second one "
-               "with a different ref_ctr_offset (dmesg: \"ref_ctr_offset mismatch\"); tools on "
+               "with a different ref_ctr_offset (dmesg: \"ref_ctr_offset mismatch\"): tools on "
                "bcc's Python binding set an arbitrary one")
 
 
@@ -90,37 +93,58 @@ def _one_line(text: str, limit: int = 300) -> str:
     return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
+def _attach_once(lib, fn_fd, kind, ev, bpath, addr, bcc_ref_ctr: bool):
+    """One bpf_attach_uprobe; returns (fd, what libbcc printed, errno). Any tracefs event bcc made
+    but could not open is removed again (libbpf.c bpf_attach_probe: its error path only closes the
+    perf event, the event stays in uprobe_events)."""
+    with c_stderr() as said:
+        if bcc_ref_ctr:         # as bcc's binding calls it: the 7th argument left to the stack
+            fd = lib.bpf_attach_uprobe(fn_fd, kind, ev, bpath, addr, -1)
+        else:
+            fd = lib.bpf_attach_uprobe(fn_fd, kind, ev, bpath, addr, -1, ct.c_uint32(0))
+        err = ct.get_errno()
+    if fd < 0 and tracefs.tracing_dir() is not None:
+        with c_stderr():
+            lib.bpf_detach_uprobe(ev)
+    return fd, said[0], err
+
+
+def _einval(text: str, err: int) -> bool:
+    return "Invalid argument" in text or err == errno.EINVAL
+
+
 def attach(bpf, path: str, vaddr: int, fn_name: str, retprobe: bool = False) -> None:
     """Attach ``fn_name`` of ``bpf`` at ``vaddr`` of ``path`` for every process (pid -1).
 
-    Raises ``TracefsMissing`` when the failure is the host's (no tracefs, no CAP_SYS_ADMIN),
-    ``AttachError`` otherwise."""
+    ref_ctr_offset 0 first; on EINVAL once more the way bcc's binding calls it, which is what a
+    bcc-based tool already probing the instruction has (see the module doc), so that iotrace can
+    share it. Raises ``TracefsMissing`` when the failure is the host's (no tracefs, no
+    CAP_SYS_ADMIN), ``AttachError`` otherwise."""
     import bcc
     from bcc.libbcc import lib
 
-    bpath, addr = bcc.BPF._check_path_symbol(path.encode(), b"", vaddr, -1)
-    bpf._check_probe_quota(1)
+    try:
+        bpath, addr = bcc.BPF._check_path_symbol(path.encode(), b"", vaddr, -1)
+        bpf._check_probe_quota(1)
+    except Exception as exc:            # bcc raises bare Exception
+        raise AttachError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
     fn = bpf.load_func(fn_name.encode(), bcc.BPF.KPROBE)
     ev = event_name(retprobe, bpath.decode(), addr)
     kind = BPF_PROBE_RETURN if retprobe else BPF_PROBE_ENTRY
-    with c_stderr() as said:
-        # the 7th parameter, ref_ctr_offset: 0 (see the module doc)
-        fd = lib.bpf_attach_uprobe(fn.fd, kind, ev, bpath, addr, -1, ct.c_uint32(0))
-        err = ct.get_errno()
+    fd, said, err = _attach_once(lib, fn.fd, kind, ev, bpath, addr, bcc_ref_ctr=False)
+    if fd < 0 and _einval(said, err):
+        fd2, said2, err2 = _attach_once(lib, fn.fd, kind, ev, bpath, addr, bcc_ref_ctr=True)
+        if fd2 >= 0:
+            fd, said = fd2, said2
     if fd >= 0:
-        if said[0]:
-            os.write(2, said[0].encode())
+        if said:
+            os.write(2, said.encode())
         bpf._add_uprobe_fd(ev, fd)
         return
-    if tracefs.tracing_dir() is not None:
-        # bcc leaves the tracefs event it made when opening it fails afterwards (libbpf.c
-        # bpf_attach_probe: its error path only closes the perf event): remove it
-        with c_stderr():
-            lib.bpf_detach_uprobe(ev)
     if tracefs.tracing_dir() is None and not tracefs.has_cap(tracefs.CAP_SYS_ADMIN):
         raise TracefsMissing(tracefs.MISSING)
-    detail = _one_line(said[0]) or (os.strerror(err) if err else "")
-    if "Invalid argument" in detail or err == errno.EINVAL:
+    detail = _one_line(said) or (os.strerror(err) if err else "")
+    if _einval(said, err):
         detail += f"; {EINVAL_HINT}"
     raise AttachError(f"Failed to attach BPF to {'uretprobe' if retprobe else 'uprobe'}"
                       + (f" ({detail})" if detail else ""))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -33,6 +34,15 @@ def _empty():
                             cflags=[f"-I{os.path.dirname(EMPTY_PROGRAM)}"])
 
 
+def _write_events(path: str, line: str) -> None:
+    """One command to uprobe_events (O_APPEND, without the seek to the end of Python's "a")."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, line.encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
 def test_event_names_stay_short_for_long_paths(tmp_path, exe):
     long = tmp_path / ("x" * 150) / "qemu-system-i386"
     long.parent.mkdir()
@@ -44,29 +54,94 @@ def test_event_names_stay_short_for_long_paths(tmp_path, exe):
     assert name == b"r_iotrace_%x_%x_520fe0" % (st.st_dev, st.st_ino)
 
 
-def test_a_uprobe_the_kernel_refuses_is_one_line_and_leaves_nothing(exe):
-    assert tracefs.tracing_dir() is not None          # make install mounts it
+def test_sharing_an_instruction_with_a_bcc_tool(exe):
+    """A tool on bcc's Python binding probes handle_ioreq already (arbitrary ref_ctr_offset):
+    iotrace's 0 is refused, the retry the binding's way shares the instruction; both detach."""
     res = resolve(exe)
     other, ours = _empty(), _empty()
     try:
         other.attach_uprobe(name=exe.encode(), addr=res.func_vaddr, fn_name=b"empty_entry",
                             pid=-1)
+        uprobes.attach(ours, exe, res.func_vaddr, "empty_entry")
+        uprobes.attach(ours, exe, res.func_vaddr, "empty_return", retprobe=True)
+        assert len(ours.uprobe_fds) == 2
+    finally:
+        assert uprobes.detach_all(ours) == []
+        other.cleanup()
+    assert uprobe_lines(exe, os.getpid()) == []
+
+
+def test_a_uprobe_the_kernel_refuses_is_one_line_and_leaves_nothing(exe):
+    """A third tool holds handle_ioreq with yet another ref_ctr_offset (an ftrace uprobe event
+    with a semaphore, enabled): both of iotrace's tries are refused (EINVAL): one line with the
+    hint, no tracefs event of iotrace's left, nothing attached; once it is gone, iotrace
+    attaches."""
+    tdir = tracefs.tracing_dir()
+    assert tdir is not None                           # make install mounts it
+    res = resolve(exe)
+    name = f"iotrace_test_refctr_{os.getpid()}"
+    events = os.path.join(tdir, "uprobe_events")
+    enable = os.path.join(tdir, "events", "uprobes", name, "enable")
+    _write_events(events, f"p:uprobes/{name} {exe}:{res.func_offset:#x}(0x10)")
+    ours = _empty()
+    try:
+        with open(enable, "w") as f:
+            f.write("1")
         with pytest.raises(uprobes.AttachError) as exc:
             uprobes.attach(ours, exe, res.func_vaddr, "empty_entry")
         msg = str(exc.value)
-        assert "\n" not in msg and "Invalid argument" in msg
+        assert "\n" not in msg and "Invalid argument" in msg, msg
         assert "ref_ctr_offset mismatch" in msg                 # the hint
-        assert uprobe_lines(exe) == []       # bcc's fallback made a tracefs event: removed
         assert ours.uprobe_fds == {}
+        assert uprobe_lines(exe, os.getpid()) == []
     finally:
-        uprobes.detach_all(ours)
-        other.cleanup()
-    # once the other tool is gone, the same instruction takes iotrace's uprobe
-    again = _empty()
+        with open(enable, "w") as f:
+            f.write("0")
+        _write_events(events, f"-:uprobes/{name}")
     try:
-        uprobes.attach(again, exe, res.func_vaddr, "empty_entry")
-        assert len(again.uprobe_fds) == 1
+        uprobes.attach(ours, exe, res.func_vaddr, "empty_entry")
+        assert len(ours.uprobe_fds) == 1
     finally:
-        assert uprobes.detach_all(again) == []
-        again.cleanup()
-    assert uprobe_lines(exe) == []
+        assert uprobes.detach_all(ours) == []
+        ours.cleanup()
+    assert uprobe_lines(exe, os.getpid()) == []
+
+
+CAPPED_ATTACH = """
+import sys
+from iotrace.probes.bpf import uprobes
+from iotrace.probes.bpf.loader import EMPTY_PROGRAM, import_bcc
+import os
+bpf = import_bcc().BPF(src_file=EMPTY_PROGRAM.encode(),
+                       cflags=["-I" + os.path.dirname(EMPTY_PROGRAM)])
+try:
+    uprobes.attach(bpf, sys.argv[1], int(sys.argv[2]), "empty_entry")
+    print("attached")
+except uprobes.AttachError as exc:
+    print("refused:", exc)
+"""
+
+
+def test_refused_with_the_units_capabilities_leaves_no_tracefs_event(exe):
+    """CAP_BPF + CAP_PERFMON go through tracefs: bcc makes the event, then the kernel refuses to
+    register it (a root bcc tool holds the instruction with another ref_ctr_offset). bcc leaves
+    such events behind; iotrace removes them, on each of its two tries."""
+    res = resolve(exe)
+    other = _empty()
+    try:
+        other.attach_uprobe(name=exe.encode(), addr=res.func_vaddr, fn_name=b"empty_entry",
+                            pid=-1)
+        r = subprocess.run([shutil.which("setpriv"), "--inh-caps=-all",
+                            "--bounding-set=-all,+bpf,+perfmon", sys.executable, "-c",
+                            CAPPED_ATTACH, exe, str(res.func_vaddr)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.stdout.startswith("refused: ") and "Invalid argument" in r.stdout, r
+        assert r.stderr == ""
+        assert uprobe_lines(exe) == []
+    finally:
+        other.cleanup()
+
+
+def test_a_bad_address_is_an_attach_error(exe):
+    with pytest.raises(uprobes.AttachError):
+        uprobes.attach(_empty(), exe, os.path.getsize(exe) + 0x10000, "empty_entry")
