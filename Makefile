@@ -1,14 +1,20 @@
-# iotrace — make install | make test | make demo | make bench
+# iotrace — make install | make test | make demo | make bench | make deb | make test-deb
 VENV    := .venv
 PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test unit lint demo bench standin xtwalk clean
+.PHONY: install testbed test unit lint demo bench standin native xtwalk deb test-deb clean
 
-install: $(STAMP) standin xtwalk
+# The test bed: packages, venv, builds, and the machine state the tests need (testbed).
+install: $(STAMP) standin native testbed
 
-# System packages (apt, as root) and the kernel-headers link BCC needs; idempotent.
+# tracefs mounted, the kernel-headers link, no prometheus service: checked (and made so) every
+# time, since none of it survives a reboot (scripts/testbed-state.sh).
+testbed: .bootstrap-done
+	bash scripts/testbed-state.sh
+
+# System packages (apt, as root); idempotent.
 .bootstrap-done: scripts/bootstrap-debian.sh
 	bash scripts/bootstrap-debian.sh
 	touch $@
@@ -23,10 +29,14 @@ $(STAMP): .bootstrap-done pyproject.toml
 standin: $(STAMP)
 	$(MAKE) -s -C probes/standin
 
+# Everything compiled that the package ships (deploy/debian/rules builds this target, with
+# Debian's hardening CFLAGS/LDFLAGS in the environment).
+native: xtwalk
+
 # The xentrace decoder's record-boundary walk (loaded with ctypes; NumPy fallback without it).
 xtwalk: xen-tracepoints/_xtwalk.so
 xen-tracepoints/_xtwalk.so: xen-tracepoints/xtwalk.c
-	$(CC) -O2 -Wall -Wextra -shared -fPIC -o $@ $<
+	$(CC) $(CPPFLAGS) $(CFLAGS) -O2 -Wall -Wextra -shared -fPIC $(LDFLAGS) -o $@ $<
 
 # The lint gate: ruff's rule set (pyproject.toml [tool.ruff]) and no path of a build machine in
 # the sources (comments cite files of this repository or upstream sources).
@@ -43,6 +53,14 @@ unit: install
 demo: install
 	$(PY) -m iotrace demo
 
+# The Debian package, out/iotrace_<version>_<arch>.deb (lintian must pass: scripts/build-deb.sh).
+deb:
+	bash scripts/build-deb.sh
+
+# The package installed in a fresh Debian 12 chroot (tests/package/test_deb.py).
+test-deb: deb $(STAMP)
+	$(PY) -m pytest tests/package -m deb $(PYTEST_ARGS)
+
 bench: install
 	$(PY) bench/xentrace_decode.py
 	$(PY) bench/probe_overhead.py
@@ -51,5 +69,5 @@ bench: install
 	$(PY) bench/discovery.py
 
 clean:
-	rm -rf $(VENV) .bootstrap-done build *.egg-info xen-tracepoints/_xtwalk.so
+	rm -rf $(VENV) .bootstrap-done build out *.egg-info xen-tracepoints/_xtwalk.so
 	-$(MAKE) -s -C probes/standin clean

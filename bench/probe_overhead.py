@@ -42,6 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from iotrace.probes.bpf import uprobes  # noqa: E402
 from iotrace.probes.bpf.loader import EMPTY_PROGRAM, import_bcc  # noqa: E402
 from iotrace.probes.hook.resolve import resolve  # noqa: E402
 from iotrace.probes.live import QemuProbeSource  # noqa: E402
@@ -74,12 +75,13 @@ class Empty:
         res = resolve(exe)
         self.bpf = import_bcc().BPF(src_file=EMPTY_PROGRAM.encode(),
                                     cflags=[f"-I{os.path.dirname(EMPTY_PROGRAM)}"])
-        self.bpf.attach_uprobe(name=exe.encode(), addr=res.func_vaddr, fn_name=entry, pid=-1)
+        # as iotrace attaches (probes/bpf/uprobes.py: same kernel path, ref_ctr_offset 0)
+        uprobes.attach(self.bpf, exe, res.func_vaddr, entry.decode())
         if ret:
-            self.bpf.attach_uretprobe(name=exe.encode(), addr=res.func_vaddr,
-                                      fn_name=b"empty_return", pid=-1)
+            uprobes.attach(self.bpf, exe, res.func_vaddr, "empty_return", retprobe=True)
 
     def close(self):
+        uprobes.detach_all(self.bpf)
         self.bpf.cleanup()
 
 

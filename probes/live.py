@@ -42,8 +42,10 @@ from iotrace.core.aggregate import Aggregator, Cell, Key
 from iotrace.core.errors import ProbeError
 from iotrace.core.events import EVENT_DTYPE
 from iotrace.core.source import DomainInfo, SourceStats
+from iotrace.probes.bpf import tracefs
 from iotrace.probes.bpf import types as T
 from iotrace.probes.bpf.loader import RINGBUF_PAGES, ProbeSet
+from iotrace.probes.bpf.uprobes import TracefsMissing
 from iotrace.probes.discovery import CLK_TCK, ProcessMap, file_id
 from iotrace.probes.discovery import default_binaries as _default_binaries
 from iotrace.probes.hook.auto import Finding
@@ -190,9 +192,18 @@ class QemuProbeSource:
             raise ProbeError("the qemu-dm probes need root (CAP_BPF and CAP_PERFMON, or "
                              "CAP_SYS_ADMIN: loading BPF programs and uprobes)")
         self._started = True
+        note = tracefs.ensure()
+        if note:
+            self.warn(note)
         self._t_start = _boottime()
-        for path in self.binaries():
-            self._probe_binary(path, strict=self.strict)
+        try:
+            for path in self.binaries():
+                self._probe_binary(path, strict=self.strict)
+        except TracefsMissing as exc:
+            # the host's problem, the same for every binary: one line, then stop trying
+            self.stop()
+            self._stats.error = str(exc)
+            raise
         self._stats.up = bool(self.sets) or self.defaults
         if self.defaults:
             self._worker = threading.Thread(target=self._attach_loop, name="iotrace-attach",
@@ -242,7 +253,12 @@ class QemuProbeSource:
         except ProbeError as exc:
             return self._not_probed(res.path, str(exc), strict)
         failed = None
-        for a in ps.attach():
+        try:
+            attachments = ps.attach()
+        except TracefsMissing:
+            ps.close()
+            raise
+        for a in attachments:
             with self._lock:
                 self.attach_log.append((res.path, a.point, a.ok, a.error))
             if not a.ok and failed is None:
@@ -313,7 +329,8 @@ class QemuProbeSource:
             if w is not threading.current_thread():
                 w.join(timeout=60)             # a BPF compile in progress finishes first
         for ps in self.sets:
-            ps.close()
+            for problem in ps.close():
+                self.warn(f"{ps.res.path}: detaching: {problem}")
         self.sets = []
         self._probed.clear()
         self._probed_ids.clear()

@@ -6,8 +6,13 @@ set -euo pipefail
 PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 libxen-dev xen-utils-4.17
       prometheus gcc make tmux python3-venv python3-numpy qemu-system-xen libelf-dev
       openssl    # openssl: test certificates for https (iotrace top --from, serve TLS)
-      python3-capstone python3-pyelftools   # the automatic resolver; its tests' .eh_frame oracle
-      binutils)  # objdump/objcopy/readelf: the resolver tests, scripts/fetch-device-model.sh
+      util-linux # unshare, setpriv, mountpoint: tests without tracefs, with the unit's capabilities
+      binutils   # objdump/objcopy/readelf: the resolver tests, scripts/fetch-device-model.sh
+      # `make deb` (deploy/debian/control's Build-Depends) and `make test-deb` (a debootstrap chroot)
+      dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
+      python3-prometheus-client python3-yaml python3-bcrypt python3-capstone
+      python3-pyelftools  # also: the automatic resolver; its tests' .eh_frame oracle
+      lintian debootstrap)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -23,23 +28,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# Debian's prometheus package starts a service; iotrace's tests run their own instances.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
-    systemctl stop prometheus || true
-fi
-
-# BCC compiles against kernel headers of the running kernel. The running kernel may be newer than
-# any Debian header package: point /lib/modules/$(uname -r)/{build,source} at the newest -amd64
-# headers and their -common twin (fine for uprobes, which use no kernel struct layout).
-kver=$(uname -r)
-mod=/lib/modules/$kver
-if [ ! -e "$mod/build/include" ] && [ "$(id -u)" -eq 0 ]; then
-    hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1)
-    if [ -n "$hdr" ]; then
-        common=${hdr%-amd64}-common
-        mkdir -p "$mod"
-        ln -sfn "$hdr" "$mod/build"
-        [ -d "$common" ] && ln -sfn "$common" "$mod/source"
-    fi
-fi
+# The machine state the tests need (tracefs, the kernel-headers link, no prometheus service) is
+# scripts/testbed-state.sh's job: `make install` runs it every time (it does not survive a reboot).
 exit 0

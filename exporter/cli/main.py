@@ -56,7 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Verbs a Debian package leaves out (deploy/debian/rules): they need the stand-in device model,
+# which is built at run time with a C compiler and libxen-dev: not an operator's Dom0.
+NOT_INSTALLED = ("not part of this installation: the iotrace package leaves out the stand-in "
+                 "device model and the demo; run them from a source tree (make demo)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in VERBS and argv[0] not in dict(_available()):
+        print(f"iotrace {argv[0]}: {NOT_INSTALLED}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

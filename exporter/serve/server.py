@@ -32,7 +32,7 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
+from prometheus_client.exposition import choose_encoder
 
 from iotrace import __version__
 from iotrace.core.errors import UserError
@@ -42,6 +42,10 @@ log = logging.getLogger("iotrace.serve")
 
 HEAD_TIMEOUT_SECONDS = 10.0
 MAX_CONNECTIONS = 64
+
+# Prometheus' text format 0.0.4 (prometheus-client >= 0.2x names it CONTENT_TYPE_PLAIN_0_0_4;
+# Debian 12's 0.16, which the package runs on, only has CONTENT_TYPE_LATEST, then the same string)
+CONTENT_TYPE_PLAIN_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
 
 DEFAULT_PORT = 9878
 DEFAULT_LISTEN = f":{DEFAULT_PORT}"

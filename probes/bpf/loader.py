@@ -7,12 +7,14 @@ running it, including those started later, from their first request.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes as ct
 import os
 from dataclasses import dataclass
 
 from iotrace.core.errors import ProbeError
 from iotrace.probes.bpf import types as T
+from iotrace.probes.bpf import uprobes
 from iotrace.probes.hook.resolve import Resolution
 
 PROBES_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -92,6 +94,11 @@ class ProbeSet:
         except Exception as exc:  # bcc raises bare Exception for compile/load failures
             raise ProbeError(f"cannot load {os.path.basename(PROGRAM)} for {res.path}: "
                              f"{str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        # bcc registers BPF.cleanup to run at exit; it needs tracefs to detach (see
+        # probes/bpf/uprobes.py): whatever the way out, this set's own close() runs instead.
+        self._closed = False
+        atexit.unregister(self.bpf.cleanup)
+        atexit.register(self.close)
         self._check_layouts()
 
     def _check_layouts(self) -> None:
@@ -109,15 +116,20 @@ class ProbeSet:
                                  f"{ct.sizeof(leaf)} in bpf_types.py")
 
     def attach(self) -> list[Attachment]:
-        """Entry uprobe (and return probe) on the binary for every process (pid -1)."""
+        """Entry uprobe (and return probe) on the binary for every process (pid -1).
+
+        Raises ``uprobes.TracefsMissing`` (a ProbeError) when no uprobe can be made on this host
+        until tracefs is mounted; other failures are recorded in the returned attachments."""
         path, addr = self.res.path, self.res.func_vaddr
-        points = [("entry", self.bpf.attach_uprobe, "on_entry")]
+        points = [("entry", False, "on_entry")]
         if self.timing:
-            points.append(("return", self.bpf.attach_uretprobe, "on_return"))
-        for point, fn, prog in points:
+            points.append(("return", True, "on_return"))
+        for point, retprobe, prog in points:
             try:
-                fn(name=path.encode(), addr=addr, fn_name=prog.encode(), pid=-1)
+                uprobes.attach(self.bpf, path, addr, prog, retprobe=retprobe)
                 self.attachments.append(Attachment(point, True))
+            except uprobes.TracefsMissing:
+                raise
             except Exception as exc:
                 self.attachments.append(Attachment(point, False, str(exc).splitlines()[0]))
         return self.attachments
@@ -185,8 +197,16 @@ class ProbeSet:
     def consume(self) -> None:
         self.bpf.ring_buffer_consume()
 
-    def close(self) -> None:
+    def close(self) -> list[str]:
+        """Detach every uprobe (with or without tracefs) and free the BPF module; idempotent.
+        Returns the problems met while detaching (none, normally)."""
+        if self._closed:
+            return []
+        self._closed = True
+        atexit.unregister(self.close)
+        problems = uprobes.detach_all(self.bpf)
         try:
-            self.bpf.cleanup()
-        except Exception:
-            pass
+            self.bpf.cleanup()          # no uprobe left: closes programs, maps, ring buffers
+        except Exception as exc:        # bcc raises bare Exception
+            problems.append(str(exc).splitlines()[0] if str(exc) else repr(exc))
+        return problems

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from iotrace.core.errors import ProbeError, UserError
 from iotrace.probes.hook.resolve import FIELDS, TABLE_FILE, ElfError, resolve
@@ -163,7 +164,11 @@ def run(args) -> int:
             raise UserError(str(exc)) from None
         d = describe(res)
         if args.attach and res.ok:
+            from iotrace.probes.bpf import tracefs
             from iotrace.probes.bpf.loader import ProbeSet
+            note = tracefs.ensure()
+            if note:
+                print(f"iotrace probe-info: {note}", file=sys.stderr)
             ps = ProbeSet(res, "metrics", timing=True)
             try:
                 atts = ps.attach()

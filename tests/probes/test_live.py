@@ -23,11 +23,10 @@ from iotrace.probes.hook.resolve import resolve
 from iotrace.probes.live import QemuProbeSource, metrics_bucket
 from iotrace.probes.standin import runner as sr
 from iotrace.probes.standin import stream as st
+from support.uprobe import runtime_byte as _runtime_byte
+from support.uprobe import uprobe_lines as _uprobe_lines
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
-
-UPROBE_EVENTS = [Path("/sys/kernel/tracing/uprobe_events"),
-                 Path("/sys/kernel/debug/tracing/uprobe_events")]
 
 
 @pytest.fixture(scope="module")
@@ -192,29 +191,6 @@ def test_two_domains_one_binary_metrics(bins, tmp_path):
         stop(p1)
         stop(p2)
         src.stop()
-
-
-def _runtime_byte(pid: int, exe: str, vaddr: int) -> int:
-    """The byte at ``vaddr`` of ``exe`` in process ``pid``'s memory (0xcc while a uprobe is set)."""
-    base = None
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 6 and parts[5] == exe and int(parts[2], 16) == 0:
-                base = int(parts[0].split("-")[0], 16)
-                break
-    assert base is not None
-    with open(f"/proc/{pid}/mem", "rb") as f:
-        f.seek(base + vaddr)
-        return f.read(1)[0]
-
-
-def _uprobe_lines(exe: str) -> list[str]:
-    out = []
-    for p in UPROBE_EVENTS:
-        if p.exists():
-            out += [ln for ln in p.read_text().splitlines() if exe in ln]
-    return out
 
 
 def test_churn_and_nothing_left_behind(bins, tmp_path):
@@ -386,35 +362,34 @@ def test_missing_symbol_strict_is_one_line(iotrace_exe):
 
 
 def test_capabilities_of_the_systemd_unit_are_enough(bins, tmp_path, iotrace_exe):
-    """Root restricted to CAP_BPF + CAP_PERFMON (deploy/iotrace.service's bounding set) records."""
+    """Root restricted to CAP_BPF + CAP_PERFMON (deploy/iotrace.service's bounding set) records,
+    from a binary with a long path. Without CAP_SYS_ADMIN the kernel (>= 6.16, and stable kernels
+    since July 2025) refuses the perf uprobe PMU, so BCC goes through tracefs's uprobe_events,
+    whose event names must stay under 64 characters: bcc's own names (the whole path) did not for
+    paths of 48 characters or more; iotrace's (probes/bpf/uprobes.py) do."""
     import shutil
     setpriv = shutil.which("setpriv")
     if not setpriv:
         pytest.skip("setpriv not installed")
     out, truth = tmp_path / "r.iotrec", tmp_path / "t.json"
-    # A short path: with only these two capabilities, BCC 0.26 on kernel 6.18 failed to attach
-    # (EINVAL) to binaries whose path is 48 characters or longer, while full root attached to the
-    # same files (not understood; /usr/libexec/xen-qemu-system-i386 is far shorter).
-    import tempfile
-    short = Path(tempfile.mkdtemp(prefix="iot", dir="/tmp"))
-    exe = short / "dm"
+    exe = tmp_path / ("a-device-model-path-longer-than-bcc-could-name" + "-" * 8) / "dm"
+    exe.parent.mkdir()
     shutil.copy2(bins["7.2"], exe)
+    assert len(str(exe)) >= 48
+    rec = subprocess.Popen([setpriv, "--inh-caps=-all", "--bounding-set=-all,+bpf,+perfmon",
+                            iotrace_exe, "record", "-o", str(out), "--binary", str(exe),
+                            "--no-default-binaries"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
     try:
-        rec = subprocess.Popen([setpriv, "--inh-caps=-all", "--bounding-set=-all,+bpf,+perfmon",
-                                iotrace_exe, "record", "-o", str(out), "--binary", str(exe),
-                                "--no-default-binaries"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-        try:
-            _wait_line(rec, "writing")
-            p = start_standin(str(exe), 951, truth, speed=0, name="capped")
-            assert p.wait(20) == 0
-            time.sleep(0.3)
-            assert_clean_exit(rec, signal.SIGTERM)
-        finally:
-            if rec.poll() is None:
-                rec.kill()
+        _wait_line(rec, "writing")
+        p = start_standin(str(exe), 951, truth, speed=0, name="capped")
+        assert p.wait(20) == 0
+        time.sleep(0.3)
+        assert_clean_exit(rec, signal.SIGTERM)
     finally:
-        shutil.rmtree(short, ignore_errors=True)
+        if rec.poll() is None:
+            rec.kill()
+    assert _uprobe_lines(str(exe)) == []
     r = read_recording(out)
     assert event_counts(r.events, 951) == truth_counts(truth)
     if os.path.exists("/usr/libexec/xen-qemu-system-i386"):

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from iotrace.probes.bpf import uprobes
 from iotrace.probes.standin import runner as sr
 from iotrace.probes.standin import stream
 from support import REPO
@@ -49,7 +50,8 @@ def test_a_uprobe_on_handle_ioreq_sees_what_it_would_see_in_qemu(layout):
     b = bcc.BPF(src_file=str(REPO / "probes" / "standin" / "selfcheck.bpf.c"),
                 cflags=[f"-DSEND_VCPU_OFFSET={info['send_vcpu_offset']}"])
     try:
-        b.attach_uprobe(name=exe, sym="handle_ioreq", fn_name="on_handle_ioreq")
+        # as iotrace attaches (probes/bpf/uprobes.py: ref_ctr_offset 0, see there)
+        uprobes.attach(b, str(exe), info["handle_ioreq"]["vaddr"], "on_handle_ioreq")
         events, lost = [], []
 
         def on_event(cpu, data, size):
