@@ -23,7 +23,8 @@ DEBIAN = REPO / "deploy" / "debian"
 
 # pyproject's name -> Debian 12's package
 DEBIAN_NAMES = {"prometheus-client": "python3-prometheus-client", "PyYAML": "python3-yaml",
-                "numpy": "python3-numpy", "bcrypt": "python3-bcrypt"}
+                "numpy": "python3-numpy", "bcrypt": "python3-bcrypt",
+                "capstone": "python3-capstone"}
 
 
 def _pyproject():
