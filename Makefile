@@ -4,9 +4,9 @@ PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test unit demo bench standin xtwalk clean
+.PHONY: install test unit demo bench standin xtcore clean
 
-install: $(STAMP) standin xtwalk
+install: $(STAMP) standin xtcore
 
 # System packages (apt, as root) and the kernel-headers link BCC needs; idempotent.
 .bootstrap-done: scripts/bootstrap-debian.sh
@@ -23,10 +23,15 @@ $(STAMP): .bootstrap-done pyproject.toml
 standin: $(STAMP)
 	$(MAKE) -s -C probes/standin
 
-# The xentrace decoder's record-boundary walk (loaded with ctypes; NumPy fallback without it).
-xtwalk: xen-tracepoints/_xtwalk.so
-xen-tracepoints/_xtwalk.so: xen-tracepoints/xtwalk.c
-	$(CC) -O2 -Wall -Wextra -shared -fPIC -o $@ $<
+# The xentrace decoder's compiled core (walk, order, both machines, outputs; loaded with ctypes
+# by iotrace.xentrace.native). No Python headers needed: a plain shared library. Packagers:
+# `make xtcore` builds it in place; XTCORE_CFLAGS adds their flags (hardening, -g).
+XTCORE_SRC := $(wildcard xen-tracepoints/xt*.c)
+XTCORE_CFLAGS ?=
+xtcore: xen-tracepoints/_xtcore.so
+xen-tracepoints/_xtcore.so: $(XTCORE_SRC) xen-tracepoints/xtcore.h
+	$(CC) -O2 -Wall -Wextra -Werror -ffp-contract=off -fvisibility=default -shared -fPIC \
+	    $(XTCORE_CFLAGS) -o $@ $(XTCORE_SRC)
 
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
@@ -43,5 +48,5 @@ bench: install
 	$(PY) bench/exporter_scrape.py
 
 clean:
-	rm -rf $(VENV) .bootstrap-done build *.egg-info xen-tracepoints/_xtwalk.so
+	rm -rf $(VENV) .bootstrap-done build *.egg-info xen-tracepoints/_xtcore.so
 	-$(MAKE) -s -C probes/standin clean
