@@ -100,7 +100,7 @@ static void io(xt_state *s, xt_vcpu *v, const xt_row *r)
         e->ts_ns = xt_cycles_to_ns(s, r->tsc);
         e->domid = (int32_t)(v->key >> 16);
         e->vcpu = (int32_t)(v->key & 0xffff);
-        e->type = mmio;
+        e->type = (uint8_t)mmio;
         e->dir = dir;
         e->data_is_ptr = (r->f & IO_REP) ? 1 : 0;
         e->df = 0;

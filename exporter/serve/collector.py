@@ -241,7 +241,8 @@ class IotraceCollector(Collector):
             Family("iotrace_ioreq_service_seconds", "histogram",
                    ("source", "domain", "domid", "type", "range"),
                    "Time to serve one guest I/O request: emulation time in the device model "
-                   "(qemu) or VM exit to VM entry (xentrace)."),
+                   "(qemu) or VM exit until the request was answered: VM entry, or the wake-up of a vCPU "
+                   "that waited for the device model (xentrace)."),
             Family("iotrace_domain_info", "gauge", ("domid", "domain", "source"),
                    "Always 1: the name of each domain a source reports (join on domid)."),
             Family("iotrace_domain_ranges_seen", "gauge", ("source", "domain", "domid"),

@@ -1,5 +1,9 @@
 """Synthetic xentrace captures with their ground truth, for tests, the live stand-in and the bench.
 
+(Over 600 lines on purpose: one simulation - the host's scheduling, the records Xen writes for
+it, the ground truth and the model of xenalyze are updated together, step by step, by the same
+generator state; split across modules they would share all of it anyway.)
+
 ``generate(...)`` simulates a Xen host (several pCPUs; HVM domains whose vCPUs move between pCPUs;
 dom0 and idle vCPUs) and writes, record for record, what Xen's tracing and ``xentrace`` would write
 for it, together with what the file holds:
