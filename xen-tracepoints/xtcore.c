@@ -16,7 +16,7 @@
 
 #include "xtcore.h"
 
-xt_state *xt_new(double cpu_hz, int flags)
+XT_API xt_state *xt_new(double cpu_hz, int flags)
 {
     xt_state *s = calloc(1, sizeof(*s));
     if (!s)
@@ -34,7 +34,7 @@ xt_state *xt_new(double cpu_hz, int flags)
     return s;
 }
 
-void xt_free(xt_state *s)
+XT_API void xt_free(xt_state *s)
 {
     int32_t i;
     if (!s)
@@ -56,7 +56,7 @@ void xt_free(xt_state *s)
     free(s);
 }
 
-int64_t xt_feed(xt_state *s, const uint8_t *buf, int64_t nbytes)
+XT_API int64_t xt_feed(xt_state *s, const uint8_t *buf, int64_t nbytes)
 {
     int64_t words;
     if (s->st.status)
@@ -68,7 +68,7 @@ int64_t xt_feed(xt_state *s, const uint8_t *buf, int64_t nbytes)
     return words * 4;
 }
 
-void xt_finish(xt_state *s)
+XT_API void xt_finish(xt_state *s)
 {
     if (s->st.status == 1)
         return;
@@ -77,12 +77,12 @@ void xt_finish(xt_state *s)
         xt_decode_finish(s);
 }
 
-xt_stats *xt_stats_of(xt_state *s)
+XT_API xt_stats *xt_stats_of(xt_state *s)
 {
     return &s->st;
 }
 
-int64_t xt_take_events(xt_state *s, xt_event *out, int64_t cap)
+XT_API int64_t xt_take_events(xt_state *s, xt_event *out, int64_t cap)
 {
     int64_t n = s->nout < cap ? s->nout : cap;
     memcpy(out, s->out, (size_t)n * sizeof(xt_event));
@@ -92,7 +92,7 @@ int64_t xt_take_events(xt_state *s, xt_event *out, int64_t cap)
     return n;
 }
 
-int64_t xt_take_notes(xt_state *s, xt_note_rec *out, int64_t cap)
+XT_API int64_t xt_take_notes(xt_state *s, xt_note_rec *out, int64_t cap)
 {
     int64_t n = s->st.n_notes < cap ? s->st.n_notes : cap;
     memcpy(out, s->notes, (size_t)n * sizeof(xt_note_rec));
@@ -101,7 +101,7 @@ int64_t xt_take_notes(xt_state *s, xt_note_rec *out, int64_t cap)
     return n;
 }
 
-int64_t xt_export_cells(xt_state *s, xt_cell_key *k, xt_cell_val *v, uint64_t *h, int64_t cap)
+XT_API int64_t xt_export_cells(xt_state *s, xt_cell_key *k, xt_cell_val *v, uint64_t *h, int64_t cap)
 {
     int64_t n = s->ncell < cap ? s->ncell : cap;
     memcpy(k, s->ckey, (size_t)n * sizeof(xt_cell_key));
@@ -111,7 +111,7 @@ int64_t xt_export_cells(xt_state *s, xt_cell_key *k, xt_cell_val *v, uint64_t *h
 }
 
 /* Sizes of the shared structs, for the Python side's layout checks. */
-int64_t xt_sizeof(int what)
+XT_API int64_t xt_sizeof(int what)
 {
     switch (what) {
     case 0: return sizeof(xt_stats);
@@ -125,7 +125,7 @@ int64_t xt_sizeof(int what)
 }
 
 /* The ids the core was built with, for a test against catalogue.py. */
-int64_t xt_constants(int64_t *out, int64_t cap)
+XT_API int64_t xt_constants(int64_t *out, int64_t cap)
 {
     static const int64_t c[] = {
         XT_CPU_CHANGE_HEADER, XT_EVENT_MASK,   XT_LOST_RECORDS, XT_RUNSTATE_CHANGE,

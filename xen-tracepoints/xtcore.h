@@ -175,9 +175,11 @@ typedef struct {
 
 typedef struct xt_state xt_state;
 
+/* The functions Python calls (xtcore.c); everything else stays inside the library. */
+#define XT_API __attribute__((visibility("default")))
+
 struct xt_state {
     int flags;
-    double ns_per_cycle_num; /* 1e9 */
     double cpu_hz;
     xt_stats st;
     /* walk */
@@ -218,7 +220,7 @@ int64_t xt_walk(xt_state *s, const uint32_t *w, int64_t nw, int final);
 int32_t xt_pcpu_index(xt_state *s, int32_t id);
 
 /* xtorder.c */
-int xt_push(xt_state *s, xt_pcpu *p, const xt_row *r);
+int xt_push_slow(xt_state *s, xt_pcpu *p, const xt_row *r);
 void xt_window_start(xt_state *s, int32_t cpu);
 void xt_drain(xt_state *s, int all);
 
@@ -230,14 +232,51 @@ void xt_compat_row(xt_state *s, const xt_row *r);
 /* xtout.c */
 int32_t xt_vcpu_index(xt_state *s, int64_t key, int32_t domid, int32_t vcpu);
 int32_t xt_cell_index(xt_state *s, const xt_event *e);
-void xt_cell_count(xt_state *s, int32_t cell);
-void xt_cell_service(xt_state *s, int32_t cell, int64_t ns);
 xt_event *xt_out_push(xt_state *s);
 void xt_emit(xt_state *s, const xt_event *e, int32_t cell);
 int32_t xt_pend_alloc(xt_state *s);
 void xt_note(xt_state *s, int64_t kind, int64_t offset, int64_t a, int64_t b);
-int64_t xt_cycles_to_ns(const xt_state *s, uint64_t cycles);
 void xt_oom(xt_state *s);
 void *xt_grow(void *p, int64_t *cap, int64_t need, size_t elem);
+
+/* ---- small hot helpers, inline ---- */
+#define XT_QUEUE_MAX (1 << 20) /* rows waiting to be merged, 40 bytes each (xtorder.c) */
+
+/* Append a row to its pCPU's queue (xtorder.c grows it, or merges early when all are full). */
+static inline int xt_push(xt_state *s, xt_pcpu *p, const xt_row *r)
+{
+    if (p->qhead + p->qlen < p->qcap && s->st.queued_rows < XT_QUEUE_MAX) {
+        p->q[p->qhead + p->qlen++] = *r;
+        s->st.queued_rows++;
+        return 0;
+    }
+    return xt_push_slow(s, p, r);
+}
+
+/* TSC cycles to ns at the state's rate: cycles * 1e9 / cpu_hz, truncated (the reference model
+ * computes it the same way, in the same order). */
+static inline int64_t xt_cycles_to_ns(const xt_state *s, uint64_t cycles)
+{
+    double ns = (double)cycles * 1e9 / s->cpu_hz;
+    return ns >= 9.2e18 ? INT64_MAX : (int64_t)ns;
+}
+
+static inline void xt_cell_count(xt_state *s, int32_t cell)
+{
+    s->cval[cell].count++;
+}
+
+static inline void xt_cell_service(xt_state *s, int32_t cell, int64_t ns)
+{
+    xt_cell_val *v = &s->cval[cell];
+    int slot = ns > 0 ? 64 - __builtin_clzll((uint64_t)ns) : 0;
+    v->svc_n++;
+    v->svc_sum_ns += (uint64_t)ns;
+    if (ns < v->svc_min_ns)
+        v->svc_min_ns = ns;
+    if (ns > v->svc_max_ns)
+        v->svc_max_ns = ns;
+    s->chist[(size_t)cell * XT_SLOTS + (slot < XT_SLOTS ? slot : XT_SLOTS - 1)]++;
+}
 
 #endif

@@ -77,7 +77,7 @@ static void io(xt_state *s, xt_pcpu *p, const xt_row *r)
     xt_event e;
     int32_t cell = -1;
 
-    e.ts_ns = xt_cycles_to_ns(s, r->tsc);
+    e.ts_ns = (s->flags & XT_F_EVENTS) ? xt_cycles_to_ns(s, r->tsc) : 0;
     e.domid = v->domid;
     e.vcpu = v->vcpu;
     e.type = (r->f & IO_MMIO) ? 1 : 0;
@@ -100,7 +100,8 @@ static void io(xt_state *s, xt_pcpu *p, const xt_row *r)
                 xt_cell_count(s, cell);
         }
         s->pend[k].cell = cell;
-        s->pend[k].ev = e;
+        if (s->flags & XT_F_EVENTS)
+            s->pend[k].ev = e;
         s->pend[k].next = -1;
         if (v->pend_tail >= 0)
             s->pend[v->pend_tail].next = k;

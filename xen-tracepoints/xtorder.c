@@ -22,8 +22,6 @@
 
 #include "xtcore.h"
 
-#define XT_QUEUE_MAX (1 << 20) /* rows, 40 bytes each */
-
 static int row_before(const xt_row *a, const xt_row *b)
 {
     return a->tsc < b->tsc || (a->tsc == b->tsc && a->seq < b->seq);
@@ -31,8 +29,10 @@ static int row_before(const xt_row *a, const xt_row *b)
 
 static void force(xt_state *s);
 
-int xt_push(xt_state *s, xt_pcpu *p, const xt_row *r)
+int xt_push_slow(xt_state *s, xt_pcpu *p, const xt_row *r)
 {
+    if (s->st.queued_rows >= XT_QUEUE_MAX)
+        force(s);
     if (p->qhead + p->qlen == p->qcap) {
         if (p->qhead > 0 && p->qhead >= p->qlen) {
             memmove(p->q, p->q + p->qhead, (size_t)p->qlen * sizeof(xt_row));
@@ -50,8 +50,7 @@ int xt_push(xt_state *s, xt_pcpu *p, const xt_row *r)
         }
     }
     p->q[p->qhead + p->qlen++] = *r;
-    if (++s->st.queued_rows > XT_QUEUE_MAX)
-        force(s);
+    s->st.queued_rows++;
     return 0;
 }
 
@@ -143,27 +142,40 @@ static void merge(xt_state *s, uint64_t wm, int all, int64_t limit)
         sift(s, h, n, i);
     while (n > 0 && limit != 0 && s->st.status == 0) {
         xt_pcpu *p = &s->pc[h[0]];
-        const xt_row *r = &p->q[p->qhead];
-        if (!all && r->tsc >= wm)
-            break;
-        if (r->tsc < s->last_merged_tsc)
-            s->st.late_rows++;
-        else
-            s->last_merged_tsc = r->tsc;
-        if (compat)
-            xt_compat_row(s, r);
-        else
-            xt_decode_row(s, r);
-        p->qhead++;
-        s->st.queued_rows--;
-        if (limit > 0)
-            limit--;
-        if (--p->qlen == 0) {
+        /* take the top queue's rows while they come before every other queue's head (a run
+         * of one pCPU's records, e.g. an exit, its I/O and its entry) */
+        const xt_row *next = NULL;
+        if (n > 1) {
+            next = &s->pc[h[1]].q[s->pc[h[1]].qhead];
+            if (n > 2 && row_before(&s->pc[h[2]].q[s->pc[h[2]].qhead], next))
+                next = &s->pc[h[2]].q[s->pc[h[2]].qhead];
+        }
+        do {
+            const xt_row *r = &p->q[p->qhead];
+            if (!all && r->tsc >= wm)
+                goto done;
+            if (r->tsc < s->last_merged_tsc)
+                s->st.late_rows++;
+            else
+                s->last_merged_tsc = r->tsc;
+            if (compat)
+                xt_compat_row(s, r);
+            else
+                xt_decode_row(s, r);
+            p->qhead++;
+            p->qlen--;
+            s->st.queued_rows--;
+            if (limit > 0)
+                limit--;
+        } while (p->qlen && limit != 0 && (!next || row_before(&p->q[p->qhead], next)));
+        if (p->qlen == 0) {
             p->qhead = 0;
             h[0] = h[--n];
         }
         sift(s, h, n, 0);
     }
+done:
+    return;
 }
 
 static void force(xt_state *s)

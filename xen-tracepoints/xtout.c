@@ -34,12 +34,6 @@ void *xt_grow(void *p, int64_t *cap, int64_t need, size_t elem)
     return np;
 }
 
-int64_t xt_cycles_to_ns(const xt_state *s, uint64_t cycles)
-{
-    double ns = (double)cycles * 1e9 / s->cpu_hz;
-    return ns >= 9.2e18 ? INT64_MAX : (int64_t)ns;
-}
-
 void xt_note(xt_state *s, int64_t kind, int64_t offset, int64_t a, int64_t b)
 {
     xt_note_rec *n;
@@ -130,9 +124,9 @@ int32_t xt_vcpu_index(xt_state *s, int64_t key, int32_t domid, int32_t vcpu)
 
 static uint64_t key_hash(const xt_cell_key *k)
 {
-    return mix(((uint64_t)(uint32_t)k->domid << 32 | (uint32_t)k->vcpu) ^
-               mix(k->addr ^ ((uint64_t)k->type << 56) ^ ((uint64_t)k->dir << 48)) ^
-               mix(k->rip + 0x9e3779b97f4a7c15ull));
+    uint64_t who = (uint64_t)(uint32_t)k->domid << 32 | (uint32_t)k->vcpu;
+    return mix(k->addr ^ (who * 0x9e3779b97f4a7c15ull) ^ (k->rip * 0xc2b2ae3d27d4eb4full) ^
+               ((uint64_t)k->type << 1 | k->dir));
 }
 
 static uint64_t cell_hash(xt_state *s, int32_t i)
@@ -146,13 +140,13 @@ int32_t xt_cell_index(xt_state *s, const xt_event *e)
     uint64_t h, m;
     int32_t i;
 
-    memset(&k, 0, sizeof(k));
     k.domid = e->domid;
     k.vcpu = e->vcpu;
     k.type = e->type;
     k.dir = e->dir;
     k.addr = e->addr;
     k.rip = (s->flags & XT_F_CELL_RIP) ? e->rip : 0;
+    memset(k.pad, 0, sizeof(k.pad));
     if (2 * (s->ncell + 1) > s->cmap_cap &&
         rehash(&s->cmap, &s->cmap_cap, s->ncell, cell_hash, s) < 0) {
         xt_oom(s);
@@ -200,24 +194,6 @@ int32_t xt_cell_index(xt_state *s, const xt_event *e)
     s->cmap[h] = i + 1;
     s->st.cells = s->ncell;
     return i;
-}
-
-void xt_cell_count(xt_state *s, int32_t cell)
-{
-    s->cval[cell].count++;
-}
-
-void xt_cell_service(xt_state *s, int32_t cell, int64_t ns)
-{
-    xt_cell_val *v = &s->cval[cell];
-    int slot = ns > 0 ? 64 - __builtin_clzll((uint64_t)ns) : 0;
-    v->svc_n++;
-    v->svc_sum_ns += (uint64_t)ns;
-    if (ns < v->svc_min_ns)
-        v->svc_min_ns = ns;
-    if (ns > v->svc_max_ns)
-        v->svc_max_ns = ns;
-    s->chist[(size_t)cell * XT_SLOTS + (slot < XT_SLOTS ? slot : XT_SLOTS - 1)]++;
 }
 
 xt_event *xt_out_push(xt_state *s)

@@ -19,7 +19,8 @@ def test_core_builds_with_every_warning_as_an_error(tmp_path):
                                      "xtcompat.c", "xtout.c"}
     out = tmp_path / "_xtcore.so"
     r = subprocess.run([cc, "-O2", "-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wconversion",
-                        "-Wno-sign-conversion", "-ffp-contract=off", "-shared", "-fPIC",
+                        "-Wno-sign-conversion", "-ffp-contract=off", "-fvisibility=hidden",
+                        "-shared", "-fPIC",
                         "-o", str(out), *map(str, src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     lib = ctypes.CDLL(str(out))
