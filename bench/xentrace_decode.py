@@ -12,7 +12,7 @@ into /var/tmp/iotrace-bench/ (named by mix, size, seed and a hash of synth.py) a
   many-domains   60 MB  60 domains x 2 vCPUs on 8 pCPUs, migrating all the time
   lost-heavy    100 MB  a lost-records burst every ~40 scheduling steps
   real                  the real capture (../shared/data/xentrace-hvm-real.bin), 3.9 MB
-  1 GB                  io-dense tiled 8 times in time (synth.tile): time and memory at scale
+  1 GB          1050 MB  io-dense again, generated at that length: time and memory at scale
 
 Each capture is measured in rounds, xenalyze and iotrace back to back in every round (the
 machine is shared: a ratio is only meaningful within a round):
@@ -37,7 +37,9 @@ import argparse
 import ast
 import hashlib
 import io
+import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -51,7 +53,7 @@ CACHE = Path("/var/tmp/iotrace-bench")
 REAL = (REPO.parent / "shared" / "data" / "xentrace-hvm-real.bin").resolve()
 SIZES_MB = {"io-dense": 135, "sched-heavy": 100, "mmio64-amd": 100, "many-domains": 60,
             "lost-heavy": 100}
-GB_COPIES = 8
+GB_MB = 1050
 SEED = 1
 
 
@@ -69,9 +71,11 @@ def _synth_key() -> str:
     return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:10]
 
 
-def capture(mix: str) -> Path:
+def capture(mix: str, mb: int | None = None) -> Path:
+    """The mix's capture of mb MB (default SIZES_MB), generated once; beside it a .json of the
+    generator's counters."""
     from iotrace.xentrace.testing import synth
-    mb = SIZES_MB[mix]
+    mb = mb or SIZES_MB[mix]
     path = CACHE / f"{mix}-{mb}mb-s{SEED}-{_synth_key()}.bin"
     if path.exists():
         return path
@@ -79,24 +83,37 @@ def capture(mix: str) -> Path:
     t0 = time.time()
     tmp = path.with_suffix(".tmp")
     tr = synth.write_capture(tmp, SEED, target_bytes=mb * 1_000_000, **synth.MIXES[mix])
+    path.with_suffix(".json").write_text(json.dumps(
+        {"records": tr.records, "io_records": tr.io_records, "lost_records": tr.lost_records,
+         "windows": tr.windows, "migrations": tr.migrations}))
     os.replace(tmp, path)
     print(f"generated {path.name}: {path.stat().st_size / 1e6:.1f} MB, {tr.records} records, "
           f"{tr.io_records} I/O, in {time.time() - t0:.0f} s", flush=True)
     return path
 
 
-def gb_capture() -> Path:
-    from iotrace.xentrace.testing import synth
-    base = capture("io-dense")
-    path = CACHE / f"io-dense-x{GB_COPIES}-{base.stem}.bin"
-    if path.exists():
-        return path
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
-        for piece in synth.tile(base.read_bytes(), GB_COPIES):
-            fh.write(piece)
-    os.replace(tmp, path)
-    return path
+def generator_counts(path: Path) -> dict | None:
+    side = path.with_suffix(".json")
+    return json.loads(side.read_text()) if side.exists() else None
+
+
+def parse_xenalyze(text: str) -> int:
+    """Requests xenalyze's summary lists per domain/vCPU ("IO"/"MMIO address summary" rows of
+    hvm_io_address_summary), the default domain aside - what --xenalyze-compat counts."""
+    total, listing, dom = 0, False, None
+    for line in text.splitlines():
+        if line.startswith("|-- "):
+            dom = line.startswith("|-- Domain ")
+            listing = False
+        elif line in ("IO address summary:", "MMIO address summary:"):
+            listing = True
+        elif listing:
+            m = re.match(r"\s*[0-9a-f]+(?:@\s*[0-9a-f]+)?:\[[rw]\]\s+(\d+)\s", line)
+            if m and dom:
+                total += int(m.group(1))
+            else:
+                listing = False
+    return total
 
 
 def xenalyze_cmd(path: Path, mix: str) -> list[str]:
@@ -111,8 +128,16 @@ def xenalyze_cmd(path: Path, mix: str) -> list[str]:
 
 def wall(cmd: list[str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-    return time.perf_counter() - t0
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+    t = time.perf_counter() - t0
+    if r.returncode != 0 or b"FATAL" in r.stderr:
+        # a run that stopped early would make a ratio meaningless
+        last = r.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        raise SystemExit(f"{cmd[0]} failed on {cmd[-1]} (status {r.returncode}): {last[0]}")
+    return t
+
+
+LAST = {}
 
 
 def report_json(path: Path, compat: bool = False) -> float:
@@ -123,7 +148,9 @@ def report_json(path: Path, compat: bool = False) -> float:
     addrmap = AddressMap.load(None)
     s = summarize_capture(str(path), xenalyze_compat=compat)
     io.StringIO().write(to_json(s, grouped(s, "range", addrmap)))
-    return time.perf_counter() - t0
+    t = time.perf_counter() - t0
+    LAST[compat] = s
+    return t
 
 
 def cli_cmd(path: Path) -> list[str]:
@@ -153,6 +180,10 @@ def measure(name: str, path: Path, mix: str, repeat: int, startup: float) -> flo
         cli.append(wall(cli_cmd(path)))
         co.append(report_json(path, compat=True))
     r = [i / x for i, x in zip(it, xa)]
+    xa_listed = parse_xenalyze(subprocess.run(xenalyze_cmd(path, mix), capture_output=True,
+                                              text=True).stdout)
+    gen = generator_counts(path)
+    default, compat = LAST[False], LAST[True]
     rc = [c / x for c, x in zip(cli, xa)]
     rp = [c / x for c, x in zip(co, xa)]
     xm, im = statistics.median(xa), statistics.median(it)
@@ -165,7 +196,11 @@ def measure(name: str, path: Path, mix: str, repeat: int, startup: float) -> flo
           f"{statistics.median(rc):.2f} ({min(rc):.2f}-{max(rc):.2f})  peak RSS "
           f"{peak_rss_mb(cli_cmd(path)):.0f} MB")
     print(f"  compat    {spread(co)} s  ratio {statistics.median(rp):.2f} "
-          f"({min(rp):.2f}-{max(rp):.2f})", flush=True)
+          f"({min(rp):.2f}-{max(rp):.2f})")
+    print(f"  counts    default {default.requests} I/O of {default.records} records"
+          + (f" (generator: {gen['io_records']} of {gen['records']})" if gen else "")
+          + f"; compat {compat.requests}, xenalyze lists {xa_listed}"
+          + (" (equal)" if compat.requests == xa_listed else " (DIFFERENT)"), flush=True)
     return statistics.median(r)
 
 
@@ -197,8 +232,8 @@ def main(argv=None) -> int:
     for name, path in paths.items():
         worst[name] = measure(name, path, name, args.repeat, startup)
     if not args.no_gb:
-        gb = gb_capture()
-        worst["1 GB"] = measure(f"1 GB (io-dense x{GB_COPIES})", gb, "io-dense",
+        gb = capture("io-dense", GB_MB)
+        worst["1 GB"] = measure(f"1 GB (io-dense, {GB_MB} MB)", gb, "io-dense",
                                 max(1, args.repeat // 3), startup)
     name = max(worst, key=worst.get)
     print(f"worst: {name}")

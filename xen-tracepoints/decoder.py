@@ -15,9 +15,12 @@ API (live.py, ``iotrace.offline.capture`` and the tests use it)::
     res.windows         # cpu_change windows seen
 
     dec = StreamDecoder(cpu_hz=None, xenalyze_compat=False, name="<stream>",
-                        events=True, cells=False, cell_rip=False)
+                        events=True, cells=False, cell_rip=False, ordered=False)
     batch = dec.feed(chunk)        # events resolved so far (ts order within the batch); keeps
-                                   # the partial record at the end for the next feed
+                                   # the partial record at the end for the next feed. ordered:
+                                   # batches in ts order across feeds too (events resolved
+                                   # after an older one still waiting for its exit's end are
+                                   # held back until it comes: a listing in time order)
     dec.feed_from(fh, on_batch)    # the same from a binary file object, to its end, in
                                    # CHUNK_BYTES reads into one reused buffer
     batch = dec.finish()           # end of input: the rest, truncation noted
@@ -90,7 +93,7 @@ class StreamDecoder:
 
     def __init__(self, cpu_hz: float | None = None, *, xenalyze_compat: bool = False,
                  name: str = "<stream>", events: bool = True, cells: bool = False,
-                 cell_rip: bool = False):
+                 cell_rip: bool = False, ordered: bool = False):
         if cpu_hz is not None and not (cpu_hz > 0):
             raise InputError(f"{name}: cpu_hz must be positive, got {cpu_hz}")
         self.cpu_hz = float(cpu_hz) if cpu_hz else float(C.XENALYZE_DEFAULT_CPU_HZ)
@@ -103,6 +106,8 @@ class StreamDecoder:
                                  compat=xenalyze_compat)
         self._tail = b""
         self._finished = False
+        self.ordered = ordered
+        self._held = E.empty(0)              # ordered: resolved, newer than a waiting one
 
     # -- counters
     records = property(lambda self: self._core["records"])
@@ -192,7 +197,16 @@ class StreamDecoder:
                 self._note(*note)
         if core["status"] == native.STATUS_NOT_CAPTURE:
             raise InputError(self._not_capture)
-        return _sorted(core.take_events()) if self.events else E.empty(0)
+        if not self.events:
+            return E.empty(0)
+        batch = _sorted(core.take_events())
+        if not self.ordered:
+            return batch
+        if len(self._held):
+            batch = _sorted(np.concatenate([self._held, batch]))
+        cut = int(np.searchsorted(batch["ts_ns"], core["oldest_pending_ns"], side="left"))
+        self._held = batch[cut:]
+        return batch[:cut]
 
     def _note(self, kind: int, offset: int, a: int, b: int) -> None:
         if kind == native.N_NOT_CAPTURE:

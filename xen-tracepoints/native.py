@@ -24,7 +24,7 @@ LIBRARY = Path(__file__).with_name("_xtcore.so")
 STATS = ("records", "windows", "decode_errors", "lost_records", "io_records", "started",
          "remain_words", "skipping", "status", "consumed", "forced_rows", "late_rows",
          "queued_rows", "pending_io", "cells", "events_ready", "pcpus", "vcpus", "watermark",
-         "n_notes")
+         "oldest_pending_ns", "n_notes")
 ST = {name: i for i, name in enumerate(STATS)}
 STATUS_OK, STATUS_NOT_CAPTURE, STATUS_NO_MEMORY = 0, 1, 2
 

@@ -31,6 +31,7 @@ XT_API xt_state *xt_new(double cpu_hz, int flags)
     s->cur_cpu = -1;
     s->prev_cpu = -1;
     s->pend_free = -1;
+    s->st.oldest_pending_ns = INT64_MAX;
     return s;
 }
 
@@ -56,6 +57,16 @@ XT_API void xt_free(xt_state *s)
     free(s);
 }
 
+static void oldest_pending(xt_state *s)
+{
+    int64_t t = INT64_MAX;
+    int32_t i;
+    for (i = 0; i < s->nvc; i++)
+        if (s->vc[i].pend_head >= 0 && s->pend[s->vc[i].pend_head].ev.ts_ns < t)
+            t = s->pend[s->vc[i].pend_head].ev.ts_ns;
+    s->st.oldest_pending_ns = t;
+}
+
 XT_API int64_t xt_feed(xt_state *s, const uint8_t *buf, int64_t nbytes)
 {
     int64_t words;
@@ -65,6 +76,8 @@ XT_API int64_t xt_feed(xt_state *s, const uint8_t *buf, int64_t nbytes)
     s->st.consumed += words * 4;
     if (s->st.status == 0)
         xt_drain(s, 0);
+    if (s->flags & XT_F_EVENTS)
+        oldest_pending(s);
     return words * 4;
 }
 
@@ -75,6 +88,7 @@ XT_API void xt_finish(xt_state *s)
     xt_drain(s, 1);
     if (!(s->flags & XT_F_COMPAT))
         xt_decode_finish(s);
+    s->st.oldest_pending_ns = INT64_MAX;
 }
 
 XT_API xt_stats *xt_stats_of(xt_state *s)

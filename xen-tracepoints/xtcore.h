@@ -170,6 +170,8 @@ typedef struct {
     int64_t pcpus;         /* distinct pCPUs seen */
     int64_t vcpus;         /* distinct vCPUs seen */
     int64_t watermark;     /* TSC below which rows have been merged */
+    int64_t oldest_pending_ns; /* ts_ns of the oldest I/O record still waiting (events mode;
+                                  INT64_MAX: none): every event before it has been emitted */
     int64_t n_notes;
 } xt_stats;
 

@@ -12,7 +12,7 @@ The input is opened once and read from the start to the end, never reopened or s
 * ``summarize_capture(path, ...)`` -> ``CaptureSummary``: the totals per key (``CellTable``),
   never every event - the xentrace core aggregates in C; a recording is folded in chunk by
   chunk. ``on_events`` (optional) also gets every event batch as it is decoded, in time order
-  within a batch (``iotrace report --events``).
+  (``iotrace report --events``).
 * ``load_capture(path, ...)`` -> ``Capture``: every event in memory, in time order (replay).
 """
 from __future__ import annotations
@@ -57,6 +57,9 @@ class CaptureSummary:
 
 def _open(path: str):
     if path == STDIN:
+        if sys.stdin.isatty():
+            raise InputError("-: standard input is a terminal: pipe a capture in "
+                             "(xentrace ... | iotrace report -) or name a file")
         return sys.stdin.buffer, "<stdin>", False
     return open_input(path, "a capture file"), path, True
 
@@ -114,7 +117,7 @@ def _summarize_recording(fh, name, head, rip, on_events) -> CaptureSummary:
 def _summarize_xentrace(fh, name, head, cpu_hz, compat, rip, on_events) -> CaptureSummary:
     from iotrace.xentrace.decoder import StreamDecoder
     dec = StreamDecoder(cpu_hz, xenalyze_compat=compat, name=name,
-                        events=on_events is not None, cells=True, cell_rip=rip)
+                        events=on_events is not None, cells=True, cell_rip=rip, ordered=True)
     first = dec.feed(head)
     if on_events is not None and len(first):
         on_events(first)

@@ -318,3 +318,15 @@ def test_report_memory_does_not_grow_with_the_capture(tmp_path):
         rss[p] = int(out[1]) / 1024
     assert big.stat().st_size > 60e6
     assert rss[big] - rss[small] < 25, rss          # MB: flat (events would be ~100 MB more)
+
+
+def test_stdin_on_a_terminal_is_refused(iotrace_exe):
+    import pty
+    master, slave = pty.openpty()
+    try:
+        res = subprocess.run([iotrace_exe, "report", "-"], stdin=slave, capture_output=True,
+                             text=True, timeout=60)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert_one_line_error(res, "standard input is a terminal")
