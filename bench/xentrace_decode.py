@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/xentrace_decode.py [--repeat 5] [--mix NAME ...] [--no-gb]
 
-Captures, generated once with ``iotrace.xentrace.testing.synth`` (``MIXES``, ``stream``, ``tile``)
+Captures, generated once with ``iotrace.xentrace.testing.synth`` (``MIXES``, ``stream``)
 into /var/tmp/iotrace-bench/ (named by mix, size, seed and a hash of synth.py) and reused:
 
   io-dense      135 MB  ~25% of records I/O, nearly every record inside an exit, 2 pCPUs,
