@@ -84,7 +84,7 @@ TRC_HVM_IOMEM_WRITE64 = TRC_HVM_IOMEM_WRITE | TRC_64_FLAG    # 0x82317
 IO_WRITE_BIT = 0x200                                          # xenalyze: mevt.write (bits 9-10)
 
 # --- id masks the decoder classifies with (xtwalk.c mirrors them; a test compares) ---
-IO_ID_MASK = EVENT_MASK & ~(TRC_64_FLAG | IO_WRITE_BIT)       # 0x0ffffcff: any I/O id -> its READ id
+IO_ID_MASK = EVENT_MASK & ~(TRC_64_FLAG | IO_WRITE_BIT)       # 0x0ffffcff: I/O id -> READ id
 EXIT_ID_MASK = EVENT_MASK & ~TRC_64_FLAG                      # 0x0ffffeff: VMEXIT64 -> VMEXIT
 MAX_PCPU_ID = 0xFFFF            # a window header naming a pCPU above this is taken as corrupt
 

@@ -48,7 +48,8 @@ def _load():
         lib = ctypes.CDLL(str(LIBRARY))
     except OSError:
         raise UserError(f"the xentrace decoder's compiled core {LIBRARY} is missing or cannot "
-                        "be loaded: run `make install` (it builds it with the C compiler)") from None
+                        "be loaded: run `make install` (it builds it with the C compiler)"
+                        ) from None
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
     for name, res, args in [
             ("xt_new", vp, [ctypes.c_double, ctypes.c_int]),

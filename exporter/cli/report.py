@@ -46,7 +46,8 @@ def _cpu_hz(text: str) -> float:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("file", metavar="FILE", help='xentrace capture or iotrace recording ("-": stdin)')
+    p.add_argument("file", metavar="FILE",
+                   help='xentrace capture or iotrace recording ("-": standard input)')
     p.add_argument("--format", choices=("table", "json"), default="table",
                    help="table (default) or json (the contract; with --events: one object a line)")
     p.add_argument("--by", choices=tuple(GROUPINGS), default="range",

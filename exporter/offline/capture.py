@@ -131,7 +131,8 @@ def _summarize_xentrace(fh, name, head, cpu_hz, compat, rip, on_events) -> Captu
                           decode_errors=dec.decode_errors, warnings=list(dec.warnings))
 
 
-def load_capture(path: str, *, cpu_hz: float | None = None, xenalyze_compat: bool = False) -> Capture:
+def load_capture(path: str, *, cpu_hz: float | None = None,
+                 xenalyze_compat: bool = False) -> Capture:
     """Decode a recording or a xentrace file with every event kept; InputError (one line) if
     it is neither."""
     batches: list[np.ndarray] = []

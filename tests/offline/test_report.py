@@ -210,7 +210,8 @@ def test_by_rip_names_the_instruction_behind_each_request(iotrace_exe, real_xent
     assert sum(r["count"] for r in io) == 105 and all(r["rip"] for r in io)
     # d14v3's IDE command-block writes (0x1f1-0x1f7) all come from one instruction (the VMEXIT64
     # RIP in the real capture); its data-port write (0x1f0) from another
-    writes = [r for r in io if r["vcpu"] == 3 and r["dir"] == "write" and r["range"] == "ide-primary"]
+    writes = [r for r in io
+              if r["vcpu"] == 3 and r["dir"] == "write" and r["range"] == "ide-primary"]
     assert {r["rip"] for r in writes if r["addr"] != 0x1F0} == {0xFFFFFFFF8C4E54CD}
     assert {r["rip"] for r in writes if r["addr"] == 0x1F0} == {0xFFFFFFFF8C4E5A7A}
     # summed over RIPs, the rows are the default grouping's

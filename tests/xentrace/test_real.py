@@ -38,7 +38,8 @@ def test_same_result_in_any_chunking_and_with_the_reference_model(real_xentrace)
     ref = D.decode_file(real_xentrace).events
     for chunk in (4093, 65536):
         got = D.decode_file(real_xentrace, chunk_bytes=chunk).events
-        assert (np.sort(got, order=["ts_ns", "addr"]) == np.sort(ref, order=["ts_ns", "addr"])).all()
+        assert (np.sort(got, order=["ts_ns", "addr"])
+                == np.sort(ref, order=["ts_ns", "addr"])).all()
     model = reference.decode_bytes(real_xentrace.read_bytes()).events
     assert (np.sort(model, order=["ts_ns", "addr"]) == np.sort(ref, order=["ts_ns", "addr"])).all()
 

@@ -151,8 +151,9 @@ class _XaExit:
 class SynthTrace:
     data: bytes
     truth: Counter                              # (domid, vcpu, type, dir, addr) -> records
-    xa_counted: Counter = field(default_factory=Counter)  # (domid, vcpu, type, dir, addr32, is_vga)
-    io_truth: Counter = field(default_factory=Counter)   # (domid, vcpu, type, dir, addr, rip, cycles)
+    xa_counted: Counter = field(default_factory=Counter)  # (dom, vcpu, type, dir, addr32, vga)
+    # (domid, vcpu, type, dir, addr, rip, service cycles or -1) -> records
+    io_truth: Counter = field(default_factory=Counter)
     pcpus: int = 0
     cpu_hz: int = 0
     records: int = 0                            # trace records, TRC_TRACE_CPU_CHANGE excluded
