@@ -31,7 +31,8 @@ API (live.py, ``iotrace.offline.capture`` and the tests use it)::
 
 Whatever the chunking, the events (multiset) are the same (tested). Memory is bounded by the
 chunk, the rows waiting to be put in TSC order (about one xentrace pass; capped), the I/O
-records waiting for their exit's end, and the cells (one per distinct key), never by the
+records waiting for their exit's end, and the cells (one per distinct key, at most
+native.MAX_CELLS exact ones: further keys fold into "other" rows, with a warning), never by the
 capture's length - unless the caller keeps every event (``decode_file``/``decode_bytes`` do).
 
 Errors: input that is not a xentrace capture (empty, random bytes, missing, a directory) raises
@@ -222,6 +223,11 @@ class StreamDecoder:
         elif kind == native.N_NO_RESYNC:
             self._warn(f"corrupt window header at byte offset {offset}; no later window header "
                        f"found in the data so far")
+        elif kind == native.N_CELLS_FULL:
+            self._warn(f"more than {a} distinct (domain, vCPU, type, dir, address[, RIP]) keys "
+                       f"(from byte offset {offset}): requests of further keys are counted per "
+                       f"vCPU under address 'other' (and, past a quarter more, under domain "
+                       f"'other'); totals stay exact")
         elif kind == native.N_REORDER_FULL:
             self._warn(f"more than {a} records waited to be put in TSC order across pCPUs "
                        f"(around byte offset {offset}); the oldest were taken in turn anyway, so "

@@ -23,7 +23,8 @@ LIBRARY = Path(__file__).with_name("_xtcore.so")
 # xt_stats, in order (xtcore.h)
 STATS = ("records", "windows", "decode_errors", "lost_records", "io_records", "started",
          "remain_words", "skipping", "status", "consumed", "forced_rows", "late_rows",
-         "queued_rows", "pending_io", "cells", "events_ready", "pcpus", "vcpus", "watermark",
+         "queued_rows", "pending_io", "cells", "overflow_requests", "events_ready", "pcpus",
+         "vcpus", "watermark",
          "oldest_pending_ns", "n_notes")
 ST = {name: i for i, name in enumerate(STATS)}
 STATUS_OK, STATUS_NOT_CAPTURE, STATUS_NO_MEMORY = 0, 1, 2
@@ -33,7 +34,9 @@ CELL_KEY = np.dtype([("domid", "<i4"), ("vcpu", "<i4"), ("type", "u1"), ("dir", 
 CELL_VAL = np.dtype([("count", "<u8"), ("svc_n", "<u8"), ("svc_sum_ns", "<u8"),
                      ("svc_min_ns", "<i8"), ("svc_max_ns", "<i8")])
 NOTE = np.dtype([("kind", "<i8"), ("offset", "<i8"), ("a", "<i8"), ("b", "<i8")])
-N_OVERRUN, N_RESYNC, N_NO_RESYNC, N_NOT_CAPTURE, N_REORDER_FULL = 1, 2, 3, 4, 5
+N_OVERRUN, N_RESYNC, N_NO_RESYNC, N_NOT_CAPTURE, N_REORDER_FULL, N_CELLS_FULL = 1, 2, 3, 4, 5, 6
+KEY_OTHER = (1 << 64) - 1      # addr / rip of the cells gathering keys beyond the bound
+MAX_CELLS = 65536
 F_EVENTS, F_CELLS, F_CELL_RIP, F_COMPAT = 1, 2, 4, 8
 SLOTS = 64
 
@@ -65,7 +68,7 @@ def _load():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
     want = [8 * len(STATS), E.EVENT_DTYPE.itemsize, CELL_KEY.itemsize, CELL_VAL.itemsize,
-            NOTE.itemsize, SLOTS]
+            NOTE.itemsize, SLOTS, MAX_CELLS]
     got = [lib.xt_sizeof(i) for i in range(len(want))]
     if got != want:
         raise UserError(f"{LIBRARY} does not match this iotrace (struct sizes {got}, expected "

@@ -134,6 +134,7 @@ XT_API int64_t xt_sizeof(int what)
     case 3: return sizeof(xt_cell_val);
     case 4: return sizeof(xt_note_rec);
     case 5: return XT_SLOTS;
+    case 6: return XT_MAX_CELLS;
     }
     return -1;
 }

@@ -104,6 +104,8 @@ typedef struct {
     int64_t svc_min_ns, svc_max_ns;
 } xt_cell_val;
 #define XT_SLOTS 64 /* log2 slots, as iotrace.core.aggregate (slot = bit length of ns) */
+#define XT_MAX_CELLS 65536 /* distinct keys kept exactly (xtout.c: the rest fold into "other") */
+#define XT_KEY_OTHER UINT64_MAX /* addr / rip of the cells that gather keys beyond the bound */
 
 /* ---- per pCPU ---- */
 typedef struct {
@@ -143,7 +145,7 @@ typedef struct {
 } xt_pend;
 
 /* Notes for the Python side's warnings (offsets are absolute byte offsets in the input). */
-enum { N_OVERRUN = 1, N_RESYNC, N_NO_RESYNC, N_NOT_CAPTURE, N_REORDER_FULL };
+enum { N_OVERRUN = 1, N_RESYNC, N_NO_RESYNC, N_NOT_CAPTURE, N_REORDER_FULL, N_CELLS_FULL };
 typedef struct {
     int64_t kind, offset, a, b;
 } xt_note_rec;
@@ -166,6 +168,7 @@ typedef struct {
     int64_t queued_rows;   /* rows waiting in the queues now */
     int64_t pending_io;    /* I/O records waiting for their exit's end now */
     int64_t cells;         /* cells now */
+    int64_t overflow_requests; /* requests counted in an "other" cell (keys beyond the bound) */
     int64_t events_ready;  /* event rows ready for xt_take_events */
     int64_t pcpus;         /* distinct pCPUs seen */
     int64_t vcpus;         /* distinct vCPUs seen */

@@ -134,31 +134,26 @@ static uint64_t cell_hash(xt_state *s, int32_t i)
     return key_hash(&s->ckey[i]);
 }
 
-int32_t xt_cell_index(xt_state *s, const xt_event *e)
+/* The cell of key k: found, or added while the table has room for it (-2: no room). */
+static int32_t cell_of(xt_state *s, const xt_cell_key *k, int32_t room)
 {
-    xt_cell_key k;
     uint64_t h, m;
     int32_t i;
 
-    k.domid = e->domid;
-    k.vcpu = e->vcpu;
-    k.type = e->type;
-    k.dir = e->dir;
-    k.addr = e->addr;
-    k.rip = (s->flags & XT_F_CELL_RIP) ? e->rip : 0;
-    memset(k.pad, 0, sizeof(k.pad));
     if (2 * (s->ncell + 1) > s->cmap_cap &&
         rehash(&s->cmap, &s->cmap_cap, s->ncell, cell_hash, s) < 0) {
         xt_oom(s);
         return -1;
     }
     m = (uint64_t)s->cmap_cap - 1;
-    for (h = key_hash(&k) & m; s->cmap[h]; h = (h + 1) & m) {
+    for (h = key_hash(k) & m; s->cmap[h]; h = (h + 1) & m) {
         const xt_cell_key *c = &s->ckey[s->cmap[h] - 1];
-        if (c->addr == k.addr && c->domid == k.domid && c->vcpu == k.vcpu &&
-            c->type == k.type && c->dir == k.dir && c->rip == k.rip)
+        if (c->addr == k->addr && c->domid == k->domid && c->vcpu == k->vcpu &&
+            c->type == k->type && c->dir == k->dir && c->rip == k->rip)
             return s->cmap[h] - 1;
     }
+    if (s->ncell >= room)
+        return -2;
     if (s->ncell == s->capcell) {
         int64_t cap = s->capcell, c2, c3;
         xt_cell_key *nk = xt_grow(s->ckey, &cap, s->ncell + 1, sizeof(*nk));
@@ -186,7 +181,7 @@ int32_t xt_cell_index(xt_state *s, const xt_event *e)
         s->capcell = (int32_t)cap;
     }
     i = s->ncell++;
-    s->ckey[i] = k;
+    s->ckey[i] = *k;
     memset(&s->cval[i], 0, sizeof(s->cval[i]));
     s->cval[i].svc_min_ns = INT64_MAX;
     s->cval[i].svc_max_ns = -1;
@@ -194,6 +189,37 @@ int32_t xt_cell_index(xt_state *s, const xt_event *e)
     s->cmap[h] = i + 1;
     s->st.cells = s->ncell;
     return i;
+}
+
+/* The cell a request counts in. Keys are bounded: past XT_MAX_CELLS distinct ones, a new key
+ * counts in its vCPU's "other" cell (addr, rip = XT_KEY_OTHER), and past a quarter more, in
+ * one "other" cell per type and direction (domid, vcpu = -2): requests are never dropped, the
+ * detail beyond the bound is (counted in overflow_requests, warned). */
+int32_t xt_cell_index(xt_state *s, const xt_event *e)
+{
+    xt_cell_key k;
+    int32_t i;
+
+    k.domid = e->domid;
+    k.vcpu = e->vcpu;
+    k.type = e->type;
+    k.dir = e->dir;
+    k.addr = e->addr;
+    k.rip = (s->flags & XT_F_CELL_RIP) ? e->rip : 0;
+    memset(k.pad, 0, sizeof(k.pad));
+    i = cell_of(s, &k, XT_MAX_CELLS);
+    if (i != -2)
+        return i;
+    if (!s->st.overflow_requests)
+        xt_note(s, N_CELLS_FULL, s->st.consumed, XT_MAX_CELLS, 0);
+    s->st.overflow_requests++;
+    k.addr = XT_KEY_OTHER;
+    k.rip = (s->flags & XT_F_CELL_RIP) ? XT_KEY_OTHER : 0;
+    i = cell_of(s, &k, XT_MAX_CELLS + XT_MAX_CELLS / 4);
+    if (i != -2)
+        return i;
+    k.domid = k.vcpu = -2;
+    return cell_of(s, &k, INT32_MAX);
 }
 
 xt_event *xt_out_push(xt_state *s)

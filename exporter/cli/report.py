@@ -6,7 +6,7 @@ import sys
 from iotrace.core.addrmap import AddressMap
 from iotrace.core.errors import UserError
 from iotrace.offline.capture import summarize_capture
-from iotrace.offline.report import GROUPINGS, NEEDS_RIP, EventLister, grouped, to_json, to_table
+from iotrace.offline.report import GROUPINGS, NEEDS_RIP, EventLister, grouped, to_table, write_json
 
 HELP = "summarise a xentrace capture or an iotrace recording per domain, vCPU and device range"
 EXAMPLES = """\
@@ -75,7 +75,7 @@ def run(args) -> int:
         print(f"iotrace report: warning: {summary.path}: {w}", file=sys.stderr)
     table = grouped(summary, args.by, addrmap)
     if args.format == "json":
-        sys.stdout.write(to_json(summary, table, args.by))
+        write_json(sys.stdout, summary, table, args.by)
     else:
         sys.stdout.write(to_table(summary, table, args.by, top=args.top))
     return 0

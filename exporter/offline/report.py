@@ -12,7 +12,10 @@ JSON contract (``"schema": 2``; new keys may be added, existing ones never chang
              "service_seconds": {"avg": float, "p50": float, "p95": float} | null,
              "rip": int}, ...]}          # "rip" only with "by": "rip" (0: not known)
 
-Schema 1 (no "schema" key) is schema 2 without "schema", "by" and "rip". ``by`` names the
+Schema 1 (no "schema" key) is schema 2 without "schema", "by" and "rip". The xentrace core keeps
+at most 65536 distinct keys exactly (a warning says when a capture has more): requests of further
+keys count in rows whose ``addr`` (and ``rip``) is 2**64-1, "other", per vCPU, then with
+``domid``/``vcpu`` -2; totals stay exact. ``by`` names the
 grouping: "range" (the default) gives one ``io`` row per (domid, vcpu, type, dir, addr), its
 range named by the address map; "rip" one row per (domid, vcpu, rip, type, dir, addr): which
 guest instruction (the RIP of the VM exit, xentrace only) made which requests. Rows are sorted
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+
+import numpy as np
 
 from iotrace.core.events import dir_name, type_name
 from iotrace.offline.capture import CaptureSummary
@@ -60,25 +65,31 @@ def _value(t: CellTable, i: int, f: str):
     return v
 
 
-def io_rows(t: CellTable, by: str) -> list[dict]:
-    fields = GROUPINGS[by]
-    order = sorted(range(len(t)), key=lambda i: tuple(t.key(i, f) for f in
-                                                       ("domid", "vcpu", "rip", "type", "dir",
-                                                        "addr") if f in fields))
-    rows = []
-    for i in order:
+def _row_order(t: CellTable, by: str):
+    cols = [t.keys[f] for f in ("domid", "vcpu", "rip", "type", "dir", "addr")
+            if f in GROUPINGS[by]]
+    return np.lexsort(cols[::-1]).tolist() if len(t) else []
+
+
+def iter_io_rows(t: CellTable, by: str):
+    """The ``io`` rows, one dict at a time, sorted by their key fields."""
+    with_rip = "rip" in GROUPINGS[by]
+    for i in _row_order(t, by):
         row = {"domid": t.key(i, "domid"), "vcpu": t.key(i, "vcpu"),
                "type": _value(t, i, "type"), "dir": _value(t, i, "dir"),
                "addr": t.key(i, "addr"), "range": t.key(i, "range"),
                "count": int(t.count[i]), "service_seconds": _service(t, i)}
-        if "rip" in fields:
+        if with_rip:
             row["rip"] = t.key(i, "rip")
-        rows.append(row)
-    return rows
+        yield row
 
 
-def to_json(summary: CaptureSummary, t: CellTable, by: str = "range") -> str:
-    doc = {
+def io_rows(t: CellTable, by: str) -> list[dict]:
+    return list(iter_io_rows(t, by))
+
+
+def _head(summary: CaptureSummary, by: str) -> dict:
+    return {
         "schema": SCHEMA,
         "by": by,
         "source": summary.source,
@@ -86,8 +97,25 @@ def to_json(summary: CaptureSummary, t: CellTable, by: str = "range") -> str:
         "lost_records": summary.lost_records,
         "decode_errors": summary.decode_errors,
         "domains": {str(d): n for d, n in sorted(summary.domain_names.items())},
-        "io": io_rows(t, by),
     }
+
+
+def write_json(out, summary: CaptureSummary, t: CellTable, by: str = "range") -> None:
+    """The JSON document, written row by row (the same text as ``json.dumps(doc, indent=1)``:
+    a report of many keys never holds them all as objects or as one string)."""
+    head = json.dumps(_head(summary, by), indent=1)
+    out.write(head[:-2] + ',\n "io": [')
+    first = True
+    for row in iter_io_rows(t, by):
+        text = json.dumps(row, indent=1).replace("\n", "\n  ")
+        out.write(("\n  " if first else ",\n  ") + text)
+        first = False
+    out.write("\n ]\n}\n" if not first else "]\n}\n")
+
+
+def to_json(summary: CaptureSummary, t: CellTable, by: str = "range") -> str:
+    doc = _head(summary, by)
+    doc["io"] = io_rows(t, by)
     return json.dumps(doc, indent=1) + "\n"
 
 
@@ -104,6 +132,8 @@ def fmt_seconds(s: float | None) -> str:
 
 
 def _domain_label(domid: int, names: dict[int, str]) -> str:
+    if domid == -2:
+        return "other domains (keys beyond the bound, see the warning)"
     if domid < 0:
         return "unknown domain (records before the pCPU's first runstate record)"
     name = names.get(domid)
@@ -114,13 +144,24 @@ def _vcpu_label(vcpu: int) -> str:
     return "vCPU ?" if vcpu < 0 else f"vCPU {vcpu}"
 
 
+KEY_OTHER = (1 << 64) - 1    # addr / rip of the rows gathering keys beyond the core's bound
+
+
+def _num(v: int, width: int, zero: str | None = None) -> str:
+    if v == KEY_OTHER:
+        return f"{'other':>{width}}"
+    if zero is not None and v == 0:
+        return f"{zero:>{width}}"
+    return f"{v:>#{width}x}"
+
+
 # column: (header, width, format of a value)
 _COLUMNS = {
-    "rip": ("RIP", 18, lambda v: f"{v:>#18x}" if v else f"{'?':>18}"),
+    "rip": ("RIP", 18, lambda v: _num(v, 18, "?")),
     "range": ("RANGE", 18, lambda v: f"{v:<18.18}"),
     "type": ("TYPE", 6, lambda v: f"{v:<6}"),
     "dir": ("DIR", 5, lambda v: f"{v:<5}"),
-    "addr": ("ADDR", 12, lambda v: f"{v:>#12x}"),
+    "addr": ("ADDR", 12, lambda v: _num(v, 12)),
 }
 
 

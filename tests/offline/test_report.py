@@ -331,3 +331,21 @@ def test_stdin_on_a_terminal_is_refused(iotrace_exe):
         os.close(master)
         os.close(slave)
     assert_one_line_error(res, "standard input is a terminal")
+
+
+def test_keys_beyond_the_bound_are_reported_as_other(tmp_path, capsys):
+    n = 65_536 + 100
+    body = [synth.record(synth.runstate_event(synth.RUNNABLE, synth.RUNNING), [3 << 16], 1)]
+    body += [synth.record(synth.TRC_HVM_IOMEM_WRITE, [0xE000_0000 + 4 * i, i]) for i in range(n)]
+    data = b"".join(body)
+    path = tmp_path / "many.bin"
+    path.write_bytes(synth.cpu_change(0, len(data)) + data)
+    assert main(["report", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "65536 distinct (domain, vCPU, type, dir, address" in err
+    other = [line.split() for line in out.splitlines() if line.split()[:1] == ["other"]]
+    assert other == [["other", "mmio", "write", "other", "100", "0.2%", "-", "-", "-"]]
+    assert main(["report", "--format", "json", str(path)]) == 0
+    rows = json.loads(capsys.readouterr().out)["io"]
+    assert sum(r["count"] for r in rows) == n
+    assert [r["count"] for r in rows if r["addr"] == 2**64 - 1] == [100]

@@ -531,3 +531,26 @@ def test_ordered_stream_is_in_time_order_across_feeds():
     assert np.all(np.diff(outs[True]["ts_ns"]) >= 0)
     assert not np.all(np.diff(outs[False]["ts_ns"]) >= 0)     # the case it is there for
     assert (_canon(outs[True]) == _canon(outs[False])).all()
+
+
+def test_cells_are_bounded_and_totals_stay_exact():
+    # 70 000 distinct MMIO addresses of one vCPU, then one request from each of 20 000 vCPUs:
+    # past 65 536 keys a request counts in its vCPU's "other" row; past a quarter more, in the
+    # "other domains" row of its type and direction. Nothing is dropped.
+    n_addr, n_vcpu = 70_000, 20_000
+    recs = [run(1, 0, 1)]
+    recs += [rec(C.TRC_HVM_IOMEM_WRITE, [0xF000_0000 + 8 * i, i]) for i in range(n_addr)]
+    for k in range(n_vcpu):
+        recs.append(rec(C.TRC_SCHED_CONTINUE_RUNNING, [(2 + k // 64) << 16 | k % 64], 10 + k))
+        recs.append(rec(C.TRC_HVM_IOPORT_READ, [0x60, 1]))
+    dec = D.StreamDecoder(events=False, cells=True)
+    dec.feed(window(0, *recs))
+    dec.finish()
+    c = dec.cells()
+    assert int(c.vals["count"].sum()) == n_addr + n_vcpu
+    assert native.MAX_CELLS < len(c.keys) <= native.MAX_CELLS * 5 // 4 + 512
+    assert dec.stat("overflow_requests") == n_addr + n_vcpu - native.MAX_CELLS
+    other = c.keys["addr"] == native.KEY_OTHER
+    assert int(c.vals["count"][other & (c.keys["domid"] == 1)].sum()) == n_addr - native.MAX_CELLS
+    assert int(c.vals["count"][other & (c.keys["domid"] == -2)].sum()) > 0
+    assert any("distinct (domain, vCPU, type, dir, address" in w for w in dec.warnings)
