@@ -338,7 +338,7 @@ def domain_detail():
     L.row("Service time")
     L.add(heatmap("Service time distribution",
                   "Requests/s per service-time bucket (qemu: emulation in the device model; "
-                  "xentrace: VMEXIT to VMENTRY). Buckets are powers of 4 ns from 1 µs to 17 s.",
+                  "xentrace: VM exit until answered). Buckets are powers of 4 ns from 1 µs to 17 s.",
                   f"sum by (le) (rate(iotrace_ioreq_service_seconds_bucket{SEL_RANGE}{RI}))"), 12, 9)
     L.add(timeseries("p95 service time by range", "From the histogram, over the panel's interval.",
                      [(f"histogram_quantile(0.95, sum by (domain, source, range, le) "

@@ -4,7 +4,8 @@
 # Builds in a clean copy of the tree (the files git knows or would add: no .venv, no build
 # products) under build/deb/, with deploy/debian as its debian/ directory, by dpkg-buildpackage
 # (dh + dh-python's pybuild, see deploy/debian/rules), then runs lintian on the result: any error
-# or warning fails the build (overrides, each explained, are in deploy/debian/iotrace.lintian-overrides).
+# or warning fails the build (an override, if one is ever needed, goes in
+# deploy/debian/iotrace.lintian-overrides with the reason beside it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

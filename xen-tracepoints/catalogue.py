@@ -83,6 +83,11 @@ TRC_HVM_IOMEM_READ64 = TRC_HVM_IOMEM_READ | TRC_64_FLAG      # 0x82117
 TRC_HVM_IOMEM_WRITE64 = TRC_HVM_IOMEM_WRITE | TRC_64_FLAG    # 0x82317
 IO_WRITE_BIT = 0x200                                          # xenalyze: mevt.write (bits 9-10)
 
+# --- id masks the decoder classifies with (xtwalk.c mirrors them; a test compares) ---
+IO_ID_MASK = EVENT_MASK & ~(TRC_64_FLAG | IO_WRITE_BIT)       # 0x0ffffcff: I/O id -> READ id
+EXIT_ID_MASK = EVENT_MASK & ~TRC_64_FLAG                      # 0x0ffffeff: VMEXIT64 -> VMEXIT
+MAX_PCPU_ID = 0xFFFF            # a window header naming a pCPU above this is taken as corrupt
+
 # Handlers that claim xenalyze's per-exit post-process slot before an I/O record can
 # (hvm_set_postprocess callers in xenalyze.c: pf_xen, cr_write, msr_write, msr_read, vmcall).
 TRC_HVM_PF_XEN = 0x00082001
@@ -182,3 +187,11 @@ def header(event: int, n_extra: int, tsc: bool) -> int:
     if not 0 <= n_extra <= 7:
         raise ValueError("a trace record has 0..7 extra words")
     return (event & EVENT_MASK) | (n_extra << EXTRA_SHIFT) | (TSC_BIT if tsc else 0)
+
+
+# What the compiled core (xtcore.c, xt_constants) was built with, in its order.
+CORE_CONSTANTS = (CPU_CHANGE_HEADER, EVENT_MASK, TRC_LOST_RECORDS, TRC_SCHED_RUNSTATE_CHANGE,
+                  RUNSTATE_MASK, TRC_SCHED_CONTINUE_RUNNING, TRC_HVM_VMENTRY, TRC_HVM_VMX_EXIT,
+                  TRC_HVM_SVM_EXIT, TRC_64_FLAG, EXIT_ID_MASK, IO_ID_MASK, TRC_HVM_IOPORT_READ,
+                  TRC_HVM_IOMEM_READ, IO_WRITE_BIT, XENALYZE_VGA_START, XENALYZE_VGA_END,
+                  MAX_PCPU_ID) + XENALYZE_CLAIMING_IDS

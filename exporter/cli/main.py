@@ -40,13 +40,17 @@ def _available():
             continue
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every verb, or of ``only`` that one (its module alone is imported: a verb
+    does not pay for the others' imports, e.g. report for prometheus_client)."""
     parser = argparse.ArgumentParser(prog="iotrace", description=DESCRIPTION)
     from iotrace import __version__
     parser.add_argument("--version", action="version", version=f"iotrace {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for verb, modname in _available():
+        if only is not None and verb != only:
+            continue
         mod = importlib.import_module(modname)
         p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP,
                            epilog=getattr(mod, "EXAMPLES", None),
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in VERBS and argv[0] not in dict(_available()):
         print(f"iotrace {argv[0]}: {NOT_INSTALLED}", file=sys.stderr)
         return 2
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv and argv[0] in VERBS else None)
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)

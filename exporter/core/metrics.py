@@ -69,7 +69,8 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef(
         "iotrace_ioreq_service_seconds", "histogram", ("source", "domain", "domid", "type", "range"),
         "Time to serve one guest I/O request: emulation time in the device model (qemu) or VM "
-        "exit to VM entry (xentrace).",
+        "exit until the request was answered: VM entry, or the wake-up of a vCPU that waited for "
+        "the device model (xentrace).",
         summary="Time to serve a request."),
     MetricDef(
         "iotrace_domain_info", "gauge", ("domid", "domain", "source"),

@@ -1,17 +1,33 @@
-"""Offline inputs: open a capture file of any supported kind and decode it into one event batch.
+"""Offline inputs: read a capture of any supported kind in one pass, in bounded memory.
 
 Kinds, told apart by their first bytes:
 * an iotrace recording (``iotrace record``; see ``iotrace.offline.recording``);
-* a xentrace capture (no header: it starts with a TRC_TRACE_CPU_CHANGE record (event 0x0001f003,
-  two extra words: header word 0x2001f003), or with a wrap/lost record; see ``iotrace.xentrace.decoder``).
+* a xentrace capture (no header: it starts with a TRC_TRACE_CPU_CHANGE record, header word
+  0x2001f003; see ``iotrace.xentrace.decoder``).
+
+The input is opened once and read from the start to the end, never reopened or sought: a file,
+``-`` (standard input), ``/dev/stdin``, a pipe or a named FIFO all work
+(``xentrace ... | iotrace report -``).
+
+* ``summarize_capture(path, ...)`` -> ``CaptureSummary``: the totals per key (``CellTable``),
+  never every event - the xentrace core aggregates in C; a recording is folded in chunk by
+  chunk. ``on_events`` (optional) also gets every event batch as it is decoded, in time order
+  (``iotrace report --events``).
+* ``load_capture(path, ...)`` -> ``Capture``: every event in memory, in time order (replay).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from iotrace.core import events as E
 from iotrace.core.errors import InputError, open_input
+from iotrace.offline.cells import Accumulator, CellTable
+
+STDIN = "-"
+_SNIFF = 8                     # the recording magic's length
 
 
 @dataclass
@@ -26,24 +42,106 @@ class Capture:
     domain_names: dict[int, str] = field(default_factory=dict)
 
 
-def load_capture(path: str, *, cpu_hz: float | None = None, xenalyze_compat: bool = False) -> Capture:
-    """Decode a recording or a xentrace file; raise InputError (one line) if it is neither."""
-    with open_input(path, "a capture file") as fh:
-        head = fh.read(64)
-    if not head:
-        raise InputError(f"{path}: empty file, not a xentrace capture or an iotrace recording")
+@dataclass
+class CaptureSummary:
+    source: str                     # "xentrace" | "recording"
+    path: str
+    cells: CellTable                # totals per (domid, vcpu, type, dir, addr, rip)
+    requests: int = 0               # I/O requests counted
+    records: int = 0
+    lost_records: int = 0
+    decode_errors: int = 0
+    warnings: list[str] = field(default_factory=list)
+    domain_names: dict[int, str] = field(default_factory=dict)
 
-    from iotrace.offline import recording
-    if recording.is_recording(head):
-        if xenalyze_compat:
-            raise InputError(f"{path}: --xenalyze-compat applies to xentrace captures only")
-        rec = recording.read_recording(path)
-        return Capture("recording", path, rec.events, records=len(rec.events),
-                       lost_records=rec.lost_events, warnings=list(rec.warnings),
-                       domain_names=dict(rec.domains))
 
-    from iotrace.xentrace import decoder
-    res = decoder.decode_file(path, cpu_hz=cpu_hz, xenalyze_compat=xenalyze_compat)
-    return Capture("xentrace", path, res.events, records=res.records,
-                   lost_records=res.lost_records, decode_errors=res.decode_errors,
-                   warnings=list(res.warnings))
+def _open(path: str):
+    if path == STDIN:
+        if sys.stdin.isatty():
+            raise InputError("-: standard input is a terminal: pipe a capture in "
+                             "(xentrace ... | iotrace report -) or name a file")
+        return sys.stdin.buffer, "<stdin>", False
+    return open_input(path, "a capture file"), path, True
+
+
+def _head(fh, name: str) -> bytes:
+    parts, got = [], 0
+    while got < _SNIFF:
+        try:
+            b = fh.read(_SNIFF - got)
+        except IsADirectoryError:
+            raise InputError(f"{name}: is a directory, not a capture file") from None
+        except OSError as exc:
+            raise InputError(f"{name}: cannot read: {exc.strerror}") from None
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+def summarize_capture(path: str, *, cpu_hz: float | None = None, xenalyze_compat: bool = False,
+                      rip: bool = False, on_events=None) -> CaptureSummary:
+    """Decode a recording or a xentrace capture into cells (``rip``: keyed by guest RIP too);
+    InputError (one line) if it is neither. ``on_events(batch)`` sees every event batch."""
+    fh, name, owned = _open(path)
+    try:
+        head = _head(fh, name)
+        if not head:
+            raise InputError(f"{name}: empty file, not a xentrace capture or an iotrace "
+                             "recording")
+        from iotrace.offline import recording
+        if recording.is_recording(head):
+            if xenalyze_compat:
+                raise InputError(f"{name}: --xenalyze-compat applies to xentrace captures only")
+            return _summarize_recording(fh, name, head, rip, on_events)
+        return _summarize_xentrace(fh, name, head, cpu_hz, xenalyze_compat, rip, on_events)
+    finally:
+        if owned:
+            fh.close()
+
+
+def _summarize_recording(fh, name, head, rip, on_events) -> CaptureSummary:
+    from iotrace.offline.recording import RecordingReader
+    reader = RecordingReader(fh, name, head)
+    acc = Accumulator(rip=rip)
+    for batch in reader.batches():
+        acc.add_events(batch)
+        if on_events is not None:
+            on_events(batch)
+    return CaptureSummary("recording", name, acc.table(), requests=acc.requests,
+                          records=acc.requests, lost_records=reader.lost_events,
+                          warnings=list(reader.warnings), domain_names=dict(reader.domains))
+
+
+def _summarize_xentrace(fh, name, head, cpu_hz, compat, rip, on_events) -> CaptureSummary:
+    from iotrace.xentrace.decoder import StreamDecoder
+    dec = StreamDecoder(cpu_hz, xenalyze_compat=compat, name=name,
+                        events=on_events is not None, cells=True, cell_rip=rip, ordered=True)
+    first = dec.feed(head)
+    if on_events is not None and len(first):
+        on_events(first)
+    dec.feed_from(fh, on_events)
+    last = dec.finish()
+    if on_events is not None and len(last):
+        on_events(last)
+    cells = CellTable.from_native(dec.cells())
+    return CaptureSummary("xentrace", name, cells, requests=int(cells.count.sum()),
+                          records=dec.records, lost_records=dec.lost_records,
+                          decode_errors=dec.decode_errors, warnings=list(dec.warnings))
+
+
+def load_capture(path: str, *, cpu_hz: float | None = None,
+                 xenalyze_compat: bool = False) -> Capture:
+    """Decode a recording or a xentrace file with every event kept; InputError (one line) if
+    it is neither."""
+    batches: list[np.ndarray] = []
+    s = summarize_capture(path, cpu_hz=cpu_hz, xenalyze_compat=xenalyze_compat,
+                          on_events=batches.append)
+    events = E.concat(batches)
+    if len(events) > 1 and np.any(np.diff(events["ts_ns"]) < 0):
+        events = events[np.argsort(events["ts_ns"], kind="stable")]
+    records = s.records if s.source == "xentrace" else len(events)
+    return Capture(s.source, s.path, events, records=records, lost_records=s.lost_records,
+                   decode_errors=s.decode_errors, warnings=s.warnings,
+                   domain_names=s.domain_names)

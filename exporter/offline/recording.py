@@ -242,100 +242,151 @@ def _file_dtype(meta: dict, path: str) -> np.dtype:
     return dt
 
 
+def _read_exactly(fh, n: int) -> bytes:
+    """Up to n bytes: fewer only at the end of the input (pipes return short reads)."""
+    parts, got = [], 0
+    while got < n:
+        b = fh.read(min(n - got, 1 << 24))
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class RecordingReader:
+    """Read a recording chunk by chunk from a binary stream (a file, a pipe, a FIFO).
+
+    ``RecordingReader(fh, path, head=b"")``: ``head`` holds bytes already read from ``fh`` (by
+    a caller sniffing the format). The constructor reads the file header and the metadata
+    (InputError when damaged); ``batches()`` yields each events chunk as an EVENT_DTYPE batch,
+    updating ``domains``, ``lost_events``, ``warnings`` and ``complete`` as it goes. Memory is
+    one chunk, whatever the file's length."""
+
+    def __init__(self, fh, path: str, head: bytes = b""):
+        self.fh, self.path = fh, str(path)
+        self._head = head
+        self.offset = 0
+        p = self.path
+        blob = self._read(FILE_HEADER.size)
+        if not is_recording(blob):
+            raise InputError(f"{p}: offset 0: not an iotrace recording (bad magic)")
+        if len(blob) < FILE_HEADER.size:
+            raise InputError(f"{p}: offset {len(blob)}: truncated in the file header")
+        _, version, hsize, meta_len, meta_crc, _ = FILE_HEADER.unpack_from(blob)
+        if version != VERSION:
+            raise InputError(f"{p}: offset 8: recording version {version}, this iotrace reads "
+                             f"version {VERSION}")
+        if hsize != FILE_HEADER.size:
+            raise InputError(f"{p}: offset 10: header size {hsize}, expected {FILE_HEADER.size}")
+        if meta_len > MAX_META:
+            raise InputError(f"{p}: offset 12: metadata length {meta_len} is implausible")
+        mstart = FILE_HEADER.size
+        mblob = self._read(meta_len)
+        if len(mblob) < meta_len:
+            raise InputError(f"{p}: offset {self.offset}: truncated in the metadata block "
+                             f"({mstart + meta_len} bytes needed)")
+        if zlib.crc32(mblob) != meta_crc:
+            raise InputError(f"{p}: offset {mstart}: metadata checksum mismatch")
+        try:
+            meta = json.loads(mblob.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise InputError(f"{p}: offset {mstart}: metadata is not UTF-8 JSON") from None
+        if not isinstance(meta, dict):
+            raise InputError(f"{p}: offset {mstart}: metadata is not a JSON object")
+        self.meta = meta
+        self.dtype = _file_dtype(meta, p)
+        self.domains = _domains_from(meta.get("domains") or {}, p, mstart)
+        self.lost_events = 0
+        self.warnings: list[str] = []
+        self.complete = False
+
+    def _read(self, n: int) -> bytes:
+        if self._head:
+            take, self._head = self._head[:n], self._head[n:]
+            if len(take) < n:
+                take += _read_exactly(self.fh, n - len(take))
+        else:
+            take = _read_exactly(self.fh, n)
+        self.offset += len(take)
+        return take
+
+    def _events(self, payload: bytes, n: int) -> np.ndarray:
+        part = np.frombuffer(payload, self.dtype, n)
+        events = empty(n)
+        for name in self.dtype.names:
+            if name in EVENT_DTYPE.names:
+                events[name] = part[name]
+        return events
+
+    def batches(self):
+        p, fdt = self.path, self.dtype
+        while True:
+            off = self.offset
+            hdr = self._read(CHUNK_HEADER.size)
+            if not hdr:
+                break
+            if self.complete:
+                rest = len(hdr) + sum(len(b) for b in iter(lambda: self._read(1 << 20), b""))
+                self.warnings.append(f"{p}: {rest} bytes after the end chunk at offset {off} "
+                                     "ignored")
+                break
+            if len(hdr) < CHUNK_HEADER.size:
+                self.warnings.append(f"{p}: truncated at offset {self.offset}: incomplete chunk "
+                                     f"header (writer killed?)")
+                break
+            magic, kind, _, plen, pcrc, lost = CHUNK_HEADER.unpack_from(hdr)
+            if magic != CHUNK_MAGIC:
+                raise InputError(f"{p}: offset {off}: bad chunk magic {magic!r}")
+            if kind not in KIND_NAMES:
+                raise InputError(f"{p}: offset {off + 4}: unknown chunk kind {kind}")
+            pstart = off + CHUNK_HEADER.size
+            payload = self._read(plen)
+            if len(payload) < plen:
+                whole = 0
+                if kind == KIND_EVENTS:
+                    whole = len(payload) // fdt.itemsize
+                    if whole:
+                        yield self._events(payload, whole)
+                self.lost_events = max(self.lost_events, lost)
+                self.warnings.append(f"{p}: truncated at offset {self.offset} in the "
+                                     f"{KIND_NAMES[kind]} chunk at {off} (writer killed?): kept "
+                                     f"{whole} whole record(s) of it")
+                break
+            if zlib.crc32(payload) != pcrc:
+                raise InputError(f"{p}: offset {pstart}: {KIND_NAMES[kind]} chunk checksum "
+                                 "mismatch")
+            if kind == KIND_EVENTS:
+                if plen % fdt.itemsize:
+                    raise InputError(f"{p}: offset {off + 8}: events chunk of {plen} bytes is "
+                                     f"not a multiple of the {fdt.itemsize}-byte record")
+                self.lost_events = max(self.lost_events, lost)
+                if plen:
+                    yield self._events(payload, plen // fdt.itemsize)
+                continue
+            if kind == KIND_DOMAINS:
+                try:
+                    obj = json.loads(payload.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError):
+                    raise InputError(f"{p}: offset {pstart}: domains chunk is not UTF-8 "
+                                     "JSON") from None
+                self.domains.update(_domains_from(obj, p, pstart))
+            else:
+                self.complete = True
+            self.lost_events = max(self.lost_events, lost)
+        if not self.complete and not self.warnings:
+            self.warnings.append(f"{p}: no end chunk: the writer did not close the file "
+                                 "(still running, or killed)")
+
+
 def read_recording(path: str | os.PathLike) -> Recording:
     """Read a recording; InputError (file and offset) when its header or a chunk is damaged."""
     p = str(path)
     with open_input(p, "a recording") as fh:
-        blob = fh.read()
-    size = len(blob)
-    if not is_recording(blob):
-        raise InputError(f"{p}: offset 0: not an iotrace recording (bad magic)")
-    if size < FILE_HEADER.size:
-        raise InputError(f"{p}: offset {size}: truncated in the file header")
-    _, version, hsize, meta_len, meta_crc, _ = FILE_HEADER.unpack_from(blob)
-    if version != VERSION:
-        raise InputError(f"{p}: offset 8: recording version {version}, this iotrace reads "
-                         f"version {VERSION}")
-    if hsize != FILE_HEADER.size:
-        raise InputError(f"{p}: offset 10: header size {hsize}, expected {FILE_HEADER.size}")
-    if meta_len > MAX_META:
-        raise InputError(f"{p}: offset 12: metadata length {meta_len} is implausible")
-    mstart = FILE_HEADER.size
-    if mstart + meta_len > size:
-        raise InputError(f"{p}: offset {size}: truncated in the metadata block "
-                         f"({mstart + meta_len} bytes needed)")
-    mblob = blob[mstart:mstart + meta_len]
-    if zlib.crc32(mblob) != meta_crc:
-        raise InputError(f"{p}: offset {mstart}: metadata checksum mismatch")
-    try:
-        meta = json.loads(mblob.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise InputError(f"{p}: offset {mstart}: metadata is not UTF-8 JSON") from None
-    if not isinstance(meta, dict):
-        raise InputError(f"{p}: offset {mstart}: metadata is not a JSON object")
-    fdt = _file_dtype(meta, p)
-    domains = _domains_from(meta.get("domains") or {}, p, mstart)
-
-    rec = Recording(p, empty(0), domains=domains, meta=meta)
-    parts: list[np.ndarray] = []
-    off = mstart + meta_len
-    while off < size:
-        if rec.complete:
-            rec.warnings.append(f"{p}: {size - off} bytes after the end chunk at offset {off} "
-                                "ignored")
-            break
-        if size - off < CHUNK_HEADER.size:
-            rec.warnings.append(f"{p}: truncated at offset {size}: incomplete chunk header "
-                                f"(writer killed?)")
-            break
-        magic, kind, _, plen, pcrc, lost = CHUNK_HEADER.unpack_from(blob, off)
-        if magic != CHUNK_MAGIC:
-            raise InputError(f"{p}: offset {off}: bad chunk magic {magic!r}")
-        if kind not in KIND_NAMES:
-            raise InputError(f"{p}: offset {off + 4}: unknown chunk kind {kind}")
-        pstart = off + CHUNK_HEADER.size
-        avail = min(plen, size - pstart)
-        payload = blob[pstart:pstart + avail]
-        if avail < plen:
-            whole = 0
-            if kind == KIND_EVENTS:
-                whole = avail // fdt.itemsize
-                if whole:
-                    parts.append(np.frombuffer(payload, fdt, whole))
-            rec.lost_events = max(rec.lost_events, lost)
-            rec.warnings.append(f"{p}: truncated at offset {size} in the {KIND_NAMES[kind]} "
-                                f"chunk at {off} (writer killed?): kept {whole} whole "
-                                "record(s) of it")
-            break
-        if zlib.crc32(payload) != pcrc:
-            raise InputError(f"{p}: offset {pstart}: {KIND_NAMES[kind]} chunk checksum mismatch")
-        if kind == KIND_EVENTS:
-            if plen % fdt.itemsize:
-                raise InputError(f"{p}: offset {off + 8}: events chunk of {plen} bytes is not a "
-                                 f"multiple of the {fdt.itemsize}-byte record")
-            if plen:
-                parts.append(np.frombuffer(payload, fdt, plen // fdt.itemsize))
-        elif kind == KIND_DOMAINS:
-            try:
-                obj = json.loads(payload.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                raise InputError(f"{p}: offset {pstart}: domains chunk is not UTF-8 JSON") from None
-            rec.domains.update(_domains_from(obj, p, pstart))
-        else:
-            rec.complete = True
-        rec.lost_events = max(rec.lost_events, lost)
-        off = pstart + plen
-
-    n = sum(len(x) for x in parts)
-    events = empty(n)
-    pos = 0
-    for part in parts:
-        for name in fdt.names:
-            if name in EVENT_DTYPE.names:
-                events[name][pos:pos + len(part)] = part[name]
-        pos += len(part)
-    rec.events = events
-    if not rec.complete and not rec.warnings:
-        rec.warnings.append(f"{p}: no end chunk: the writer did not close the file "
-                            "(still running, or killed)")
+        reader = RecordingReader(fh, p)
+        parts = list(reader.batches())
+    events = np.concatenate(parts) if parts else empty(0)
+    rec = Recording(p, events, domains=reader.domains, meta=reader.meta,
+                    lost_events=reader.lost_events, warnings=reader.warnings,
+                    complete=reader.complete)
     return rec

@@ -83,7 +83,7 @@ def test_contents(extracted):
             "usr/share/bash-completion/completions/iotrace",
             "usr/share/doc/iotrace/deployment.md",          # the unit's Documentation=, unzipped
             "usr/share/doc/iotrace/copyright",
-            f"{site}/xentrace/_xtwalk.so", f"{site}/core/data/pc-default.yaml",
+            f"{site}/xentrace/_xtcore.so", f"{site}/core/data/pc-default.yaml",
             f"{site}/probes/bpf/ioreq.bpf.c", f"{site}/probes/hook/offsets.yaml",
             "usr/share/man/man1/iotrace.1.gz"}
     want |= {f"usr/share/man/man1/iotrace-{v}.1.gz" for v in PACKAGED_VERBS}

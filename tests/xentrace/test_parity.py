@@ -194,6 +194,24 @@ def test_default_mode_counts_every_record(traces, seed, amd):
     assert res.decode_errors == 0
 
 
+@pytest.mark.parametrize("amd", [False, True], ids=["intel", "amd"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_default_mode_service_time_and_rip_are_the_ground_truth(traces, seed, amd):
+    """Every I/O record's guest RIP and service time (VMEXIT until answered: VMENTRY, or the
+    wake-up / preemption that ended a wait) as the generator wrote them."""
+    t = traces[(seed, amd)]
+    ev = decoder.decode_bytes(t.data).events
+    got = Counter(zip(ev["domid"].tolist(), ev["vcpu"].tolist(), ev["type"].tolist(),
+                      ev["dir"].tolist(), ev["addr"].tolist(), ev["rip"].tolist(),
+                      ev["service_ns"].tolist()))
+    want = Counter()
+    for (dom, vcpu, typ, d, addr, rip, cyc), n in t.io_truth.items():
+        ns = int(cyc * 1e9 / t.cpu_hz) if cyc >= 0 else -1
+        want[(dom, vcpu, typ, d, addr, rip, ns)] += n
+    assert diff(want, got) == {}
+    assert sum(n for k, n in want.items() if k[6] >= 0) == t.io_records   # all timed
+
+
 @pytest.mark.parametrize("name", sorted(MINIMAL))
 def test_default_mode_minimal(name):
     data, _ = MINIMAL[name]

@@ -1,5 +1,9 @@
 """Synthetic xentrace captures with their ground truth, for tests, the live stand-in and the bench.
 
+(Over 600 lines on purpose: one simulation - the host's scheduling, the records Xen writes for
+it, the ground truth and the model of xenalyze are updated together, step by step, by the same
+generator state; split across modules they would share all of it anyway.)
+
 ``generate(...)`` simulates a Xen host (several pCPUs; HVM domains whose vCPUs move between pCPUs;
 dom0 and idle vCPUs) and writes, record for record, what Xen's tracing and ``xentrace`` would write
 for it, together with what the file holds:
@@ -36,6 +40,16 @@ Format facts (xen/include/public/trace.h, xen/common/trace.c, tools/xentrace/xen
   3 offline), TSC, ``[domid << 16 | vcpu]``; TRC_SCHED_CONTINUE_RUNNING 0x21002, same word.
   Idle vCPUs belong to domain 32767, vCPU id = pCPU.
 
+* ``io_truth``: every I/O record with the guest RIP of its exit and its service time in
+  cycles (-1 when the file cannot tell it), under the one definition iotrace uses: from the VM
+  exit until the request was answered - the vCPU's VMENTRY, or the moment it became runnable
+  again if it was descheduled meanwhile (woken when qemu answered, or preempted).
+
+Mixes (``MIXES``) name host shapes for the bench: I/O-dense, scheduler-heavy, MMIO-heavy with
+64-bit addresses (an AMD host), many domains, lost-record-heavy. ``stream(...)`` writes any of
+them in bounded memory (the host simulated in segments, each laid out in windows as it ends);
+``tile(data, copies)`` repeats a capture with each copy's TSCs shifted after the last.
+
 Run as a program it writes a capture (``-o FILE``, ground truth as JSON on stdout) or, with
 ``--stream``, plays one to stdout in chunks with pauses, cut mid-record: a stand-in for the
 ``xentrace`` binary (which needs a hypervisor) for the live reader's tests.
@@ -66,6 +80,7 @@ TRC_HVM_IOPORT_READ = 0x00082016
 TRC_HVM_IOPORT_WRITE = 0x00082216
 TRC_HVM_IOMEM_READ = 0x00082017
 TRC_HVM_IOMEM_WRITE = 0x00082217
+TRC_HVM_CPUID = 0x0008200E     # [leaf, eax, ebx, ecx, edx]: a non-I/O exit's handler record
 
 RUNNING, RUNNABLE, BLOCKED, OFFLINE = 0, 1, 2, 3
 IDLE_DOMAIN = 32767
@@ -75,8 +90,8 @@ TYPE_PIO, TYPE_MMIO = 0, 1
 DIR_WRITE, DIR_READ = 0, 1
 
 # Exit reasons: VMX (Intel SDM appendix C; xenalyze.c EXIT_REASON_*) and SVM (AMD APM; VMEXIT_*).
-VMX_EXTINT, VMX_HLT, VMX_IO, VMX_EPT = 1, 12, 30, 48
-SVM_INTR, SVM_HLT, SVM_IOIO, SVM_NPF = 0x60, 0x78, 0x7B, 0x400
+VMX_EXTINT, VMX_CPUID, VMX_HLT, VMX_IO, VMX_EPT = 1, 10, 12, 30, 48
+SVM_INTR, SVM_CPUID, SVM_HLT, SVM_IOIO, SVM_NPF = 0x60, 0x72, 0x78, 0x7B, 0x400
 
 # xenalyze.c enumerate_mmio: skips MMIO_VGA_START <= gpa < MMIO_VGA_END (0xbffff itself is kept).
 XA_VGA_START, XA_VGA_END = 0xA0000, 0xBFFFF
@@ -136,7 +151,9 @@ class _XaExit:
 class SynthTrace:
     data: bytes
     truth: Counter                              # (domid, vcpu, type, dir, addr) -> records
-    xa_counted: list = field(default_factory=list)   # (domid, vcpu, type, dir, addr32, is_vga)
+    xa_counted: Counter = field(default_factory=Counter)  # (dom, vcpu, type, dir, addr32, vga)
+    # (domid, vcpu, type, dir, addr, rip, service cycles or -1) -> records
+    io_truth: Counter = field(default_factory=Counter)
     pcpus: int = 0
     cpu_hz: int = 0
     records: int = 0                            # trace records, TRC_TRACE_CPU_CHANGE excluded
@@ -149,15 +166,14 @@ class SynthTrace:
     migrations: int = 0                         # vCPUs resumed on another pCPU after a wait/preempt
     first_tsc: int = 0
     last_tsc: int = 0
-    service_cycles: list = field(default_factory=list)  # VMENTRY - VMEXIT of each I/O exit
 
     def xenalyze_expected(self, skip_vga: bool = True) -> Counter:
         """(domid, vcpu, type, dir, addr32) -> count, as xenalyze enumerates them."""
         out = Counter()
-        for dom, vcpu, typ, d, addr, is_vga in self.xa_counted:
+        for (dom, vcpu, typ, d, addr, is_vga), n in self.xa_counted.items():
             if typ == TYPE_MMIO and skip_vga and is_vga:
                 continue
-            out[(dom, vcpu, typ, d, addr)] += 1
+            out[(dom, vcpu, typ, d, addr)] += n
         return out
 
     def write(self, path) -> None:
@@ -177,7 +193,8 @@ class SynthTrace:
 
 class _VCpu:
     __slots__ = ("dom", "vid", "hvm", "state", "pcpu", "pending", "wake_at", "wide",
-                 "xa_open", "xa", "exit_tsc", "known", "io_in_exit")
+                 "xa_open", "xa", "exit_tsc", "known", "io_in_exit", "in_exit", "exit_end",
+                 "exit_rip", "exit_ios")
 
     def __init__(self, dom: int, vid: int, hvm: bool, wide: bool):
         self.dom, self.vid, self.hvm, self.wide = dom, vid, hvm, wide
@@ -190,6 +207,10 @@ class _VCpu:
         self.exit_tsc = 0
         self.known = False             # has a scheduler record named it yet
         self.io_in_exit = False
+        self.in_exit = False           # between a (traced) VMEXIT and its VMENTRY
+        self.exit_end: int | None = None   # when the exit's request was answered
+        self.exit_rip = 0
+        self.exit_ios: list = []       # I/O keys of the exit waiting for exit_end
 
     @property
     def word(self) -> int:
@@ -198,7 +219,7 @@ class _VCpu:
 
 class _Gen:
     def __init__(self, rng: random.Random, n_pcpus: int, domains, dom0_vcpus: int, amd: bool,
-                 cpu_hz: int, opts: dict):
+                 cpu_hz: int, opts: dict, keep_io_truth: bool = True):
         self.rng, self.amd, self.o = rng, amd, opts
         self.now = 1_000_000_000 + rng.randrange(1 << 20)
         self.streams: list[list[tuple[int, bytes]]] = [[] for _ in range(n_pcpus)]
@@ -210,6 +231,7 @@ class _Gen:
         self.vcpus = self.guests + self.dom0
         self.t = SynthTrace(b"", Counter(), pcpus=n_pcpus, cpu_hz=cpu_hz)
         self.lost_plan: set[int] = set()
+        self.keep_io_truth = keep_io_truth
 
     # -- output ---------------------------------------------------------------------------------
     def tick(self, lo: int = 200, hi: int = 4000) -> int:
@@ -248,6 +270,7 @@ class _Gen:
         self.sched(p, v, RUNNING, new_state, drop)
         v.state = new_state
         if new_state == RUNNABLE:
+            self.exit_answered(v)                      # preempted: its request was served
             self.xa_close(v)                           # xenalyze closes an open exit here
         v.pcpu = p
         self.current[p] = None
@@ -277,7 +300,22 @@ class _Gen:
                 w = self.rng.randrange(len(self.streams))
                 self.sched(w, v, v.state, RUNNABLE)
                 v.state = RUNNABLE
+                self.exit_answered(v)                  # woken: qemu answered
                 self.xa_close(v)
+
+    # -- service-time truth -----------------------------------------------------------------------
+    def exit_answered(self, v: _VCpu) -> None:
+        """The first end of v's open exit: its I/O records so far get their service time."""
+        if not v.in_exit or v.exit_end is not None:
+            return
+        v.exit_end = self.now
+        for key in v.exit_ios:
+            self.io_done(key, v.exit_rip, self.now - v.exit_tsc)
+        v.exit_ios = []
+
+    def io_done(self, key, rip: int, cycles: int) -> None:
+        if self.keep_io_truth:
+            self.t.io_truth[(*key, rip, cycles)] += 1
 
     # -- xenalyze model ---------------------------------------------------------------------------
     def xa_vmexit(self, v: _VCpu) -> None:
@@ -307,10 +345,10 @@ class _Gen:
         if not v.known or x.post is None:
             return
         if x.post == "pio":
-            self.t.xa_counted.append((v.dom, v.vid, TYPE_PIO, x.pio_dir, x.port, False))
+            self.t.xa_counted[(v.dom, v.vid, TYPE_PIO, x.pio_dir, x.port, False)] += 1
         elif x.data_valid:
             vga = XA_VGA_START <= x.gpa < XA_VGA_END
-            self.t.xa_counted.append((v.dom, v.vid, TYPE_MMIO, x.mmio_dir, x.gpa, vga))
+            self.t.xa_counted[(v.dom, v.vid, TYPE_MMIO, x.mmio_dir, x.gpa, vga)] += 1
 
     # -- guest actions ----------------------------------------------------------------------------
     def vmexit(self, p: int, v: _VCpu, reason: int, drop: bool = False) -> None:
@@ -326,14 +364,15 @@ class _Gen:
         v.exit_tsc = self.now
         v.io_in_exit = False
         if not drop:
+            v.in_exit, v.exit_end, v.exit_rip, v.exit_ios = True, None, rip, []
             self.xa_vmexit(v)
 
     def vmentry(self, p: int, v: _VCpu, drop: bool = False) -> None:
         self.emit(p, record(TRC_HVM_VMENTRY, [], self.tick(100, 3000)), drop)
         if drop:
             return
-        if v.io_in_exit:
-            self.t.service_cycles.append(self.now - v.exit_tsc)
+        self.exit_answered(v)
+        v.in_exit = False
         self.xa_close(v)
 
     def io(self, p: int, v: _VCpu, typ: int, d: int, addr: int, rep: bool,
@@ -355,7 +394,14 @@ class _Gen:
         v.io_in_exit = True
         self.t.io_records += 1
         owner = (v.dom, v.vid) if self.known_pcpu[p] else (-1, -1)
-        self.t.truth[(*owner, typ, d, addr)] += 1
+        key = (*owner, typ, d, addr)
+        self.t.truth[key] += 1
+        if not v.in_exit:
+            self.io_done(key, 0, -1)
+        elif v.exit_end is not None:
+            self.io_done(key, v.exit_rip, v.exit_end - v.exit_tsc)
+        else:
+            v.exit_ios.append(key)
         self.xa_io(v, typ, d, addr, not rep)
 
     def pick_io(self) -> tuple[int, int, int, bool]:
@@ -412,6 +458,12 @@ class _Gen:
         else:
             self.io(p, v, typ, d, addr, rep, drop)
         self.vmentry(p, v, drop)
+
+    def other_exit(self, p: int, v: _VCpu) -> None:
+        """An exit Xen handles without I/O (CPUID): VMEXIT, its handler record, VMENTRY."""
+        self.vmexit(p, v, SVM_CPUID if self.amd else VMX_CPUID)
+        self.emit(p, record(TRC_HVM_CPUID, [self.rng.getrandbits(8), 0, 0, 0, 0]))
+        self.vmentry(p, v)
 
     def preempt(self, p: int, v: _VCpu) -> None:
         """Timer interrupt exit, descheduled (running->runnable), resumed later, maybe elsewhere."""
@@ -484,7 +536,7 @@ class _Gen:
             return
         if not v.hvm:
             # idle or dom0: pick up runnable work now and then, or keep running.
-            if r.random() < 0.6:
+            if r.random() < self.o["p_idle_switch"]:
                 self.switch_out(p, RUNNABLE if v.dom != IDLE_DOMAIN else RUNNABLE)
                 self.switch_in(p, self.pick_next(p))
             elif r.random() < 0.3:
@@ -493,14 +545,19 @@ class _Gen:
                 self.tick()
             return
         x = r.random()
+        io_end = self.o["p_io_exit"]
+        other_end = io_end + self.o["p_other_exit"]
+        preempt_end = other_end + self.o["p_preempt"]
         if p in self.lost_plan and x < 0.2:
             self.lost_plan.discard(p)
             self.lost_burst(p, v)
-        elif x < 0.78:
+        elif x < io_end:
             self.io_exit(p, v)
-        elif x < 0.88:
+        elif x < other_end:
+            self.other_exit(p, v)
+        elif x < preempt_end:
             self.preempt(p, v)
-        elif x < 0.96:
+        elif x < preempt_end + self.o["p_halt"]:
             self.halt(p, v)
         else:
             self.emit(p, record(TRC_SCHED_CONTINUE_RUNNING, [v.word], self.tick()))
@@ -532,7 +589,8 @@ def generate(seed: int = 0, *, pcpus: int = 4, domains=((1, 2), (2, 3)), dom0_vc
              steps: int = 2000, amd: bool = False, p_mmio: float = 0.4, p_mmio64: float = 0.15,
              p_vga: float = 0.2, p_rep: float = 0.1, p_wait: float = 0.3, p_pair: float = 0.05,
              lost: int = 2, p_wrap: float = 0.01, unknown_prefix: bool = True,
-             amd_legacy_ids: bool = False,
+             amd_legacy_ids: bool = False, p_io_exit: float = 0.78, p_other_exit: float = 0.0,
+             p_preempt: float = 0.10, p_halt: float = 0.08, p_idle_switch: float = 0.6,
              window_records: int = 40, cpu_hz: int = 2_400_000_000) -> SynthTrace:
     """A xentrace capture of a simulated host, with its ground truth (see the module doc).
 
@@ -540,14 +598,17 @@ def generate(seed: int = 0, *, pcpus: int = 4, domains=((1, 2), (2, 3)), dom0_vc
     number of TRC_LOST_RECORDS bursts; ``window_records`` the mean records per window. With
     ``amd=True`` exits carry SVM reasons and the Xen >= 4.19 SVM ids (0x81003/0x81103), or the
     older shared ids (0x81002/0x81102) with ``amd_legacy_ids``; the same seed gives the same
-    trace either way, ids aside.
+    trace either way, ids aside. A guest vCPU's scheduling step is an I/O exit (``p_io_exit``),
+    a non-I/O exit (``p_other_exit``), a preemption, a halt, or else a continue_running record;
+    an idle or dom0 vCPU yields its pCPU with ``p_idle_switch``.
     """
     if pcpus < 1 or pcpus > 64:
         raise ValueError("pcpus must be 1..64")
     rng = random.Random(seed)
     opts = dict(p_mmio=p_mmio, p_mmio64=p_mmio64, p_vga=p_vga, p_rep=p_rep, p_wait=p_wait,
                 p_pair=p_pair, p_wrap=p_wrap, unknown_prefix=unknown_prefix,
-                amd_legacy_ids=amd_legacy_ids)
+                amd_legacy_ids=amd_legacy_ids, p_io_exit=p_io_exit, p_other_exit=p_other_exit,
+                p_preempt=p_preempt, p_halt=p_halt, p_idle_switch=p_idle_switch)
     g = _Gen(rng, pcpus, domains, dom0_vcpus, amd, cpu_hz, opts)
     g.start()
     first = g.now
@@ -587,6 +648,109 @@ def _windows(streams, rng: random.Random, mean: int) -> tuple[bytes, int]:
                 pos[cpu] = j
     assert sum(pos) == total
     return bytes(out), nwin
+
+
+# --- bench mixes, bounded-memory writing, tiling -----------------------------------------------
+
+# Host shapes for bench/xentrace_decode.py (keyword arguments of generate() / stream()).
+MIXES: dict[str, dict] = {
+    # an I/O storm: ~25% of records are I/O, nearly every record inside a VMEXIT/VMENTRY pair,
+    # few scheduler records; 2 pCPUs, 2 domains x 2 vCPUs, half the MMIO above 4 GiB
+    "io-dense": dict(pcpus=2, domains=((1, 2), (2, 2)), dom0_vcpus=1, p_io_exit=0.68,
+                     p_other_exit=0.30, p_preempt=0.008, p_halt=0.004, p_wait=0.01,
+                     p_mmio=0.5, p_mmio64=0.5, p_vga=0.05, p_rep=0.05, p_pair=0.05,
+                     p_idle_switch=0.05, p_wrap=0.001, lost_rate=0.0),
+    # the bench's historical mix: 8 pCPUs, 10 guest vCPUs, 30% of exits wait for qemu
+    "sched-heavy": dict(pcpus=8, domains=((1, 4), (2, 4), (3, 2)), lost_rate=1e-5),
+    # an AMD host (exit ids as Xen < 4.19 writes them: xenalyze --svm-mode), mostly MMIO,
+    # most of it above 4 GiB
+    "mmio64-amd": dict(pcpus=4, domains=((1, 2), (2, 2), (3, 2)), amd=True, amd_legacy_ids=True,
+                       p_mmio=0.9, p_mmio64=0.6, p_vga=0.1, p_wait=0.15, lost_rate=0.0),
+    # 60 domains x 2 vCPUs on 8 pCPUs, preempted often: vCPUs migrate all the time
+    "many-domains": dict(pcpus=8, domains=tuple((d, 2) for d in range(1, 61)), dom0_vcpus=2,
+                         p_io_exit=0.6, p_preempt=0.25, p_halt=0.1, p_wait=0.3, lost_rate=1e-5),
+    # a tracer that cannot keep up: a lost-records burst every ~40 scheduling steps
+    "lost-heavy": dict(pcpus=4, domains=((1, 2), (2, 2), (3, 2)), lost_rate=0.025),
+}
+
+
+def stream(seed: int = 0, *, target_bytes: int, segment_steps: int = 20_000,
+           lost_rate: float = 0.0, pcpus: int = 4, domains=((1, 2), (2, 3)),
+           dom0_vcpus: int = 2, amd: bool = False, window_records: int = 40,
+           cpu_hz: int = 2_400_000_000, **opts):
+    """Yield the bytes of a capture of at least ``target_bytes``, in bounded memory.
+
+    The host of ``generate`` (same options; ``lost_rate``: chance per step that a pCPU's next
+    exits are lost) is simulated ``segment_steps`` at a time; after each segment every record
+    written so far is laid out in windows and yielded. Counters are kept, per-record truth is
+    not (``stream_trace`` gives the SynthTrace of counters after the last piece)."""
+    rng = random.Random(seed)
+    wrng = random.Random(seed ^ 0x5EED5)
+    base = dict(p_mmio=0.4, p_mmio64=0.15, p_vga=0.2, p_rep=0.1, p_wait=0.3, p_pair=0.05,
+                p_wrap=0.01, unknown_prefix=True, amd_legacy_ids=False, p_io_exit=0.78,
+                p_other_exit=0.0, p_preempt=0.10, p_halt=0.08, p_idle_switch=0.6)
+    unknown = set(opts) - set(base)
+    if unknown:
+        raise TypeError(f"stream(): unknown options {sorted(unknown)}")
+    base.update(opts)
+    g = _Gen(rng, pcpus, domains, dom0_vcpus, amd, cpu_hz, base, keep_io_truth=False)
+    g.start()
+    g.t.first_tsc = g.now
+    written = 0
+    while written < target_bytes:
+        for _ in range(segment_steps):
+            if lost_rate and rng.random() < lost_rate:
+                g.lost_plan.add(rng.randrange(pcpus))
+            g.step()
+        data, nwin = _windows(g.streams, wrng, window_records)
+        g.streams = [[] for _ in g.streams]
+        g.t.windows += nwin
+        written += len(data)
+        yield data
+    g.finish()
+    data, nwin = _windows(g.streams, wrng, window_records)
+    g.t.windows += nwin
+    g.t.last_tsc = g.now
+    stream.last_trace = g.t
+    yield data
+
+
+def write_capture(path, seed: int = 0, **kw) -> SynthTrace:
+    """``stream(seed, **kw)`` into a file; returns the counters (SynthTrace without data)."""
+    with open(path, "wb") as fh:
+        for piece in stream(seed, **kw):
+            fh.write(piece)
+    return stream.last_trace
+
+
+def tile(data: bytes, copies: int):
+    """Yield ``copies`` copies of a capture, each with every TSC (records' and lost records'
+    first TSC) shifted to follow the previous copy's last one: one long capture of the same host
+    (the vCPUs' states at the seams are what they are; the bench only times it)."""
+    import numpy as np
+    w = np.frombuffer(data[:len(data) // 4 * 4], "<u4")
+    tsc_at, lost_at = [], []
+    off, n = 0, len(w)
+    while off + 3 <= n:
+        assert w[off] == 0x2001F003, f"window header expected at word {off}"
+        end = off + 3 + int(w[off + 2]) // 4
+        off += 3
+        while off < end:
+            h = int(w[off])
+            if h >> 31:
+                tsc_at.append(off + 1)
+                if h & 0x0FFFFFFF == TRC_LOST_RECORDS:
+                    lost_at.append(off + 5)
+            off += 1 + ((h >> 28) & 7) + 2 * (h >> 31)
+    pos = np.array(tsc_at + lost_at, np.int64)
+    lo = w[pos].astype(np.uint64) | (w[pos + 1].astype(np.uint64) << np.uint64(32))
+    span = int(lo.max() - lo.min()) + 1000
+    for k in range(copies):
+        out = w.copy()
+        val = lo + np.uint64(k * span)
+        out[pos] = (val & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        out[pos + 1] = (val >> np.uint64(32)).astype(np.uint32)
+        yield out.tobytes()
 
 
 # --- command line: write a capture, or play one like xentrace does ---------------------------------
