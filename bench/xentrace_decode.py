@@ -11,7 +11,7 @@ into /var/tmp/iotrace-bench/ (named by mix, size, seed and a hash of synth.py) a
   mmio64-amd    100 MB  an AMD host (xenalyze needs --svm-mode), 90% MMIO, 60% of it 64-bit
   many-domains   60 MB  60 domains x 2 vCPUs on 8 pCPUs, migrating all the time
   lost-heavy    100 MB  a lost-records burst every ~40 scheduling steps
-  real                  the real capture (../shared/data/xentrace-hvm-real.bin), 3.9 MB
+  real                  the real capture (xentrace-hvm-real.bin beside the clone, docs/data.md), 3.9 MB
   1 GB          1050 MB  io-dense again, generated at that length: time and memory at scale
 
 Each capture is measured in rounds, xenalyze and iotrace back to back in every round (the
