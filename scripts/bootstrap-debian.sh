@@ -5,7 +5,8 @@ set -euo pipefail
 
 PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 libxen-dev xen-utils-4.17
       prometheus gcc make tmux python3-venv python3-numpy qemu-system-xen libelf-dev
-      openssl)   # openssl: test certificates for https (iotrace top --from, serve TLS)
+      openssl    # openssl: test certificates for https (iotrace top --from, serve TLS)
+      qemu-system-x86 debootstrap e2fsprogs)   # the VM harness (tests/vm, make test-kernels)
 
 missing=()
 for p in "${PKGS[@]}"; do
