@@ -14,7 +14,19 @@
   counted (``stats().lost``).
 
 Probes are attached per binary (pid -1), so a device model started later is covered from its first
-request. Binaries: the Debian device model (``/usr/libexec/xen-qemu-system-i386``) when present,
+request.
+
+Health: the source is up only while every probe it sets up counts. A binary whose program the
+kernel refuses (the verifier's verdict is kept, one line) or whose uprobes do not all attach is
+not counted at all (``ProbeSet.attach`` is whole or nothing) and makes ``stats().up`` False, as
+does a binary asked for (``binaries``, Debian's device model) that cannot be resolved: serve
+exports ``iotrace_source_up 0``, top's header shows DOWN with the error. Every such binary is
+listed in ``failures`` (``stats().error`` is the first), its domains have 0 probes attached
+(``iotrace_probes_attached``, the IotraceProbeDetached alert), ``strict`` makes it an exception.
+A binary only discovered from a running device model (/proc/PID/exe) is different: gone by the
+time it is resolved, it is skipped (the process exited); present but without a resolvable
+handle_ioreq (an unknown build), it is a failure of that domain only (probes_attached 0), not of
+the source. Binaries: the Debian device model (``/usr/libexec/xen-qemu-system-i386``) when present,
 the binaries of running processes with ``-xen-domid``, and any given with ``binaries=[...]``.
 """
 from __future__ import annotations
@@ -118,6 +130,8 @@ class QemuProbeSource:
         self.sets: list[ProbeSet] = []
         self.resolutions = []
         self.attach_log: list[tuple[str, str, bool, str | None]] = []   # binary, point, ok, error
+        self.failures: list[str] = []       # one line per binary that is not counted
+        self._down: list[str] = []          # those of them that make the source down
         self._lock = threading.Lock()
         self._pm = ProcessMap()
         self._stats = SourceStats(self.name)
@@ -129,11 +143,17 @@ class QemuProbeSource:
         self._last_refresh = 0.0
         self._alive: set[int] = set()
         self._seen_tgids: set[int] = set()
+        self._discovered: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def binaries(self) -> list[str]:
+        """The binaries to probe (real paths). Those known only from a running device model's
+        /proc/PID/exe are remembered in ``_discovered``: one that is gone by the time it is
+        resolved (its process exited, its file was replaced) is skipped, not a failure."""
         paths = default_binaries() if self.defaults else []
+        self._discovered = {os.path.realpath(p) for p in paths if p not in DEFAULT_BINARIES}
         for p in self.extra:
+            self._discovered.discard(os.path.realpath(p))
             if not os.path.exists(p):
                 self._fail(f"{p}: no such file")
                 continue
@@ -148,13 +168,22 @@ class QemuProbeSource:
                 out.append(r)
         return out
 
-    def _fail(self, msg: str) -> None:
+    def _fail(self, msg: str, down: bool = True) -> None:
+        """A binary that will not be counted: recorded, fatal if strict, and the source is down
+        unless ``down`` is False (a binary only discovered from a running device model whose
+        handle_ioreq cannot be found: its domain shows iotrace_probes_attached 0). Not printed
+        here: the sinks report it (serve's log, top's header, snoop/record's warning through
+        ``start_or_fail``), once."""
         self._stats.probes_failed += 1
-        self._stats.error = msg
+        self.failures.append(msg)
+        if down:
+            self._down.append(msg)
+        first = self.failures[0]
+        more = len(self.failures) - 1
+        self._stats.error = first + (f" (and {more} more)" if more else "")
         if self.strict:
             self.stop()
             raise ProbeError(msg)
-        self.warn(msg)
 
     def start(self) -> None:
         if self._started:
@@ -167,11 +196,13 @@ class QemuProbeSource:
             try:
                 res = resolve(path)
             except ElfError as exc:
-                self._fail(str(exc))
+                if path in self._discovered and not os.path.exists(path):
+                    continue            # its device model went away: nothing to count there
+                self._fail(str(exc), down=path not in self._discovered)
                 continue
             self.resolutions.append(res)
             if not res.ok:
-                self._fail(res.error)
+                self._fail(res.error, down=path not in self._discovered)
                 continue
             off = self.send_vcpu_offset
             if isinstance(off, dict):           # per binary: {path: offset}
@@ -190,19 +221,19 @@ class QemuProbeSource:
                 continue
             for a in ps.attach():
                 self.attach_log.append((res.path, a.point, a.ok, a.error))
-                if a.ok:
-                    self._stats.probes_attached += 1
-                else:
-                    ps.close() if self.strict else None
-                    self._fail(f"{res.path}: cannot attach the {a.point} uprobe at "
-                               f"{res.func_offset:#x}: {a.error}")
-            if ps.attached:
-                if self.mode == "events":
-                    ps.open_ring(self._on_record)
-                self.sets.append(ps)
-            else:
+            if not ps.complete:
                 ps.close()
-        self._stats.up = bool(self.sets)
+                err = ps.first_error() or "?"
+                if not err.startswith("the kernel refused"):
+                    err = f"cannot attach the uprobes at {res.func_offset:#x}: {err}"
+                self._fail(f"{res.path}: {err}: its requests are not counted")
+                continue
+            self._stats.probes_attached += ps.attached
+            if self.mode == "events":
+                ps.open_ring(self._on_record)
+            self.sets.append(ps)
+        # Up only while every probe set up counts (see the module docstring).
+        self._stats.up = bool(self.sets) and not self._down
         self._refresh_domains()
 
     def stop(self) -> None:
@@ -432,7 +463,11 @@ def source_from_args(args, mode: str) -> QemuProbeSource:
 
 
 def start_or_fail(src: QemuProbeSource) -> None:
+    """Start ``src`` for snoop/record: an error when nothing counts, a warning line per binary
+    that is not counted while others are (``--strict`` made those fatal already)."""
     src.start()
     if not src.attached:
         msg = src.stats().error or "no device model binary found"
         raise ProbeError(f"nothing attached: {msg}")
+    for msg in src.failures:
+        src.warn(f"warning: {msg}")

@@ -252,8 +252,9 @@ class IotraceCollector(Collector):
                    "Unix time at which the domain first touched the named address range (device "
                    "probing shows up as new ranges)."),
             Family("iotrace_source_up", "gauge", ("source",),
-                   "1 if the event source is running and readable, 0 if it failed (see the "
-                   "log)."),
+                   "1 while the event source runs and counts all it was asked to (qemu: every "
+                   "device-model binary's probe programs loaded by the kernel and attached), 0 "
+                   "otherwise (the reason is in the log)."),
             Family("iotrace_probes_attached", "gauge", ("source", "domain", "domid"),
                    "Uprobes attached to the domain's device model process."),
             Family("iotrace_probe_attach_failures", "counter", ("source",),
