@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from support import REPO
 from vm.image import SPECS, ensure
 from vm.machine import Machine, Share
+from vm.report import COSTS
 
 VM_ENABLED = os.environ.get("IOTRACE_VM") == "1"
 
@@ -44,11 +46,15 @@ class Guests:
     def get(self, name: str) -> Machine:
         m = self.machines.get(name)
         if m is None or not m.running():
+            t0 = time.monotonic()
             image = ensure(SPECS[name])
+            COSTS.append(f"image {image.dir.name}: ready in {time.monotonic() - t0:.1f} s "
+                         f"(kernel {image.kernel_release})")
             m = Machine.for_image(image, shares=[Share(REPO, "project"),
                                                  Share(self.out, "out", readonly=False)])
             self.machines[name] = m
             m.start()
+            COSTS.append(f"{name}: booted to the agent in {m.boot_seconds:.1f} s")
         return m
 
     def close(self):
@@ -63,3 +69,10 @@ def guests():
         yield g
     finally:
         g.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if COSTS:
+        terminalreporter.section("VM harness costs")
+        for line in COSTS:
+            terminalreporter.write_line(line)

@@ -21,6 +21,7 @@ from collections import Counter
 import pytest
 
 from support import REPO
+from vm.report import COSTS
 from vm.guest.probe_matrix import CASES
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.integration, pytest.mark.slow,
@@ -28,7 +29,6 @@ pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.integration, pytest.
 
 KERNELS = ["bookworm", "trixie", "host"]
 MATRIX_TIMEOUT = 2400      # seconds for all cases in one guest (TCG; ~10 compiles)
-TIMINGS: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="module", params=KERNELS)
@@ -51,10 +51,10 @@ def matrix(request, guests):
     report = json.loads(out)
     report["boot_seconds"] = boot
     report["wall_seconds"] = round(time.monotonic() - t0, 1)
-    TIMINGS[kernel] = report
-    print(f"\n{kernel}: kernel {report['kernel']}, bcc {report['bcc']}: boot {boot:.0f} s, "
-          f"matrix {report['seconds']} s, loads "
-          + ", ".join(f"{c['case']} {c['load_seconds']}" for c in report["cases"]))
+    COSTS.append(f"{kernel}: kernel {report['kernel']}, bcc {report['bcc']}: matrix "
+                 f"{report['seconds']} s (all: {report['wall_seconds']} s); load+verify per "
+                 "case: " + ", ".join(f"{c['case']} {c['load_seconds']}"
+                                      for c in report["cases"]))
     return report
 
 
@@ -73,6 +73,12 @@ def test_case_loads_attaches_and_counts_exactly(matrix, name):
     assert sum(want.values()) > 0
     assert got == want, f"{matrix['kernel']}: {name}: counts per {c['key']} differ"
     f = c["facts"]
+    if name == "refused":
+        # one line with this kernel's verdict; nothing left attached
+        assert f["up"] is False and f["attached"] == 0 and f["failed"] == 1, f
+        assert len(f["failures"]) == 1 and "\n" not in f["error"]
+        assert "the kernel refused on_return" in f["error"] and "verifier: " in f["error"], f
+        return
     if c["program"] != "ioreq.bpf.c":
         return
     assert f["counters"] == {"lost_events": 0, "stats_full": 0, "read_errors": 0, "no_entry": 0}

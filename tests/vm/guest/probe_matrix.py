@@ -16,6 +16,9 @@ headers: ~1 s natively, tens of seconds under TCG). Cases:
 * the same four modes loaded with ``ProbeSet`` for a binary whose buffered caller is unknown
   (HAVE_BUF=0), on the QEMU 8.1 layout (send_vcpu at 0x48): buffered requests then take the stale
   send_vcpu, so these compare counts per (type, dir, address) only;
+* "refused": ioreq.bpf.c built with the test-only -DIOTRACE_TEST_OOB=1 (an access every verifier
+  refuses), through QemuProbeSource: the source must be down with this kernel's verdict in one
+  line, nothing attached (what tests/probes/test_health.py checks on the host);
 * probes/standin/selfcheck.bpf.c (what the stand-in's own uprobe test loads) and
   probes/bpf/empty.bpf.c (the benchmark's baselines): loaded, attached, one record per request
   for the self-check.
@@ -63,6 +66,7 @@ CASES = [Case("metrics+service"), Case("metrics", timing=False),
          Case("events+service/no-buffered-caller", "events", buffered_caller=False, layout="8.1"),
          Case("events/no-buffered-caller", "events", timing=False, buffered_caller=False,
               layout="8.1"),
+         Case("refused", program="ioreq.bpf.c+IOTRACE_TEST_OOB"),
          Case("selfcheck", "events", timing=False, program="selfcheck.bpf.c"),
          Case("empty", "-", timing=True, program="empty.bpf.c")]
 
@@ -238,6 +242,27 @@ def run_probeset_case(case, exe, sr, workdir, out):
         ps.close()
 
 
+def run_refused_case(case, exe, sr, workdir, out):
+    """ioreq.bpf.c with an access every verifier refuses: the source is down, says why."""
+    from iotrace.probes.bpf.loader import EXTRA_CFLAGS_ENV
+    from iotrace.probes.live import QemuProbeSource
+    os.environ[EXTRA_CFLAGS_ENV] = "-DIOTRACE_TEST_OOB=1"
+    t0 = time.monotonic()
+    try:
+        src = QemuProbeSource(binaries=[exe], defaults=False, mode="metrics", timing=True,
+                              warn=lambda msg: None)
+        src.start()
+        out["load_seconds"] = round(time.monotonic() - t0, 2)
+        st = src.stats()
+        out["facts"].update(up=st.up, attached=src.attached, failed=st.probes_failed,
+                            error=st.error, failures=list(src.failures))
+        src.stop()
+    finally:
+        del os.environ[EXTRA_CFLAGS_ENV]
+    out["key"], out["want"], out["got"] = ["down"], [[1]], [[0 if st.up else 1]]
+    out["ok"] = True
+
+
 def run_selfcheck_case(case, exe, sr, workdir, out, project):
     """probes/standin/selfcheck.bpf.c: one perf record per request of the stream."""
     from iotrace.probes.bpf.loader import import_bcc
@@ -319,7 +344,9 @@ def main(argv):
                "load_seconds": None, "run_seconds": None}
         exe = exes[case.layout]
         try:
-            if case.program == "selfcheck.bpf.c":
+            if case.name == "refused":
+                run_refused_case(case, exe, sr, workdir, out)
+            elif case.program == "selfcheck.bpf.c":
                 run_selfcheck_case(case, exe, sr, workdir, out, project)
             elif case.program == "empty.bpf.c":
                 run_empty_case(case, exe, sr, workdir, out, project)
