@@ -110,7 +110,14 @@ def load_program(bpf, fn_name: str, what: str) -> None:
     failed (then the one line says it all)."""
     bcc = import_bcc()
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:                     # no stderr at all (a daemon): nothing to catch
+        try:
+            bpf.load_func(fn_name.encode(), bcc.BPF.KPROBE)
+        except Exception as exc:
+            raise ProbeError(f"the kernel refused {fn_name} ({what}): {exc}") from None
+        return
     with tempfile.TemporaryFile() as cap:
         os.dup2(cap.fileno(), 2)
         try:
