@@ -9,6 +9,9 @@
 #   vmlinuz, initrd.img   the suite's kernel and initramfs, for qemu -kernel/-initrd
 #   kernel-release        the kernel's `uname -r`
 #   packages.txt          dpkg -l of the image (what was really installed, versions)
+#   boot/                 a copy of the image's /boot (e.g. Xen's xen-*.gz, for a multiboot boot)
+# SETUP_SCRIPT (environment, optional): a file of shell commands run with bash inside the chroot
+# after the packages are installed (enable a service, write a config; ImageSpec.setup).
 # Everything that mounts (proc, sys, dev inside the chroot) happens in a private mount namespace
 # (unshare --mount --propagation private): nothing is mounted or unmounted in the host's namespace,
 # and the mounts go away with the namespace even if this script dies.
@@ -45,6 +48,14 @@ chroot "$ROOT" /usr/bin/env DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 \
     apt-get -o Dpkg::Use-Pty=0 install -y -q --no-install-recommends "${PACKAGES[@]}"
 chroot "$ROOT" apt-get clean
 rm -rf "$ROOT"/var/lib/apt/lists/*
+
+if [ -n "${SETUP_SCRIPT:-}" ]; then
+    echo "== setup script"
+    install -m 644 "$SETUP_SCRIPT" "$ROOT/tmp/iotrace-image-setup.sh"
+    chroot "$ROOT" /usr/bin/env DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 \
+        bash -euo pipefail /tmp/iotrace-image-setup.sh
+    rm -f "$ROOT/tmp/iotrace-image-setup.sh"
+fi
 rm -f "$ROOT/usr/sbin/policy-rc.d"
 
 echo "== guest configuration"
@@ -72,6 +83,7 @@ kver=$(basename "$(ls -d "$ROOT"/lib/modules/* | sort -V | tail -n1)")
 cp "$ROOT/boot/vmlinuz-$kver" "$OUT/vmlinuz"
 cp "$ROOT/boot/initrd.img-$kver" "$OUT/initrd.img"
 echo "$kver" > "$OUT/kernel-release"
+cp -a "$ROOT/boot" "$OUT/boot"
 chroot "$ROOT" dpkg-query -W -f='${Package} ${Version}\n' > "$OUT/packages.txt"
 
 echo "== mkfs.ext4 -d"

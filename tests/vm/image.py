@@ -10,6 +10,7 @@ them and it reuses the old one (a cold build takes minutes, a warm ``ensure`` mi
 Layout of the cache (``IOTRACE_VM_CACHE``, default /var/cache/iotrace/vm)::
 
     <name>-<key>/rootfs.img  vmlinuz  initrd.img  kernel-release  packages.txt  spec.json  build.log
+                 boot/       (a copy of the image's /boot)
     <name>-<key>.lock        flock(2) held while building: a second run waits, then reuses
     <name>-<key>.tmp-<pid>/  a build in progress (renamed into place when complete)
     <name>-<key>.failed/     the last failed build of that image: its build.log
@@ -19,6 +20,7 @@ Images are only read by the machines that boot them (``tests/vm/machine.py`` att
 
     python3 tests/vm/image.py build bookworm     # build (or find) an image from the command line
     python3 tests/vm/image.py list
+    python3 tests/vm/image.py prune --days 14   # images not used for 14 days (also after a build)
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,17 +60,21 @@ def mirror() -> str:
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """What goes into an image: ``name`` (a label for the cache), the Debian ``suite`` and the
-    packages installed (``--no-install-recommends``) on a minbase debootstrap."""
+    """What goes into an image: ``name`` (a label for the cache), the Debian ``suite``, the
+    packages installed (``--no-install-recommends``) on a minbase debootstrap, and ``setup``:
+    shell commands run with bash in the chroot afterwards (e.g. a Dom0 image enabling Xen's
+    services and iotrace-vm-agent.service)."""
     name: str
     suite: str
     packages: tuple[str, ...]
+    setup: str = ""
 
     def key(self) -> str:
-        """A hash of every input of the image: suite, packages (order-insensitive), build files."""
+        """A hash of every input of the image: suite, packages (order-insensitive), setup, build
+        files."""
         h = hashlib.sha256()
-        h.update(json.dumps({"suite": self.suite, "packages": sorted(set(self.packages))},
-                            sort_keys=True).encode())
+        h.update(json.dumps({"suite": self.suite, "packages": sorted(set(self.packages)),
+                             "setup": self.setup}, sort_keys=True).encode())
         for path in BUILD_INPUTS:
             h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
         return h.hexdigest()[:16]
@@ -90,6 +97,10 @@ class Image:
         object.__setattr__(self, "kernel", self.dir / "vmlinuz")
         object.__setattr__(self, "initrd", self.dir / "initrd.img")
 
+    def boot_file(self, name: str) -> Path:
+        """A file of the image's /boot, copied out at build time (e.g. "xen-4.17-amd64.gz")."""
+        return self.dir / "boot" / name
+
     @property
     def kernel_release(self) -> str:
         return (self.dir / "kernel-release").read_text().strip()
@@ -103,11 +114,13 @@ class Image:
 # compiles against the running kernel's), Debian's BCC, and what iotrace imports.
 GUEST_PACKAGES = ("linux-image-amd64", "linux-headers-amd64", "python3-bpfcc",
                   "python3-numpy", "python3-yaml", "python3-prometheus-client", "python3-bcrypt")
+# Documentation, manual pages and translations are no use to a test guest (3-8% of the image).
+GUEST_SETUP = "rm -rf /usr/share/doc/* /usr/share/man/* /usr/share/locale/*\n"
 SPECS = {
     # Debian 12: kernel 6.1 (the Dom0 kernel of Xen 4.17 hosts)
-    "bookworm": ImageSpec("bookworm", "bookworm", GUEST_PACKAGES),
+    "bookworm": ImageSpec("bookworm", "bookworm", GUEST_PACKAGES, GUEST_SETUP),
     # Debian 13: kernel 6.12
-    "trixie": ImageSpec("trixie", "trixie", GUEST_PACKAGES),
+    "trixie": ImageSpec("trixie", "trixie", GUEST_PACKAGES, GUEST_SETUP),
 }
 
 
@@ -125,8 +138,34 @@ def ensure(spec: ImageSpec, cache: Path | None = None, log=None) -> Image:
     if img is None:
         cache.mkdir(parents=True, exist_ok=True)
         img = Image(spec, locked_build(cache / spec.dirname(), lambda tmp: _build(spec, tmp, log)))
-    os.utime(img.dir)        # last used (for whoever prunes the cache by age)
+        prune(cache, spec.name)
+    os.utime(img.dir)        # last used (prune goes by it)
     return img
+
+
+PRUNE_DAYS = 14
+
+
+def prune(cache: Path, name: str | None = None, days: float = PRUNE_DAYS) -> list[Path]:
+    """Remove the images (of ``name``, or all) not used for ``days``: older keys left behind
+    by changed inputs. Images in use elsewhere (another checkout's key) were touched recently
+    and stay. Returns what was removed."""
+    cutoff = time.time() - days * 86400
+    pattern = re.compile(rf"{re.escape(name) if name else '.+'}-[0-9a-f]{{16}}")
+    gone = []
+    for d in sorted(cache.iterdir()):
+        if not pattern.fullmatch(d.name) or not d.is_dir() or d.stat().st_mtime >= cutoff:
+            continue
+        lock = d.with_name(d.name + ".lock")
+        with open(lock, "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue                # being built or checked right now
+            shutil.rmtree(d, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+        gone.append(d)
+    return gone
 
 
 def locked_build(final: Path, build) -> Path:
@@ -162,12 +201,17 @@ def _build(spec: ImageSpec, tmp: Path, log=None) -> None:
     say(f"vm image {spec.dirname()}: building ({spec.suite}, {len(spec.packages)} packages; "
         f"log {log_path.name} in the image directory)")
     t0 = time.monotonic()
+    env = dict(os.environ)
+    if spec.setup:
+        setup = tmp / "setup.sh"
+        setup.write_text(spec.setup)
+        env["SETUP_SCRIPT"] = str(setup)
     # build-image.sh wants an OUT_DIR that holds no image yet: tmp itself (rootfs/ goes inside)
     with open(log_path, "w") as out:
         try:
             res = subprocess.run(["bash", str(BUILD_SCRIPT), spec.suite, mirror(), str(tmp),
                                   *spec.packages], stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, timeout=BUILD_TIMEOUT)
+                                 stdin=subprocess.DEVNULL, timeout=BUILD_TIMEOUT, env=env)
         except subprocess.TimeoutExpired:
             res = None
     if res is None or res.returncode != 0:
@@ -181,7 +225,7 @@ def _build(spec: ImageSpec, tmp: Path, log=None) -> None:
                          f"(log: {keep / 'build.log'})")
     (tmp / "spec.json").write_text(json.dumps(
         {"name": spec.name, "suite": spec.suite, "packages": list(spec.packages),
-         "key": spec.key(), "mirror": mirror(), "seconds": round(time.monotonic() - t0, 1)},
+         "setup": spec.setup, "key": spec.key(), "mirror": mirror(), "seconds": round(time.monotonic() - t0, 1)},
         indent=1) + "\n")
     say(f"vm image {spec.dirname()}: built in {time.monotonic() - t0:.0f} s")
 
@@ -201,7 +245,13 @@ def main(argv: list[str]) -> int:
     b = sub.add_parser("build", help="build (or find) the image of a spec")
     b.add_argument("name", choices=sorted(SPECS))
     sub.add_parser("list", help="the specs and whether each is cached")
+    pr = sub.add_parser("prune", help="remove images not used for some days")
+    pr.add_argument("--days", type=float, default=PRUNE_DAYS)
     args = p.parse_args(argv)
+    if args.cmd == "prune":
+        for d in prune(cache_dir(), days=args.days):
+            print(f"removed {d}")
+        return 0
     if args.cmd == "list":
         for name, spec in sorted(SPECS.items()):
             img = cached(spec)

@@ -18,6 +18,7 @@ def test_the_key_follows_every_input(tmp_path, monkeypatch):
     assert a.key() == ImageSpec("y", "bookworm", ("linux-image-amd64", "python3-bpfcc")).key()
     assert a.key() != ImageSpec("x", "trixie", a.packages).key()
     assert a.key() != ImageSpec("x", "bookworm", a.packages + ("strace",)).key()
+    assert a.key() != ImageSpec("x", "bookworm", a.packages, setup="systemctl enable x").key()
     assert a.dirname() == f"x-{a.key()}" and len(a.key()) == 16
     # the build files' text is an input: a changed script makes a new image
     script = tmp_path / "build-image.sh"
@@ -73,6 +74,23 @@ def test_a_failed_or_killed_build_leaves_no_image(tmp_path):
     assert not final.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img-0123.lock"]
     assert image.cached(ImageSpec("img", "bookworm", ()), tmp_path) is None
+
+
+def test_prune_removes_only_what_was_not_used(tmp_path):
+    import os
+    old, new, other = "bookworm-" + "a" * 16, "bookworm-" + "b" * 16, "trixie-" + "c" * 16
+    dom0 = "bookworm-dom0-" + "d" * 16                    # another spec: not "bookworm"'s
+    for name in (old, new, other, dom0):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "rootfs.img").write_text("x")
+    (tmp_path / f"{old}.tmp-1").mkdir()                   # not an image: left alone
+    month_ago = time.time() - 30 * 86400
+    for name in (old, other, dom0, f"{old}.tmp-1"):
+        os.utime(tmp_path / name, (month_ago, month_ago))
+    assert image.prune(tmp_path, "bookworm") == [tmp_path / old]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == \
+        sorted([f"{old}.tmp-1", new, other, dom0])
+    assert image.prune(tmp_path) == [tmp_path / dom0, tmp_path / other]
 
 
 def test_image_paths_and_completeness(tmp_path):

@@ -28,6 +28,16 @@ def guest(guests):
     return guests.get("bookworm")
 
 
+def test_the_image_is_what_its_spec_says(guest):
+    """Its kernel booted, its setup ran (no documentation left), its /boot copied out."""
+    img = ensure(SPECS["bookworm"])
+    assert guest.check("uname -r").stdout.strip() == img.kernel_release
+    assert guest.check("ls /usr/share/doc | wc -l").stdout.strip() == "0"
+    assert guest.check("dpkg-query -W -f='${Status}' python3-bpfcc").stdout == \
+        "install ok installed"
+    assert img.boot_file(f"vmlinuz-{img.kernel_release}").read_bytes() == img.kernel.read_bytes()
+
+
 def test_command_results(guest):
     r = guest.run("echo out; echo err >&2; exit 3")
     assert (r.rc, r.stdout, r.stderr, r.timed_out) == (3, "out\n", "err\n", False)
