@@ -24,9 +24,10 @@ exports ``iotrace_source_up 0``, top's header shows DOWN with the error. Every s
 listed in ``failures`` (``stats().error`` is the first), its domains have 0 probes attached
 (``iotrace_probes_attached``, the IotraceProbeDetached alert), ``strict`` makes it an exception.
 A binary only discovered from a running device model (/proc/PID/exe) is different: gone by the
-time it is resolved, it is skipped (the process exited); present but without a resolvable
-handle_ioreq (an unknown build), it is a failure of that domain only (probes_attached 0), not of
-the source. Binaries: the Debian device model (``/usr/libexec/xen-qemu-system-i386``) when present,
+time it is resolved or attached, it is skipped (the process exited); present but without a
+resolvable handle_ioreq (an unknown build), or with uprobes that do not attach, it is a failure of
+that domain only (probes_attached 0), not of the source; a program the kernel refuses makes the
+source down whichever binary it was for. Binaries: the Debian device model (``/usr/libexec/xen-qemu-system-i386``) when present,
 the binaries of running processes with ``-xen-domid``, and any given with ``binaries=[...]``.
 """
 from __future__ import annotations
@@ -224,9 +225,17 @@ class QemuProbeSource:
             if not ps.complete:
                 ps.close()
                 err = ps.first_error() or "?"
-                if not err.startswith("the kernel refused"):
+                refused = err.startswith("the kernel refused")
+                discovered = res.path in self._discovered
+                if discovered and not refused and not os.path.exists(res.path):
+                    continue            # gone while attaching: its device model went away
+                if not refused:
                     err = f"cannot attach the uprobes at {res.func_offset:#x}: {err}"
-                self._fail(f"{res.path}: {err}: its requests are not counted")
+                # A refused program is the kernel's verdict on the program: the source is down.
+                # An attach that failed on a binary only discovered from a running device model
+                # is that domain's failure (as an unresolvable one is).
+                self._fail(f"{res.path}: {err}: its requests are not counted",
+                           down=refused or not discovered)
                 continue
             self._stats.probes_attached += ps.attached
             if self.mode == "events":
