@@ -11,6 +11,7 @@ The harness's own unit tests (no guest booted) are not marked and run everywhere
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -60,6 +61,7 @@ class Guests:
     def close(self):
         for m in self.machines.values():
             m.shutdown()
+        shutil.rmtree(self.out, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -87,12 +87,12 @@ def test_a_failing_command_reads_like_the_guest_story(guest):
     guest.failed = False       # an expected failure: the module's guest is fine
 
 
-def test_boot_failure_is_bounded_and_shows_the_panic():
+def test_boot_failure_is_bounded_and_shows_the_panic(tmp_path):
     """No initrd: the kernel cannot mount its root (virtio_blk is a module) and panics; QEMU
     exits (panic=-1, -no-reboot). The error says so with the console's panic lines."""
     img = ensure(SPECS["bookworm"])
     m = Machine(img.kernel, append="root=/dev/vda console=ttyS0 panic=-1", disks=[img.rootfs],
-                name="no-initrd", boot_timeout=240)
+                name="no-initrd", boot_timeout=240, workdir=tmp_path)
     t0 = time.monotonic()
     with pytest.raises(MachineError) as ei:
         m.start()
@@ -102,9 +102,9 @@ def test_boot_failure_is_bounded_and_shows_the_panic():
     assert not m.running()
 
 
-def test_boot_timeout_is_bounded():
+def test_boot_timeout_is_bounded(tmp_path):
     img = ensure(SPECS["bookworm"])
-    m = Machine.for_image(img, name="impatient", boot_timeout=5)
+    m = Machine.for_image(img, name="impatient", boot_timeout=5, workdir=tmp_path)
     t0 = time.monotonic()
     with pytest.raises(MachineError, match="no the agent's hello within the time allowed"):
         m.start()
@@ -120,7 +120,8 @@ def test_qemu_dies_with_the_process_that_started_it(tmp_path):
         from vm.machine import Machine
         from vm.image import Image, SPECS
         from pathlib import Path
-        m = Machine.for_image(Image(SPECS["bookworm"], Path({str(img.dir)!r})), agent=False)
+        m = Machine.for_image(Image(SPECS["bookworm"], Path({str(img.dir)!r})), agent=False,
+                              workdir={str(tmp_path)!r})
         m.start()
         print(m.proc.pid, flush=True)
         time.sleep(600)
