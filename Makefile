@@ -1,10 +1,10 @@
-# iotrace — make install | make test | make demo | make bench | make deb | make test-deb
+# iotrace — make install | make test | make test-kernels | make demo | make bench | make deb | make test-deb
 VENV    := .venv
 PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 
-.PHONY: install testbed test unit lint demo bench standin native xtcore deb test-deb clean
+.PHONY: install testbed test test-kernels vm-images unit lint demo bench standin native xtcore deb test-deb clean
 
 # The test bed: packages, venv, builds, and the machine state the tests need (testbed).
 install: $(STAMP) standin native testbed
@@ -55,6 +55,18 @@ lint: $(STAMP)
 
 test: install lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The kernel matrix (issue #16): the BPF programs in every mode on Debian 12's 6.1 and Debian 13's
+# 6.12 (QEMU TCG guests, tests/vm) and on the host's kernel, exact counts on a stand-in. As root.
+# Images are built once into /var/cache/iotrace/vm (IOTRACE_VM_CACHE) and reused: see
+# tests/vm/README.md for what it costs, cold and warm.
+test-kernels: install
+	IOTRACE_VM=1 $(PY) -m pytest tests/vm $(PYTEST_ARGS)
+
+# Build (or find) the guest images only.
+vm-images:
+	$(PY) tests/vm/image.py build bookworm
+	$(PY) tests/vm/image.py build trixie
 
 unit: install
 	$(PY) -m pytest tests -m "not root and not integration" $(PYTEST_ARGS)

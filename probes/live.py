@@ -25,6 +25,19 @@ served before its binary was attached are not seen, and their number cannot be k
 outside the process: each such process is logged with how long it ran unobserved, and counted
 in ``stats().extra["unobserved_processes"]``. A domain whose device model cannot be probed is
 listed with ``DomainInfo.probes_attached == 0`` and the reason in ``DomainInfo.probe_error``.
+
+Health: the source is up only while every probe it set up counts. A binary whose program the
+kernel refuses (the verifier's verdict is kept, one line) or whose uprobes do not all attach is not
+counted at all (``ProbeSet.attach`` is whole or nothing) and makes ``stats().up`` False, as does a
+binary asked for (``binaries``, those at the known install paths) that cannot be resolved: serve
+exports ``iotrace_source_up 0``, top's header shows DOWN with the error. Every such binary is
+listed in ``failures`` (``stats().error`` is the first), its domains have 0 probes attached
+(``iotrace_probes_attached``, the IotraceProbeDetached alert), ``strict`` makes it an exception at
+start. A binary only discovered from a running device model (/proc/PID/exe, at start or later) is
+different: gone by the time it is resolved or attached, it is skipped (the process exited);
+present but without a resolvable handle_ioreq (an unknown build), or with uprobes that do not
+attach, it is a failure of that domain only (``probe_error``, probes_attached 0), not of the
+source; a program the kernel refuses makes the source down whichever binary it was for.
 """
 from __future__ import annotations
 
@@ -46,7 +59,7 @@ from iotrace.probes.bpf import tracefs
 from iotrace.probes.bpf import types as T
 from iotrace.probes.bpf.loader import RINGBUF_PAGES, ProbeSet
 from iotrace.probes.bpf.uprobes import TracefsMissing
-from iotrace.probes.discovery import CLK_TCK, ProcessMap, file_id
+from iotrace.probes.discovery import CLK_TCK, ProcessMap, file_id, installed_binaries
 from iotrace.probes.discovery import default_binaries as _default_binaries
 from iotrace.probes.hook.auto import Finding
 from iotrace.probes.hook.resolve import ElfError, resolve
@@ -136,6 +149,8 @@ class QemuProbeSource:
         self.sets: list[ProbeSet] = []
         self.resolutions = []
         self.attach_log: list[tuple[str, str, bool, str | None]] = []   # binary, point, ok, error
+        self.failures: list[str] = []       # one line per binary that is not counted
+        self._down: list[str] = []          # those of them that make the source down
         self._lock = threading.Lock()
         self._pm = ProcessMap()
         self._stats = SourceStats(self.name)
@@ -157,11 +172,18 @@ class QemuProbeSource:
         self._reported: set[tuple[int, str]] = set()   # (pid, what) already logged
         self._t_start = 0.0                          # CLOCK_BOOTTIME of start()
         self._before_start = 0                       # device models running before start()
+        self._discovered: set[str] = set()          # binaries known only from a running DM
 
     # -- lifecycle -------------------------------------------------------------------------------
     def binaries(self) -> list[str]:
+        """The binaries to probe (real paths). Those known only from a running device model's
+        /proc/PID/exe are remembered in ``_discovered``: one that is gone by the time it is
+        resolved (its process exited, its file was replaced) is skipped, not a failure."""
         paths = default_binaries() if self.defaults else []
+        installed = set(installed_binaries())
+        self._discovered = {os.path.realpath(p) for p in paths if os.path.realpath(p) not in installed}
         for p in self.extra:
+            self._discovered.discard(os.path.realpath(p))
             if not os.path.exists(p):
                 self._fail(f"{p}: no such file")
                 continue
@@ -176,14 +198,22 @@ class QemuProbeSource:
                 out.append(r)
         return out
 
-    def _fail(self, msg: str, strict: bool | None = None) -> None:
+    def _fail(self, msg: str, strict: bool | None = None, down: bool = True) -> None:
+        """A binary that will not be counted: recorded in ``failures``, fatal when strict, and
+        the source is down unless ``down`` is False (see the module docstring). Not printed
+        here: the sinks report it (serve's log, top's header, snoop/record's warning lines), a
+        discovered device model's domain is logged once by _refresh_domains."""
         with self._lock:
             self._stats.probes_failed += 1
-            self._stats.error = msg
+            self.failures.append(msg)
+            if down:
+                self._down.append(msg)
+                self._stats.up = False
+            more = len(self.failures) - 1
+            self._stats.error = self.failures[0] + (f" (and {more} more)" if more else "")
         if self.strict if strict is None else strict:
             self.stop()
             raise ProbeError(msg)
-        self.warn(msg)
 
     def start(self) -> None:
         if self._started:
@@ -204,7 +234,9 @@ class QemuProbeSource:
             self.stop()
             self._stats.error = str(exc)
             raise
-        self._stats.up = bool(self.sets) or self.defaults
+        # Up only while every probe set up counts (the module docstring); with the
+        # defaults, a host with no device model yet is up and waiting for one.
+        self._stats.up = (bool(self.sets) or self.defaults) and not self._down
         if self.defaults:
             self._worker = threading.Thread(target=self._attach_loop, name="iotrace-attach",
                                             daemon=True)
@@ -221,14 +253,17 @@ class QemuProbeSource:
         that is not sure of every number is refused when ``refuse_doubts`` (default: strict)."""
         refuse_doubts = self.strict if refuse_doubts is None else refuse_doubts
         real = os.path.realpath(path)
+        discovered = real in self._discovered       # not asked for: its failure is its domain's
         try:
             res = resolve(real)
         except ElfError as exc:
-            return self._not_probed(real, str(exc), strict)
+            if discovered and not os.path.exists(real):
+                return None             # its device model went away: nothing to count there
+            return self._not_probed(real, str(exc), strict, down=not discovered)
         with self._lock:
             self.resolutions.append(res)
         if not res.ok:
-            return self._not_probed(real, res.error, strict)
+            return self._not_probed(real, res.error, strict, down=not discovered)
         off = self.send_vcpu_offset
         if isinstance(off, dict):           # per binary: {path: offset}
             off = {os.path.realpath(k): v for k, v in off.items()}.get(res.path)
@@ -245,30 +280,33 @@ class QemuProbeSource:
         if doubts:
             msg = f"{res.path}: not sure of " + "; ".join(doubts)
             if refuse_doubts:
-                return self._not_probed(res.path, msg + " (--strict)", strict)
+                return self._not_probed(res.path, msg + " (--strict)", strict, down=not discovered)
             self.warn(msg + " (--strict would refuse it)")
         ident = file_id(res.path)
         try:
             ps = ProbeSet(res, self.mode, self.timing, ringbuf_pages=self.ringbuf_pages)
         except ProbeError as exc:
             return self._not_probed(res.path, str(exc), strict)
-        failed = None
         try:
             attachments = ps.attach()
         except TracefsMissing:
             ps.close()
             raise
-        for a in attachments:
-            with self._lock:
-                self.attach_log.append((res.path, a.point, a.ok, a.error))
-            if not a.ok and failed is None:
-                failed = (f"{res.path}: cannot attach the {a.point} uprobe at "
-                          f"{res.func_offset:#x}: {a.error}")
-        if failed is not None and (strict or not ps.attached):
+        with self._lock:
+            self.attach_log.extend((res.path, a.point, a.ok, a.error) for a in attachments)
+        if not ps.complete:                 # whole or nothing: none of its uprobes is left
             ps.close()
-            return self._not_probed(res.path, failed, strict)
-        if failed is not None:
-            self._fail(failed)
+            err = ps.first_error() or "?"
+            refused = err.startswith("the kernel refused")
+            if discovered and not refused and not os.path.exists(res.path):
+                return None                 # gone while attaching: its device model went away
+            if not refused:
+                err = f"cannot attach the uprobes at {res.func_offset:#x}: {err}"
+            # A refused program is the kernel's verdict on the program: the source is down. An
+            # attach that failed on a binary only discovered from a running device model is that
+            # domain's failure (as an unresolvable one is).
+            return self._not_probed(res.path, f"{res.path}: {err}: its requests are not counted",
+                                    strict, down=refused or not discovered)
         if self.mode == "events":
             ps.open_ring(self._on_record)
         with self._lock:
@@ -279,13 +317,13 @@ class QemuProbeSource:
                 self._probed_ids[ident] = ps
             self._attached_at[ident if ident is not None else res.path] = _boottime()
             self._unprobed.pop(res.path, None)
-            self._stats.up = True
+            self._stats.up = not self._down
         return ps
 
-    def _not_probed(self, path: str, why: str, strict: bool) -> None:
+    def _not_probed(self, path: str, why: str, strict: bool, down: bool = True) -> None:
         with self._lock:
             self._unprobed[path] = why
-        self._fail(why, strict)
+        self._fail(why, strict, down)
         return None
 
     def _attach_loop(self) -> None:
@@ -313,6 +351,7 @@ class QemuProbeSource:
             if exe in self._probed and file_id(exe) != dm.exe_id:
                 continue        # runs a file replaced on disk since: see _probe_error
             self._queued.add(exe)
+            self._discovered.add(os.path.realpath(exe))
             self._attach_q.put(exe)
 
     def _covered(self, dm) -> bool:

@@ -12,7 +12,8 @@ PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 libxen-dev xen-utils-4.17
       dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
       python3-prometheus-client python3-yaml python3-bcrypt python3-capstone
       python3-pyelftools  # also: the automatic resolver; its tests' .eh_frame oracle
-      lintian debootstrap)
+      lintian debootstrap
+      qemu-system-x86 e2fsprogs)   # the VM harness (tests/vm, make test-kernels)
 
 missing=()
 for p in "${PKGS[@]}"; do

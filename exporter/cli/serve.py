@@ -91,7 +91,14 @@ def build_sources(args, addrmap) -> list:
     return out
 
 
-def _start_sources(sources, strict: bool) -> None:
+def _health(st) -> tuple:
+    """What the monitor compares between passes: (up, error, failed attachments)."""
+    return (st.up, st.error, st.probes_failed)
+
+
+def _start_sources(sources, strict: bool) -> dict:
+    """Start every source; returns each one's health as logged (the monitor's first state)."""
+    logged = {}
     for src in sources:
         try:
             registry.start(src)
@@ -110,7 +117,15 @@ def _start_sources(sources, strict: bool) -> None:
         if strict and st.probes_failed:
             raise UserError(f"source {src.name}: {st.probes_failed} probe(s) failed to "
                             f"attach{': ' + st.error if st.error else ''} (--strict)")
-        log.info("source %s started", src.name)
+        if st.up:
+            log.info("source %s started", src.name)
+        else:
+            # One line per reason (e.g. per binary the kernel refused the probes of, with the
+            # verifier's verdict); the monitor does not repeat them.
+            for why in getattr(src, "failures", None) or [st.error or "no reason given"]:
+                log.error("source %s is down: %s", src.name, why)
+        logged[src.name] = _health(st)
+    return logged
 
 
 STRICT_SETTLE_SECONDS = 1.5
@@ -143,14 +158,15 @@ def _stop_sources(sources) -> None:
             log.error("source %s: error while stopping: %s", src.name, exc)
 
 
-def _monitor(sources, stop: threading.Event) -> None:
-    """Log each source's health changes (up/down, new errors, new attach failures)."""
-    last = {}
+def _monitor(sources, stop: threading.Event, last: dict | None = None) -> None:
+    """Log each source's health changes (up/down, new errors, new attach failures), from the
+    states already logged at start (``last``)."""
+    last = dict(last or {})
     while not stop.wait(MONITOR_INTERVAL):
         for src in sources:
             try:
                 st = src.stats()
-                state = (st.up, st.error, st.probes_failed)
+                state = _health(st)
             except Exception as exc:
                 state = (False, f"stats() failed: {exc}", None)
             prev = last.get(src.name)
@@ -202,12 +218,12 @@ def run(args) -> int:
     if hasattr(signal, "SIGPIPE"):
         old[signal.SIGPIPE] = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
-        _start_sources(sources, args.strict)       # on failure: the finally below cleans up
+        logged = _start_sources(sources, args.strict)  # on failure: the finally below cleans up
         if args.strict:
             _check_settled(sources)
         server.start()
         log.info("serving %s/metrics (%s)", server.url, desc)
-        monitor = threading.Thread(target=_monitor, args=(sources, stop), name="monitor",
+        monitor = threading.Thread(target=_monitor, args=(sources, stop, logged), name="monitor",
                                    daemon=True)
         monitor.start()
         while not stop.wait(0.5):

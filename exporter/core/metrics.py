@@ -87,11 +87,15 @@ METRICS: tuple[MetricDef, ...] = (
         summary="Unix time of the domain's first access to the range."),
     MetricDef(
         "iotrace_source_up", "gauge", _SRC,
-        "1 if the event source is running and readable, 0 if it failed (see the log).",
-        summary="1 while the source runs."),
+        "1 while the event source runs and counts all it was asked to (qemu: every device-model "
+        "binary's probe programs loaded by the kernel and attached), 0 otherwise (the reason is "
+        "in the log).",
+        summary="1 while the source runs and counts."),
     MetricDef(
         "iotrace_probes_attached", "gauge", _DOM,
-        "Uprobes attached to the domain's device model process.",
+        "Uprobes counting on behalf of the domain's device model (qemu source): 0 when its "
+        "binary's probes are refused or incomplete (a binary's probes are attached all together "
+        "or not at all) or its binary cannot be probed.",
         summary="Probes attached on behalf of the domain."),
     MetricDef(
         "iotrace_probe_attach_failures", "counter", _SRC,

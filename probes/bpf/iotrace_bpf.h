@@ -48,6 +48,30 @@ struct ioreq_key {
  * longer (2^38 ns = 275 s and up). Inside the value: one lookup per request serves every field. */
 #define HIST_SLOTS 40
 
+/* BOUNDED_INDEX(var, n): clamp the integer lvalue `var` to [0, n-1] (n a constant) in a way every
+ * kernel's verifier can prove, before `var` indexes an array of n elements (in a map value, on the
+ * stack). Why not plain C: for
+ *     if (slot >= HIST_SLOTS) slot = HIST_SLOTS - 1;
+ *     __sync_fetch_and_add(&s->hist[slot], 1);
+ * clang compared a zero-extended COPY of slot in one register and indexed with the original in
+ * another; kernel 6.18's verifier happened to follow that, Debian 12's 6.1 rejected the program
+ * ("R8 unbounded memory access", issue #16). A mask (`& (N-1)`) is sound only for power-of-two N.
+ * Here the test and the clamp are one asm block on one 64-bit register: the verifier sees
+ * `if rX < n goto ok; rX = n-1; ok:` and knows rX is in [0, n-1] on both paths, and the compiler
+ * must use that output register (a copy of it carries the same bounds) for the access; it cannot
+ * move the check to another register because it does not see into the asm. Use it for every
+ * computed index (the log-linear histogram of issue #13 included). */
+#define BOUNDED_INDEX(var, n)                                                   \
+    do {                                                                        \
+        u64 __bi = (u64)(var);                                                  \
+        asm volatile("if %[i] < %[lim] goto l_in_%=\n\t"                        \
+                     "%[i] = %[last]\n"                                         \
+                     "l_in_%=:"                                                 \
+                     : [i] "+r"(__bi)                                           \
+                     : [lim] "i"(n), [last] "i"((n) - 1));                      \
+        (var) = __bi;                                                           \
+    } while (0)
+
 struct ioreq_stats {
     u64 count;          /* requests (with TIMING: left 0 in kernel, = the sum of hist[]) */
     u64 bytes;          /* size x count */

@@ -4,12 +4,28 @@ One BPF module per binary: the hook parameters (send_vcpu offset, the buffered c
 address range) differ between builds and are compiled in as constants, so the hot path has no
 per-request configuration lookup. A uprobe on the binary's path with pid -1 covers every process
 running it, including those started later, from their first request.
+
+A set is whole or nothing: its programs are loaded (verified by the kernel) before any uprobe is
+attached, and when one program cannot be loaded or one point cannot be attached, nothing stays
+attached (an entry probe whose return probe is missing traps on every request and counts nothing:
+in metrics mode with service times the return probe does the counting). The kernel verifier's
+answer is kept to its first error, one line (BCC prints the whole log on stderr; ``load_program``
+takes it from there).
+
+``IOTRACE_BPF_EXTRA_CFLAGS`` (environment): extra compiler flags for ioreq.bpf.c, for tests and
+debugging only, e.g. ``-DIOTRACE_TEST_OOB=1`` compiles in an access every verifier rejects
+(tests/probes/test_health.py proves with it that a program the kernel refuses makes the source
+down).
 """
 from __future__ import annotations
 
 import atexit
 import ctypes as ct
 import os
+import re
+import shlex
+import sys
+import tempfile
 from dataclasses import dataclass
 
 from iotrace.core.errors import ProbeError
@@ -34,6 +50,14 @@ def import_bcc():
     return bcc
 
 
+EXTRA_CFLAGS_ENV = "IOTRACE_BPF_EXTRA_CFLAGS"
+
+
+def extra_cflags() -> list[str]:
+    """Test/debug flags from ``IOTRACE_BPF_EXTRA_CFLAGS`` (empty in normal use)."""
+    return shlex.split(os.environ.get(EXTRA_CFLAGS_ENV, ""))
+
+
 def cflags_for(res: Resolution, mode: str, timing: bool,
                stats_entries: int = STATS_ENTRIES, ringbuf_pages: int = RINGBUF_PAGES) -> list[str]:
     flags = [f"-I{PROBES_DIR}",
@@ -46,7 +70,75 @@ def cflags_for(res: Resolution, mode: str, timing: bool,
         flags += ["-DHAVE_BUF=1", f"-DBUF_LO={res.buffered[0]}LL", f"-DBUF_HI={res.buffered[1]}LL"]
     else:
         flags += ["-DHAVE_BUF=0"]
-    return flags
+    return flags + extra_cflags()
+
+
+# The verifier's log ends with its verdict, then a statistics line ("processed N insns ..."); the
+# instructions before it look like "123: (0f) r8 += r2" or "; source line @ main.c:256".
+_INSN = re.compile(r"^\s*(\d+: |; |\d+: R\d|R\d+=|from \d+ to \d+|mark_precise|last_idx|"
+                   r"frame\d|func#|propagating|regs=|parent |Validating|;$)")
+_STATS = re.compile(r"^processed \d+ insns")
+
+
+def verifier_error(log: str) -> str | None:
+    """The verifier's verdict in a kernel verifier log as BCC prints it: the message lines between
+    the last instruction and the statistics line (the verifier stops at its first error), joined
+    with "; ", e.g. "R8 unbounded memory access, make sure to bounds check any such access", with
+    the instruction it refused ("at insn 129: (db) lock *(u64 *)(r8 +32) += r1") when shown."""
+    lines = [ln.strip() for ln in log.splitlines()]
+    end = next((i for i in range(len(lines) - 1, -1, -1) if _STATS.match(lines[i])), None)
+    if end is None:
+        return None
+    block: list[str] = []
+    i = end - 1
+    while i >= 0 and len(block) < 4:
+        ln = lines[i]
+        if _INSN.match(ln):
+            break
+        if ln and not ln.startswith(("bpf: ", "HINT:", "verification time")):
+            block.insert(0, ln)
+        i -= 1
+    if not block:
+        return None
+    insn = lines[i] if i >= 0 and re.match(r"^\d+: \(", lines[i]) else None
+    where = f" (at insn {insn.split(';')[0].strip()})" if insn else ""
+    return "; ".join(block) + where
+
+
+def load_program(bpf, fn_name: str, what: str) -> None:
+    """Have the kernel load (verify) ``fn_name`` of ``bpf`` as a uprobe program; ProbeError with
+    the verifier's first error, one line, when it refuses. BCC writes the verifier log to file
+    descriptor 2 itself: it is caught in a temporary file, and written through unless the load
+    failed (then the one line says it all)."""
+    bcc = import_bcc()
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:                     # no stderr at all (a daemon): nothing to catch
+        try:
+            bpf.load_func(fn_name.encode(), bcc.BPF.KPROBE)
+        except Exception as exc:
+            raise ProbeError(f"the kernel refused {fn_name} ({what}): {exc}") from None
+        return
+    with tempfile.TemporaryFile() as cap:
+        os.dup2(cap.fileno(), 2)
+        try:
+            bpf.load_func(fn_name.encode(), bcc.BPF.KPROBE)
+            error = None
+        except Exception as exc:  # bcc raises bare Exception("Failed to load BPF program ...")
+            error = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        cap.seek(0)
+        log = cap.read().decode("utf-8", "replace")
+    if error is None:
+        if log:
+            sys.stderr.write(log)
+        return
+    why = verifier_error(log)
+    raise ProbeError(f"the kernel refused {fn_name} ({what}): "
+                     f"{'verifier: ' + why if why else error}")
 
 
 def program_text(res: Resolution | None, mode: str = "metrics", timing: bool = True) -> str:
@@ -72,6 +164,12 @@ class Attachment:
     point: str          # "entry" | "return"
     ok: bool
     error: str | None = None
+
+
+def describe(mode: str, timing: bool) -> str:
+    """"ioreq.bpf.c, metrics mode with service times" and the like, for messages."""
+    return (f"{os.path.basename(PROGRAM)}, {mode} mode "
+            f"{'with' if timing else 'without'} service times")
 
 
 class ProbeSet:
@@ -116,23 +214,57 @@ class ProbeSet:
                                  f"{ct.sizeof(leaf)} in bpf_types.py")
 
     def attach(self) -> list[Attachment]:
-        """Entry uprobe (and return probe) on the binary for every process (pid -1).
+        """Entry uprobe (and return probe) on the binary for every process (pid -1): all of
+        them or none. Every program is loaded first; when one is refused or one point does not
+        attach, the points already attached are detached again: the returned list says which
+        failed and why (``ok`` is then False for the failed points and for those undone), and
+        ``complete`` is False.
 
         Raises ``uprobes.TracefsMissing`` (a ProbeError) when no uprobe can be made on this host
-        until tracefs is mounted; other failures are recorded in the returned attachments."""
+        until tracefs is mounted."""
         path, addr = self.res.path, self.res.func_vaddr
         points = [("entry", False, "on_entry")]
         if self.timing:
             points.append(("return", True, "on_return"))
+        self.attachments = []
+        what = describe(self.mode, self.timing)
+        for point, _retprobe, prog in points:
+            try:
+                load_program(self.bpf, prog, what)
+            except ProbeError as exc:
+                self.attachments = [Attachment(p, False, str(exc) if p == point else
+                                               f"not attached: {point} program refused")
+                                    for p, _, _ in points]
+                return self.attachments
+        done = []
         for point, retprobe, prog in points:
             try:
                 uprobes.attach(self.bpf, path, addr, prog, retprobe=retprobe)
+                done.append(point)
                 self.attachments.append(Attachment(point, True))
             except uprobes.TracefsMissing:
+                uprobes.detach_all(self.bpf)        # none left behind, then the host's problem
                 raise
             except Exception as exc:
                 self.attachments.append(Attachment(point, False, str(exc).splitlines()[0]))
+        if len(done) != len(points):
+            uprobes.detach_all(self.bpf)            # all or none: undo the points attached
+            failed = next(a for a in self.attachments if not a.ok)
+            self.attachments = [a if not a.ok else
+                                Attachment(a.point, False, f"detached: {failed.point} failed")
+                                for a in self.attachments]
         return self.attachments
+
+    @property
+    def complete(self) -> bool:
+        """Every program loaded and every point attached: this set counts."""
+        return bool(self.attachments) and all(a.ok for a in self.attachments)
+
+    def first_error(self) -> str | None:
+        """The error of the point that failed first (not those undone because of it)."""
+        errs = [a.error for a in self.attachments if not a.ok and a.error
+                and not a.error.startswith(("not attached:", "detached:"))]
+        return errs[0] if errs else None
 
     @property
     def attached(self) -> int:

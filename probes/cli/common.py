@@ -49,6 +49,9 @@ def events_source(args):
 
 
 def start_attached(src) -> None:
-    """Start ``src``; at least one uprobe must attach (else one line saying why)."""
+    """Start ``src``: an error when nothing counts, a warning line per binary that is not
+    counted while others are (``--strict`` made those fatal already)."""
     registry.start(src)
     registry.require_attached(src)
+    for msg in src.failures:
+        src.warn(f"warning: {msg}")

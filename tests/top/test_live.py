@@ -22,7 +22,8 @@ def test_live_probes_on_a_standin(iotrace_exe):
     assert r.returncode == 0, r.stderr
     blocks = [b.splitlines() for b in r.stdout.strip("\n").split("\n\n")]
     assert len(blocks) == 4
-    assert all(b[1].startswith("sources: qemu=up") and "probes=" in b[1] for b in blocks)
+    assert all(b[1].startswith("sources: qemu=up") and "probes=" in b[1] for b in blocks), \
+        r.stdout
     doms = [[ln.split() for ln in b[3:] if ln.split()[1] == "top-live"] for b in blocks]
     assert all(len(d) == 1 for d in doms), r.stdout
     totals = [int(float(d[0][10].rstrip("k")) * (1000 if d[0][10].endswith("k") else 1))
