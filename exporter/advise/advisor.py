@@ -141,8 +141,10 @@ class Advisor:
         self.policy = Policy(settings, knobs.knob, allow_caps=allow_caps)
         # (knob, identity) -> original value: from an earlier run's audit log, then first reads
         self.originals: dict[tuple, int] = {}
+        self._changed: set[str] = set()              # identities advise changed
         for rec in originals(prior or []):
             self.originals[(rec["knob"], rec["identity"])] = int(rec["original"])
+            self._changed.add(rec["identity"])
         self._known: dict[str, tuple] = {}            # identity -> (domid, name, uuid, pid)
 
     def step(self, analysis, pids: dict | None = None) -> StepResult:
@@ -181,6 +183,7 @@ class Advisor:
                                      f"{d.new}: {exc}")
                 continue
             self.policy.note_changed(d.identity)
+            self._changed.add(d.identity)
             rec = {"action": "set", **d.as_dict(), "old": d.current, "signals": d.signals,
                    **extra}
             if "cgroup" in extra:
@@ -199,8 +202,8 @@ class Advisor:
             removed = None
             if isinstance(self.knobs, CgroupKnobs) and pid is not None:
                 removed = self.knobs.backend.forget(*pid)
-            if self.apply and self.audit is not None and any(k[1] == ident
-                                                             for k in self.originals):
+            if self.apply and self.audit is not None and ident in self._changed:
+                self._changed.discard(ident)
                 rec = {"action": "gone", "domid": domid, "domain": name, "identity": ident,
                        "uuid": uuid, "knob": f"{self.knobs.knob}-weight",
                        "reason": "the domain went away (destroyed, or its domid reused)"}
@@ -210,21 +213,24 @@ class Advisor:
 
 
 def rollback(records: list[dict], knobs, audit: AuditLog | None = None,
-             dry_run: bool = False) -> list[tuple[dict, str]]:
+             dry_run: bool = False) -> list[tuple[dict, str, str]]:
     """Restore every original the records hold (their first ``set`` per knob and identity), in
-    the reverse order of the changes (Dom0's last). Returns (record, what was done)."""
+    the reverse order of the changes (Dom0's last). Returns (record, status, what was done):
+    status "restored", "gone" (the domain or its device model is not there any more: nothing
+    to restore), "failed", or "dry-run"."""
     done = []
     for rec in reversed(originals(records)):
         if rec.get("knob", "").split("-")[0] != knobs.knob:
             continue
         if dry_run:
-            done.append((rec, f"would restore {rec['knob']} {rec.get('original')}"))
+            done.append((rec, "dry-run", f"would restore {rec['knob']} {rec.get('original')}"))
             continue
         try:
             what = knobs.restore(rec)
+            status = "gone" if (" is gone" in what or "not running" in what) else "restored"
         except UserError as exc:
-            what = f"failed: {exc}"
-        done.append((rec, what))
+            what, status = str(exc), "failed"
+        done.append((rec, status, what))
         if audit is not None:
             audit.write({"action": "rollback", "knob": rec["knob"], "domid": rec.get("domid"),
                          "domain": rec.get("domain"), "identity": rec.get("identity"),

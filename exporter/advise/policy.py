@@ -126,10 +126,12 @@ class Policy:
             return d
         d.new = step_towards(st.current, target)
         if r.settled in C.NEUTRAL:
-            d.reason = (f"{r.settled} for {r.streak} intervals: back towards its original "
-                        f"{st.original}")
-        else:
+            d.reason = f"{r.settled}: back towards its original {st.original}"
+        elif r.cls == r.settled:
             d.reason = f"{r.settled} for {r.streak} intervals: {r.verdict.reason()}"
+        else:
+            d.reason = (f"{r.settled} (settled; this interval {r.cls}): "
+                        f"{r.settled_reason}")
         return d
 
     def _pending(self, r) -> str:

@@ -67,7 +67,7 @@ def interval_text(analysis, result, *, knob: str, applying: bool, wall: float | 
         dom0 += f" (steal {pct(h.steal_ratio)})"
     if h.pressure_ratio is not None:
         dom0 += f", pressure {pct(h.pressure_ratio)}"
-    lines = [f"{_when(wall, analysis.t)}  interval {analysis.interval_s:g} s  {dom0}"]
+    lines = [f"{_when(wall, analysis.t)}  interval {analysis.interval_s:.1f} s  {dom0}"]
     lines += domain_table(analysis)
     lines += plan_lines(result, knob=knob, applying=applying, dry_why=dry_why)
     return "\n".join(lines) + "\n"

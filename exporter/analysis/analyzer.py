@@ -57,6 +57,7 @@ class History:
     streak: int = 0
     settled: str = C.NORMAL
     settled_t: float | None = None
+    settled_reason: str = ""
     max_vcpu: int = -1
 
     def base_rate(self) -> float | None:
@@ -77,6 +78,7 @@ class DomainReport:
     streak: int               # intervals in a row with this class
     settled: str              # the class the hysteresis settled on
     settled_t: float | None   # when it settled
+    settled_reason: str = ""  # the reasons of the latest interval of the settled class
     base_rate: float | None = None
     base_p95: float | None = None
 
@@ -89,6 +91,7 @@ class DomainReport:
                 "identity": self.signals.identity, "uuid": self.signals.uuid,
                 "class": self.cls, "reasons": list(self.verdict.reasons),
                 "streak": self.streak, "settled": self.settled,
+                "settled_reason": self.settled_reason,
                 "history_s": round(self.history_s, 3), "baseline_rate": self.base_rate,
                 "baseline_p95_s": self.base_p95,
                 "signals": {k: v for k, v in self.signals.as_dict().items()
@@ -133,7 +136,8 @@ class Analyzer:
             h = self._hist[sig.identity] = History(sig.identity, sig.domid, start, t)
         return h
 
-    def _record(self, h: History, sig: DomainSignals, cls: str, t: float) -> None:
+    def _record(self, h: History, sig: DomainSignals, verdict, t: float) -> None:
+        cls = verdict.cls
         s = self.settings
         h.points.append(_Point(t, sig.rate, sig.p95_s, cls))
         while h.points and h.points[0].t < t - s.baseline_window_seconds:
@@ -146,6 +150,8 @@ class Analyzer:
         if (h.settled != cls and h.streak >= s.agree_intervals
                 and t - h.first_t >= s.min_history_seconds):
             h.settled, h.settled_t = cls, t
+        if h.settled == cls:
+            h.settled_reason = verdict.reason()
 
     def _prune(self, t: float) -> None:
         horizon = t - self.settings.baseline_window_seconds
@@ -189,7 +195,8 @@ class Analyzer:
         # 1: storming, against each domain's own baseline (before this interval counts in it)
         verdicts = {}
         for domid, sig in sigs.items():
-            v = C.storm_verdict(sig, hists[domid].base_rate(), th)
+            v = C.storm_verdict(sig, hists[domid].base_rate(), th,
+                                sticky=hists[domid].settled == C.STORMING)
             if v is not None:
                 verdicts[domid] = v
         # 2: Dom0-starved, across every active domain that is not storming
@@ -214,9 +221,10 @@ class Analyzer:
         for domid, sig in sigs.items():
             h = hists[domid]
             base_rate, base_p95 = h.base_rate(), h.base_p95()
-            self._record(h, sig, verdicts[domid].cls, t)
+            self._record(h, sig, verdicts[domid], t)
             reports[domid] = DomainReport(sig, verdicts[domid], t - h.first_t, h.streak,
-                                          h.settled, h.settled_t, base_rate, base_p95)
+                                          h.settled, h.settled_t, h.settled_reason, base_rate,
+                                          base_p95)
         dom0 = self._dom0_report(prev_t, t, dt, host, hsig, saturated, starved)
         self._prune(t)
         return Analysis(t, dt, hsig, saturated, reports, dom0)
@@ -238,5 +246,6 @@ class Analyzer:
         h = self._hist.get(sig.identity)
         if h is None:
             h = self._hist[sig.identity] = History(sig.identity, 0, start, t)
-        self._record(h, sig, verdict.cls, t)
-        return DomainReport(sig, verdict, t - h.first_t, h.streak, h.settled, h.settled_t)
+        self._record(h, sig, verdict, t)
+        return DomainReport(sig, verdict, t - h.first_t, h.streak, h.settled, h.settled_t,
+                            h.settled_reason)

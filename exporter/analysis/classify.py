@@ -5,7 +5,8 @@ The classes, in the order they are decided (the first that applies wins):
 * ``storming``: the request rate is far above the domain's own baseline (``storm_factor`` times
   the median of its earlier non-storming intervals), at least ``storm_min_rate``, and its device
   model burns Dom0 CPU for it (at least ``storm_dm_cpu`` of a CPU, where that is known). A domain
-  without a baseline yet is never storming.
+  without a baseline yet is never storming. Once storming is its settled class, it stays
+  storming down to half those rates, whatever its (now lowered) device model CPU.
 * ``dom0-starved``: Dom0's CPU is saturated (busy share, steal included, or PSI pressure) and
   the p95 service time of *every* active, non-storming domain with a baseline rose to at least
   ``starved_rise`` times its own baseline: the device models are slow because Dom0 is, not
@@ -60,13 +61,21 @@ def pct(x: float | None) -> str:
     return "?" if x is None else f"{100 * x:.0f}%"
 
 
-def storm_verdict(sig: DomainSignals, base_rate: float | None, th: Thresholds) -> Verdict | None:
-    """``storming`` with its reasons, or None."""
-    if base_rate is None or sig.rate < th.storm_min_rate:
+def storm_verdict(sig: DomainSignals, base_rate: float | None, th: Thresholds,
+                  sticky: bool = False) -> Verdict | None:
+    """``storming`` with its reasons, or None.
+
+    ``sticky``: the domain's settled class is already storming. Its priority was lowered for it,
+    so its device model now gets less CPU and its rate may drop: it stays storming while its
+    rate is at least half the entry threshold, whatever CPU its device model still gets
+    (entering and leaving at different thresholds, so the feedback cannot make it flap)."""
+    if base_rate is None:
         return None
-    if sig.rate < th.storm_factor * max(base_rate, 1e-9):
+    factor = th.storm_factor / 2 if sticky else th.storm_factor
+    floor = th.storm_min_rate / 2 if sticky else th.storm_min_rate
+    if sig.rate < floor or sig.rate < factor * max(base_rate, 1e-9):
         return None
-    if sig.dm_cpu_ratio is not None and sig.dm_cpu_ratio < th.storm_dm_cpu:
+    if not sticky and sig.dm_cpu_ratio is not None and sig.dm_cpu_ratio < th.storm_dm_cpu:
         return None
     times = sig.rate / base_rate if base_rate > 0 else float("inf")
     why = [f"{fmt_rate(sig.rate)} = ×{times:,.0f} its own baseline {fmt_rate(base_rate)}"]
@@ -74,6 +83,8 @@ def storm_verdict(sig: DomainSignals, base_rate: float | None, th: Thresholds) -
         why.append(f"its device model uses {pct(sig.dm_cpu_ratio)} of a CPU")
     else:
         why.append("device-model CPU unknown here")
+    if sticky:
+        why.append("still storming since its priority was lowered")
     return Verdict(STORMING, why)
 
 

@@ -66,9 +66,11 @@ def rollup(totals: dict[Key, Cell]) -> Rollup:
 
 
 def cell_delta(cur: Cell, prev: Cell | None) -> Cell:
-    """``cur - prev``; ``cur`` itself when there is no ``prev`` or a counter went backwards."""
+    """``cur - prev``; ``cur`` itself when there is no ``prev`` or a counter went backwards. A
+    difference has no exact extremes: its quantiles are the histogram's own."""
     if prev is None:
-        return Cell(cur.count, cur.bytes, cur.service_n, cur.service_sum_ns, cur.hist.copy())
+        return Cell(cur.count, cur.bytes, cur.service_n, cur.service_sum_ns, cur.hist.copy(),
+                    cur.service_min_ns, cur.service_max_ns)
     if (cur.count < prev.count or cur.service_n < prev.service_n
             or len(cur.hist) != len(prev.hist)):
         return cell_delta(cur, None)

@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="agreeing intervals a change needs (default 3, config advise.agree_intervals)")
     a.add_argument("--min-history", type=argtype(_nonneg), default=None, metavar="S",
                    help="seconds a domain must have been followed (default 600)")
+    p.add_argument("-d", "--domain", action="append", default=[], metavar="NAME|ID",
+                   help="only these domains (id, or name with shell wildcards; repeatable): "
+                        "the others are neither shown nor changed")
     p.add_argument("--format", choices=("text", "json"), default="text",
                    help="text (default) or one JSON object per interval")
     p.add_argument("--config", metavar="FILE",
@@ -147,6 +150,17 @@ def _check_args(args) -> None:
         raise UserError("--audit goes with --apply (a dry run changes nothing to log)")
 
 
+def _check_can_apply(args) -> None:
+    """--apply's preconditions on this host, checked before any source starts."""
+    from iotrace.analysis.host import is_dom0
+    if args.apply == "xl" and not is_dom0():
+        raise UserError("--apply xl: this host is not a Xen Dom0 (/proc/xen/capabilities has no "
+                        "control_d): there is no credit2 scheduler to set here")
+    if args.apply == "cgroup" and os.geteuid() != 0:
+        raise UserError("--apply cgroup needs root: it creates cgroups and moves device-model "
+                        "processes (a dry run needs no root)")
+
+
 def _knob(args) -> str:
     if args.apply or args.knob:
         return args.apply or args.knob
@@ -168,13 +182,13 @@ def run_rollback(args) -> int:
     audit = None if args.dry_run else AuditLog(args.rollback)
     try:
         for knob in knobs:
-            for rec, what in rollback(records, make_knobs(knob, local=True), audit,
-                                      dry_run=args.dry_run):
-                bad = what.startswith("failed")
-                failed += bad
-                print(f"{'would restore' if args.dry_run else 'restored' if not bad else 'NOT restored'}"
-                      f" {rec.get('domain')} (domid {rec.get('domid')}, {rec.get('identity')}) "
-                      f"{rec['knob']} -> {rec.get('original')}: {what}")
+            for rec, status, what in rollback(records, make_knobs(knob, local=True), audit,
+                                              dry_run=args.dry_run):
+                failed += status == "failed"
+                word = {"dry-run": "would restore", "restored": "restored", "gone": "skipped",
+                        "failed": "NOT restored"}[status]
+                print(f"{word} {rec.get('domain')} (domid {rec.get('domid')}, "
+                      f"{rec.get('identity')}) {rec['knob']} -> {rec.get('original')}: {what}")
     finally:
         if audit is not None:
             audit.close()
@@ -211,6 +225,25 @@ def _source_pids(src) -> dict | None:
     doms = src.domains()
     pids = {d: i.pid for d, i in doms.items() if i.pid}
     return pids or None
+
+
+def _domain_filter(patterns):
+    """A function keeping only the analysis' domains that ``-d`` names (all without -d)."""
+    import fnmatch
+    if not patterns:
+        return lambda a: a
+    ids, globs = set(), []
+    for p in (x.strip() for arg in patterns for x in arg.split(",")):
+        if p.isdigit():
+            ids.add(int(p))
+        elif p:
+            globs.append(p)
+
+    def keep(a):
+        a.domains = {d: r for d, r in a.domains.items()
+                     if d in ids or any(fnmatch.fnmatchcase(r.signals.name, g) for g in globs)}
+        return a
+    return keep
 
 
 class _Printer:
@@ -253,11 +286,13 @@ def run_offline(args, settings, knob) -> int:
     advisor = Advisor(settings, knobs)
     analyzer = Analyzer(settings)
     out = _Printer(args, knob, False, dry_why=f"{why}; weights from the default")
+    keep = _domain_filter(args.domain)
     n = 0
     for w in windows(events, settings.interval, addrmap, samples):
         a = analyzer.step(w.t, w.totals, names, w.host)
         if a is None:
             continue
+        a = keep(a)
         out(a, advisor.step(a))
         n += 1
         if args.count is not None and n >= args.count:
@@ -286,6 +321,7 @@ def run_live(args, settings, knob) -> int:
     analyzer = Analyzer(settings)
     out = _Printer(args, knob, bool(args.apply),
                    dry_why="" if local else "weights from the default")
+    keep = _domain_filter(args.domain)
     _interrupt_on_term()
     changed = 0
     try:
@@ -311,6 +347,7 @@ def run_live(args, settings, knob) -> int:
             a = analyzer.step(t, totals, names, sample)
             if a is None:
                 continue
+            a = keep(a)
             res = advisor.step(a, _pids(src, sample))
             changed += len([r for r in res.applied if r.get("action") == "set"])
             out(a, res, wall=time.time())
@@ -353,6 +390,7 @@ def run(args) -> int:
         return run_rollback(args)
     _check_args(args)
     settings = _settings(args)
+    _check_can_apply(args)
     knob = _knob(args)
     if args.replay and args.speed is None:
         return run_offline(args, settings, knob)
