@@ -117,8 +117,13 @@ class Analysis:
 
 
 class Analyzer:
-    def __init__(self, settings: AdviseSettings | None = None):
+    """``dm_wait_counts``: the source times service in the device model (qemu, and what is
+    derived from it): its run delay is waiting too (``iotrace.analysis.signals``); False for
+    xentrace."""
+
+    def __init__(self, settings: AdviseSettings | None = None, dm_wait_counts: bool = True):
         self.settings = settings or AdviseSettings()
+        self.dm_wait_counts = dm_wait_counts
         self._prev: Rollup | None = None
         self._prev_host: HostSample | None = None
         self._prev_t: float | None = None
@@ -184,7 +189,7 @@ class Analyzer:
             h_prev = self._hist.get(self._ident_of.get(domid, ""))
             seen = max(cur.max_vcpu.get(domid, -1), h_prev.max_vcpu if h_prev else -1)
             sig = domain_signals(domid, name, prev, cur, dt, prev_host, host,
-                                 seen + 1 if seen >= 0 else None)
+                                 seen + 1 if seen >= 0 else None, self.dm_wait_counts)
             h = self._history(sig, prev_t, t)
             h.max_vcpu = max(h.max_vcpu, seen)
             sigs[domid], hists[domid] = sig, h
@@ -201,11 +206,13 @@ class Analyzer:
                 verdicts[domid] = v
         # 2: Dom0-starved, across every active domain that is not storming
         rising = {}
+        h0 = self._hist.get(self._dom0_identity(host))
+        sticky = h0 is not None and h0.settled == C.DOM0_STARVED
         for domid, sig in sigs.items():
             if domid in verdicts or not C.is_active(sig, th):
                 continue
             base = hists[domid].base_p95()
-            r = C.rose(sig, base, th)
+            r = C.rose(sig, base, th, sticky)
             if r is not None:
                 rising[domid] = (sig.name, sig.p95_s, base, r)
         starved = C.starved_verdict(hsig, rising, th)
@@ -215,7 +222,8 @@ class Analyzer:
             if starved is not None and C.is_active(sig, th):
                 verdicts[domid] = C.Verdict(C.DOM0_STARVED, list(starved.reasons))
             else:
-                verdicts[domid] = C.plain_verdict(sig, th)
+                verdicts[domid] = C.plain_verdict(sig, th,
+                                                  sticky_io=hists[domid].settled == C.IO_BOUND)
 
         reports = {}
         for domid, sig in sigs.items():
@@ -229,11 +237,16 @@ class Analyzer:
         self._prune(t)
         return Analysis(t, dt, hsig, saturated, reports, dom0)
 
+    @staticmethod
+    def _dom0_identity(host) -> str:
+        xen = host.xen.get(0) if host is not None and host.xen else None
+        return f"uuid:{xen.uuid}" if xen is not None and xen.uuid else "dom0"
+
     def _dom0_report(self, start, t, dt, host, hsig, saturated, starved) -> DomainReport:
         xen = host.xen.get(0) if host is not None and host.xen else None
         uuid = xen.uuid if xen is not None else None
         sig = DomainSignals(0, xen.name if xen is not None else DOM0_NAME,
-                            f"uuid:{uuid}" if uuid else "dom0", uuid, dt,
+                            self._dom0_identity(host), uuid, dt,
                             vcpus=hsig.ncpu, vcpus_from="proc" if hsig.ncpu else None)
         if starved is not None:
             verdict = C.Verdict(C.DOM0_STARVED, list(starved.reasons))

@@ -13,6 +13,11 @@ The classes, in the order they are decided (the first that applies wins):
   because of one guest. Dom0 itself gets this class too (``DOM0``).
 * ``idle``: fewer than ``idle_rate`` requests/s (and, where Xen tells, little CPU);
 * ``io-bound``: its vCPUs spend at least ``io_wait`` of their time waiting for emulation;
+
+Each class advise acts on is entered at its threshold and left at a looser one once it is the
+settled class (storming at half the rates, io-bound at half the wait share, Dom0-starved at half
+the rise): acting on a domain changes its signals, and that must not make it flap.
+
 * ``cpu-bound``: its vCPUs are busy (``xl list``: at least ``cpu_bound`` per vCPU) and it
   waits little for I/O;
 * ``normal``: active, neither bound.
@@ -92,11 +97,17 @@ def is_active(sig: DomainSignals, th: Thresholds) -> bool:
     return sig.rate >= th.idle_rate
 
 
-def rose(sig: DomainSignals, base_p95: float | None, th: Thresholds) -> bool | None:
+def rise_threshold(th: Thresholds, sticky: bool) -> float:
+    """The p95 rise that makes Dom0-starved; once settled, half as far above 1 keeps it."""
+    return 1 + (th.starved_rise - 1) / 2 if sticky else th.starved_rise
+
+
+def rose(sig: DomainSignals, base_p95: float | None, th: Thresholds,
+         sticky: bool = False) -> bool | None:
     """Whether the domain's p95 rose to ``starved_rise`` x its baseline (None: cannot tell)."""
     if sig.p95_s is None or base_p95 is None or base_p95 <= 0:
         return None
-    return sig.p95_s >= th.starved_rise * base_p95
+    return sig.p95_s >= rise_threshold(th, sticky) * base_p95
 
 
 def starved_verdict(host: HostSignals, rising: dict[int, tuple], th: Thresholds) -> Verdict | None:
@@ -120,19 +131,26 @@ def starved_verdict(host: HostSignals, rising: dict[int, tuple], th: Thresholds)
                                   f"service times up for every active domain: {slow}"])
 
 
-def plain_verdict(sig: DomainSignals, th: Thresholds) -> Verdict:
-    """idle, io-bound, cpu-bound or normal."""
+def plain_verdict(sig: DomainSignals, th: Thresholds, sticky_io: bool = False) -> Verdict:
+    """idle, io-bound, cpu-bound or normal. ``sticky_io``: io-bound is the domain's settled
+    class: it stays io-bound down to half the ``io_wait`` threshold (its raised priority shortens
+    its waits, which must not make it flap)."""
     if not is_active(sig, th) and (sig.cpu_ratio is None or sig.cpu_ratio < th.cpu_bound):
         why = [f"{fmt_rate(sig.rate)}"]
         if sig.cpu_ratio is not None:
             why.append(f"vCPUs {pct(sig.cpu_ratio)} busy")
         return Verdict(IDLE, why)
     wait = sig.io_wait_ratio
-    if wait is not None and wait >= th.io_wait:
+    if wait is not None and wait >= (th.io_wait / 2 if sticky_io else th.io_wait):
+        split = ""
+        if sig.served_ratio is not None and wait - sig.served_ratio >= 0.005:
+            split = (f"; {pct(sig.served_ratio)} being served, {pct(wait - sig.served_ratio)} "
+                     "its device model waiting for a CPU")
         return Verdict(IO_BOUND, [
             f"waits on emulation {pct(wait)} of its vCPU time ({fmt_rate(sig.sync_rate)} "
             f"synchronous, p95 {fmt_seconds(sig.p95_s)}, {sig.vcpus} vCPU"
-            f"{'s' if sig.vcpus != 1 else ''}{' seen' if sig.vcpus_from == 'seen' else ''})"])
+            f"{'s' if sig.vcpus != 1 else ''}{' seen' if sig.vcpus_from == 'seen' else ''}"
+            f"{split})"])
     if sig.cpu_ratio is not None and sig.cpu_ratio >= th.cpu_bound:
         return Verdict(CPU_BOUND, [f"vCPUs {pct(sig.cpu_ratio)} busy, waits on emulation "
                                    f"{pct(wait) if wait is not None else '0%'}"])

@@ -11,7 +11,10 @@ file or program is not there, so a host without Xen (or without PSI) simply has 
 * CPU pressure: ``/proc/pressure/cpu`` ``some ... total=`` microseconds (PSI,
   Documentation/accounting/psi.rst): time some task waited for a CPU.
 * Device-model CPU: ``/proc/PID/stat`` utime + stime (fields 14 and 15) of the process behind
-  ``-xen-domid N`` (``iotrace.probes.discovery``).
+  ``-xen-domid N`` (``iotrace.probes.discovery``), and how long its threads waited for a CPU:
+  the run delay of each ``/proc/PID/task/TID/schedstat`` (its second field, ns spent runnable on
+  a run queue; kernel/sched/stats.h, CONFIG_SCHED_INFO). A device model that waits for a CPU
+  keeps the guest's vCPUs waiting for their answers as long.
 * Xen: ``xl list -v`` (tools/xl/xl_info.c list_domains: name, ID, Mem, VCPUs, State, Time(s),
   then with -v the UUID), run only where ``/proc/xen/capabilities`` says ``control_d`` (a Dom0).
   It gives each domain's vCPU count, CPU seconds and UUID.
@@ -58,6 +61,7 @@ class HostSample:
     dm_cpu: dict = field(default_factory=dict)     # domid -> device-model CPU seconds
     dm_ident: dict = field(default_factory=dict)   # domid -> "dm:<pid>:<start ticks>"
     xen: dict | None = None                    # domid -> XenDomain; None: no Xen here
+    dm_wait: dict = field(default_factory=dict)    # domid -> device-model run delay seconds
 
     def to_json(self) -> dict:
         out = {"t": self.t}
@@ -71,6 +75,8 @@ class HostSample:
             out["dm_cpu"] = {str(k): v for k, v in self.dm_cpu.items()}
         if self.dm_ident:
             out["dm_ident"] = {str(k): v for k, v in self.dm_ident.items()}
+        if self.dm_wait:
+            out["dm_wait"] = {str(k): v for k, v in self.dm_wait.items()}
         if self.xen is not None:
             out["xen"] = {str(d.domid): {"name": d.name, "vcpus": d.vcpus,
                                          "cpu_seconds": d.cpu_seconds, "uuid": d.uuid}
@@ -93,7 +99,8 @@ class HostSample:
                        for k, v in xen.items()}
             return cls(float(obj["t"]), cpu, obj.get("ncpu"), obj.get("pressure_us"),
                        {int(k): float(v) for k, v in (obj.get("dm_cpu") or {}).items()},
-                       {int(k): str(v) for k, v in (obj.get("dm_ident") or {}).items()}, xen)
+                       {int(k): str(v) for k, v in (obj.get("dm_ident") or {}).items()}, xen,
+                       {int(k): float(v) for k, v in (obj.get("dm_wait") or {}).items()})
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"bad host sample: {type(exc).__name__}: {exc}") from None
 
@@ -146,6 +153,24 @@ def read_process_cpu(pid: int, proc: str = PROC) -> tuple[float, int] | None:
         return (int(rest[11]) + int(rest[12])) / CLK_TCK, int(rest[19])
     except (IndexError, ValueError):
         return None
+
+
+def read_run_delay(pid: int, proc: str = PROC) -> float | None:
+    """Seconds the process's threads have spent waiting on a run queue (their schedstat run
+    delays, summed), or None where the kernel does not keep them."""
+    total, seen = 0, False
+    try:
+        tids = os.listdir(f"{proc}/{int(pid)}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"{proc}/{int(pid)}/task/{tid}/schedstat") as fh:
+                total += int(fh.read().split()[1])
+                seen = True
+        except (OSError, ValueError, IndexError):
+            continue                     # a thread that ended meanwhile
+    return total / 1e9 if seen else None
 
 
 def dm_identity(pid: int, start_ticks: int) -> str:
@@ -240,6 +265,9 @@ class LocalHost:
             if cpu is not None:
                 s.dm_cpu[domid] = cpu[0]
                 s.dm_ident[domid] = dm_identity(pid, cpu[1])
+                wait = read_run_delay(pid, self.proc)
+                if wait is not None:
+                    s.dm_wait[domid] = wait
         if self.use_xen:
             s.xen = read_xl_list(self.xl)
         return s

@@ -24,7 +24,8 @@ class LiveAnalysis:
         self.settings = settings or AdviseSettings()
         self.host = host
         self.clock = clock
-        self._analyzers = {s.name: Analyzer(self.settings) for s in self.sources}
+        self._analyzers = {s.name: Analyzer(self.settings, dm_wait_counts=s.name != "xentrace")
+                           for s in self.sources}
         self._latest: dict[str, Analysis] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()

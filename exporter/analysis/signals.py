@@ -6,16 +6,22 @@ is *synchronous* when it carries a vCPU (``vcpu >= 0``): its vCPU waits for the 
 answer. Buffered requests (vcpu -1: VGA writes, time offsets) do not make a vCPU wait.
 
 * ``rate``, ``sync_rate``: requests per second, all and synchronous;
-* ``io_wait_ratio``: sum of the service times of the synchronous requests / (interval x the
-  domain's vCPUs): the share of its vCPU time the guest spent waiting for emulation. The vCPU
-  count comes from ``xl list`` where Xen is, else from the highest vCPU index the domain's
-  requests carried (a lower bound, so the share is then an upper bound). A remote exporter's
-  page (``--from``) has no vCPU label on its service histogram: there every request's service
-  time counts;
+* ``io_wait_ratio``: the time the domain's vCPUs waited for emulation / (interval x its vCPUs):
+  the share of its vCPU time the guest spent waiting for its device model. The waiting is the
+  service time of its synchronous requests, plus, where the service time is measured in the
+  device model (the qemu source: it starts when the device model picks the request up), the
+  time the device model waited for a CPU (its threads' run delay, ``dm_wait_ratio``) times the
+  share of its requests that were synchronous: an estimate of the wait before service, which
+  is what a CPU-starved Dom0 adds. xentrace's service time (VM exit to VM entry) already
+  includes it. The vCPU count comes from ``xl list`` where Xen is, else from the highest vCPU
+  index the domain's requests carried (a lower bound, so the share is then an upper bound). A
+  remote exporter's page (``--from``) has no vCPU label on its service histogram: there every
+  request's service time counts;
 * ``p95_s`` (synchronous requests, all ranges) and ``p95_by_range``: read off the interval's
   service-time distribution with ``Cell.service_quantile_seconds`` (whatever its histogram
   layout);
 * ``dm_cpu_ratio``: the device-model process's CPU use, as a share of one CPU (/proc);
+  ``dm_wait_ratio``: the time its threads waited on a run queue, per second (/proc schedstat);
 * ``cpu_ratio``: the domain's own CPU use per vCPU (``xl list`` Time(s)), where Xen is;
 * Dom0: ``HostSignals`` (busy share of all its CPUs, steal included; PSI pressure share).
 
@@ -108,12 +114,14 @@ class DomainSignals:
     rate: float = 0.0
     sync_rate: float = 0.0
     io_wait_ratio: float | None = None
+    served_ratio: float | None = None         # the part of io_wait_ratio spent being served
     p95_s: float | None = None
     p95_by_range: dict = field(default_factory=dict)
     vcpus: int | None = None
     vcpus_from: str | None = None             # "xl" | "seen"
     cpu_ratio: float | None = None            # domain CPU per vCPU (xl)
     dm_cpu_ratio: float | None = None         # device model, share of one CPU
+    dm_wait_ratio: float | None = None        # device model's run delay per second
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -158,8 +166,10 @@ def identity_of(domid: int, host: HostSample | None) -> tuple[str, str | None]:
 
 def domain_signals(domid: int, name: str, prev: Rollup | None, cur: Rollup, dt: float,
                    prev_host: HostSample | None, cur_host: HostSample | None,
-                   seen_vcpus: int | None) -> DomainSignals:
-    """One domain's signals over the interval ``dt`` between ``prev`` and ``cur``."""
+                   seen_vcpus: int | None, dm_wait_counts: bool = True) -> DomainSignals:
+    """One domain's signals over the interval ``dt`` between ``prev`` and ``cur``.
+    ``dm_wait_counts``: the source's service times start in the device model (qemu), so its
+    run delay is waiting the guest did too (False for xentrace, whose times include it)."""
     ident, uuid = identity_of(domid, cur_host)
     sig = DomainSignals(domid, name, ident, uuid, dt)
     prev_cells = prev.cells if prev is not None else {}
@@ -198,9 +208,14 @@ def domain_signals(domid: int, name: str, prev: Rollup | None, cur: Rollup, dt: 
             sig.cpu_ratio = None if per is None else per / sig.vcpus
     elif seen_vcpus:
         sig.vcpus, sig.vcpus_from = seen_vcpus, "seen"
-    if sig.vcpus and dt > 0 and (sync_all.service_n or sync_count):
-        sig.io_wait_ratio = min(svc_ns / 1e9 / (dt * sig.vcpus), 1.0)
     if cur_host is not None and prev_host is not None and \
             cur_host.dm_ident.get(domid) == prev_host.dm_ident.get(domid):
         sig.dm_cpu_ratio = _ratio(prev_host.dm_cpu.get(domid), cur_host.dm_cpu.get(domid), dt)
+        sig.dm_wait_ratio = _ratio(prev_host.dm_wait.get(domid), cur_host.dm_wait.get(domid), dt)
+    if sig.vcpus and dt > 0 and (sync_all.service_n or sync_count):
+        wait_s = served_s = svc_ns / 1e9
+        if dm_wait_counts and sig.dm_wait_ratio is not None and count:
+            wait_s += sig.dm_wait_ratio * dt * (sync_count / count)
+        sig.io_wait_ratio = min(wait_s / (dt * sig.vcpus), 1.0)
+        sig.served_ratio = min(served_s / (dt * sig.vcpus), 1.0)
     return sig

@@ -85,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="live source: qemu-dm uprobes (default) or Xen trace points")
     s.add_argument("--binary", action="append", default=[], metavar="PATH",
                    help="with --source qemu: device-model binary to probe (repeatable)")
+    s.add_argument("--binaries-only", action="store_true",
+                   help="with --binary: probe only those (not Debian's qemu-dm nor the binaries "
+                        "of the device models running here)")
     s.add_argument("--replay", metavar="FILE",
                    help="a recording or xentrace capture, evaluated on its own clock")
     s.add_argument("--speed", type=argtype(speed), default=None, metavar="X",
@@ -134,6 +137,8 @@ def _check_args(args) -> None:
         raise UserError("--speed only applies with --replay")
     if args.binary and (args.replay or args.from_url or args.source == "xentrace"):
         raise UserError("--binary only applies to the qemu source")
+    if args.binaries_only and not args.binary:
+        raise UserError("--binaries-only needs --binary PATH")
     if (args.from_auth or args.from_ca or args.from_source) and not args.from_url:
         raise UserError("--from-auth, --from-ca and --from-source need --from URL")
     if args.apply and (args.from_url or args.replay):
@@ -209,6 +214,8 @@ def _build_source(args):
     kwargs = {"addrmap": addrmap, "keep_addr": False}
     if args.binary:
         kwargs["binaries"] = list(args.binary)
+    if args.binaries_only:
+        kwargs["defaults"] = False
     return registry.build(args.source or "qemu", **kwargs)
 
 
@@ -318,7 +325,7 @@ def run_live(args, settings, knob) -> int:
     advisor = Advisor(settings, knobs, apply=bool(args.apply), allow_caps=args.allow_caps,
                       audit=audit, prior=prior)
     host = LocalHost() if local else None
-    analyzer = Analyzer(settings)
+    analyzer = Analyzer(settings, dm_wait_counts=src.name != "xentrace")
     out = _Printer(args, knob, bool(args.apply),
                    dry_why="" if local else "weights from the default")
     keep = _domain_filter(args.domain)

@@ -96,3 +96,26 @@ def test_domains_without_io_come_from_xl_and_dom0_is_reported():
     assert a.domains[9].cls == C.CPU_BOUND                # 2 s of CPU in 1 s on 2 vCPUs
     assert a.dom0.signals.domid == 0 and a.dom0.signals.name == "Domain-0"
     assert a.dom0.signals.identity == "uuid:00000000-0000-0000-0000-000000000000"
+
+
+def test_io_bound_is_left_at_half_its_threshold():
+    """Promoted, an I/O-bound domain waits less: between half the threshold and the threshold it
+    stays io-bound (settled), below half it is normal again."""
+    src, host, an = FedSource(), Host(), Analyzer(SETTINGS.with_(min_history_seconds=2.0))
+    host.doms[5] = XenDomain(5, "db", 1, 0.0, "dddddddd-0000-4000-8000-000000000005")
+    an.step(0.0, src.totals(), {}, host.sample(0.0))
+    got = []
+    # waits per interval (1 s, 1 vCPU): 20% x4 (settles), 7% x3 (stays), 3% x3 (leaves)
+    for t, n in enumerate([10_000] * 4 + [3500] * 3 + [1500] * 3, 1):
+        feed_rate(src, 5, n, t)
+        r = an.step(float(t), src.totals(), {}, host.sample(float(t))).domains[5]
+        got.append((r.cls, r.settled))
+    assert got[3] == (C.IO_BOUND, C.IO_BOUND)
+    assert got[4:7] == [(C.IO_BOUND, C.IO_BOUND)] * 3
+    assert [c for c, _ in got[7:]] == [C.NORMAL] * 3 and got[-1][1] == C.NORMAL
+    # a domain that never settled is not io-bound at 7%
+    fresh = Analyzer(SETTINGS)
+    src2 = FedSource()
+    fresh.step(0.0, src2.totals(), {}, host.sample(0.0))
+    feed_rate(src2, 5, 3500, 1)
+    assert fresh.step(1.0, src2.totals(), {}, host.sample(1.0)).domains[5].cls == C.NORMAL

@@ -63,6 +63,18 @@ def test_cpu_times_and_pressure_of_this_host():
     assert H.read_cpu_times("/nonexistent") is None
 
 
+def test_run_delay_of_this_process():
+    d = H.read_run_delay(os.getpid())
+    if d is None:
+        pytest.skip("this kernel keeps no schedstat run delays (CONFIG_SCHED_INFO)")
+    assert d >= 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 0.1:
+        pass
+    assert H.read_run_delay(os.getpid()) >= d              # cumulative
+    assert H.read_run_delay(2 ** 22 + 12345) is None
+
+
 def test_process_cpu_counts_this_process():
     before = H.read_process_cpu(os.getpid())
     t0 = time.process_time()
@@ -89,7 +101,7 @@ def test_dom0_detection(tmp_path):
 def test_host_sample_json_round_trip_and_bad_input():
     s = H.HostSample(12.5, H.CpuTimes(10.0, 20.0, 0.5), 2, 123456, {3: 1.5}, {3: "dm:42:99"},
                      {0: H.XenDomain(0, "Domain-0", 2, 5.0, None),
-                      3: H.XenDomain(3, "web", 1, 2.0, "aa")})
+                      3: H.XenDomain(3, "web", 1, 2.0, "aa")}, {3: 0.25})
     assert H.HostSample.from_json(s.to_json()) == s
     assert H.HostSample.from_json({"t": 1}) == H.HostSample(1.0)
     for bad in ([1], {"t": "x"}, {"t": 1, "cpu": {"busy": 1}}, {"t": 1, "xen": {"3": {}}}):
@@ -109,4 +121,5 @@ def test_local_host_samples_a_real_device_model():
     assert a.dm_ident[4731] == b.dm_ident[4731]          # one process, one identity
     assert a.dm_ident[4731].startswith(f"dm:{s.pid}:")
     assert b.dm_cpu[4731] > a.dm_cpu[4731]              # it replays flat out: it burns CPU
+    assert b.dm_wait.get(4731, 0.0) >= a.dm_wait.get(4731, 0.0)
     assert a.xen is None and b.cpu is not None and b.ncpu == os.cpu_count()

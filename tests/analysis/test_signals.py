@@ -90,6 +90,21 @@ def test_device_model_cpu_needs_the_same_process():
     assert S.domain_signals(3, "x", None, cur, 2.0, a, c, None).identity == "dm:11:7"
 
 
+def test_the_device_model_s_wait_for_a_cpu_counts_as_waiting():
+    """qemu source: service starts in the device model; its run delay (schedstat) is time the
+    guest waited too, for the synchronous share of its requests. xentrace: already inside."""
+    cur = S.rollup(totals_after(batch(300, 3, 0, ev.TYPE_PIO, 0x3F8, service_ns=100_000),
+                                batch(100, 3, -1, ev.TYPE_MMIO, 0xA0000, service_ns=100_000)))
+    a = HostSample(0.0, dm_cpu={3: 0.0}, dm_wait={3: 1.0}, dm_ident={3: "dm:9:1"})
+    b = HostSample(10.0, dm_cpu={3: 1.0}, dm_wait={3: 3.0}, dm_ident={3: "dm:9:1"})
+    sig = S.domain_signals(3, "web", None, cur, 10.0, a, b, seen_vcpus=1)
+    assert sig.dm_wait_ratio == pytest.approx(0.2)
+    assert sig.served_ratio == pytest.approx(300 * 100e-6 / 10.0)
+    assert sig.io_wait_ratio == pytest.approx((300 * 100e-6 + 2.0 * 300 / 400) / 10.0)
+    xt = S.domain_signals(3, "web", None, cur, 10.0, a, b, seen_vcpus=1, dm_wait_counts=False)
+    assert xt.io_wait_ratio == pytest.approx(xt.served_ratio)
+
+
 def test_host_signals():
     a = HostSample(0.0, CpuTimes(10.0, 40.0, 1.0), 2, 1_000_000)
     b = HostSample(10.0, CpuTimes(28.0, 60.0, 3.0), 2, 4_000_000)

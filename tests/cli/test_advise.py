@@ -27,6 +27,7 @@ def advise(*args, capsys):
     (["--apply", "xl", "--from", "http://h:9878"], "needs a live source"),
     (["--speed", "2"], "--speed only applies with --replay"),
     (["--dry-run"], "--dry-run goes with --rollback"),
+    (["--binaries-only"], "needs --binary"),
     (["--audit", "a.jsonl"], "--audit goes with --apply"),
     (["--replay", "x", "--source", "qemu"], "exclusive"),
     (["--knob", "xl", "--apply", "cgroup"], "disagree"),
@@ -147,7 +148,8 @@ def test_apply_cgroup_live_then_rollback(tmp_path, iotrace_exe):
         home = cpu_path(stormer.pid)
         proc = subprocess.run(
             [iotrace_exe, "advise", "1", "22", "--apply", "cgroup", "--audit", str(audit),
-             "--config", str(cfg), "--binary", str(stormer.exe), "-d", f"{base + 1},{base + 2}",
+             "--config", str(cfg), "--binary", str(stormer.exe), "--binaries-only",
+             "-d", f"{base + 1},{base + 2}",
              "--format", "json"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         docs = [json.loads(line) for line in proc.stdout.splitlines()]
