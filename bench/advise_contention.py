@@ -11,7 +11,8 @@ Each round runs two arms one after the other, in alternating order, on fresh pro
 In each arm, on this machine's cores:
 
   wb       a stand-in device model replaying a real Linux boot's I/O (a busy stretch of
-           ../shared/data/linux-boot-tcg.csv.gz as Xen forwards it) at real speed, in a loop;
+           the real capture linux-boot-tcg.csv.gz of docs/data.md, as Xen forwards it) at real
+           speed, in a loop;
   storm    a stand-in that behaves for ``--warm`` seconds (200 req/s), then floods: rep outsb to
            COM1 as fast as it is served (a guest stuck printing to its console);
   hogs     one CPU-bound process per core (busy loops), so that the device models compete for
@@ -24,7 +25,8 @@ Measured in the same window of each arm (``--skip`` seconds after the storm begi
     from per-request events (an event-mode probe on wb's binary); a guest's vCPU waits that long;
   * its device-model service time p95 (handle_ioreq entry to return: iotrace's own figure);
   * its throughput (synchronous requests served per second) and the storming domain's (from a
-    metrics-mode probe on the stormer's binary): what advise costs the stormer.
+    metrics-mode probe on the stormer's binary), and both device models' CPU (/proc/PID/stat):
+    what advise costs the stormer.
 
 wb and the stormer run different stand-in builds (QEMU 7.2's and 8.1's layouts) so that the event
 probe sees wb's requests only. ``advise`` probes both binaries only (``--binaries-only``), acts on
@@ -56,6 +58,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from iotrace.analysis.host import read_process_cpu  # noqa: E402
 from iotrace.core.aggregate import Cell  # noqa: E402
 from iotrace.probes.live import QemuProbeSource  # noqa: E402
 from iotrace.probes.standin import runner as sr  # noqa: E402
@@ -228,9 +231,11 @@ def run_arm(apply: bool, args, exes, streams, sched_ns, tmp: Path, base: int) ->
             win = (t_storm + args.skip, t_storm + args.storm)
             time.sleep(max(0.0, win[0] - time.monotonic()))
             a = per_domain(metrics.totals())
+            cpu0 = {p.domid: read_process_cpu(p.pid)[0] for p in procs}
             t0 = time.monotonic()
             time.sleep(max(0.0, win[1] - time.monotonic()))
             b = per_domain(metrics.totals())
+            cpu1 = {p.domid: read_process_cpu(p.pid)[0] for p in procs}
             dt = time.monotonic() - t0
             adv.send_signal(signal.SIGTERM)
             adv.wait(timeout=30)
@@ -246,7 +251,8 @@ def run_arm(apply: bool, args, exes, streams, sched_ns, tmp: Path, base: int) ->
             wait_p50=float(np.percentile(w, 50)), wait_p95=float(np.percentile(w, 95)),
             wait_p99=float(np.percentile(w, 99)), svc_p95=float(np.percentile(svc, 95)) / 1e3,
             wb_rate=float(sel.sum()) / (win[1] - win[0]),
-            storm_rate=(sb.count - sa.count) / dt, lost=evs.lost)
+            storm_rate=(sb.count - sa.count) / dt, lost=evs.lost,
+            wb_cpu=(cpu1[wb_id] - cpu0[wb_id]) / dt, storm_cpu=(cpu1[storm_id] - cpu0[storm_id]) / dt)
         docs = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
         t_adv = (t_storm - args.warm) - time.monotonic() + time.time()   # guests' start, wall
         res["changes"] = [(round(d["time"] - t_adv), c["domain"], c["current"], c["new"])
@@ -310,7 +316,8 @@ def main(argv=None) -> int:
                 print(f"round {rnd + 1} {r['arm']:>7}: wb wait p50 {r['wait_p50']:8.0f} µs  p95 "
                       f"{r['wait_p95']:8.0f} µs  p99 {r['wait_p99']:8.0f} µs  svc p95 "
                       f"{r['svc_p95']:5.1f} µs  wb {r['wb_rate']:7.0f} req/s  stormer "
-                      f"{r['storm_rate']:7.0f} req/s  (lost {r['lost']})"
+                      f"{r['storm_rate']:7.0f} req/s  CPU wb {r['wb_cpu']:.2f} stormer "
+                      f"{r['storm_cpu']:.2f}  (lost {r['lost']})"
                       + (f"  changes {r['changes']}" if r["changes"] else "")
                       + f"  classes {r['classes']}", flush=True)
 
@@ -330,7 +337,9 @@ def main(argv=None) -> int:
     for key, label, unit in (("wait_p50", "wb wait p50", "µs"), ("wait_p95", "wb wait p95", "µs"),
                              ("wait_p99", "wb wait p99", "µs"), ("svc_p95", "wb service p95", "µs"),
                              ("wb_rate", "wb throughput", "req/s"),
-                             ("storm_rate", "stormer throughput", "req/s")):
+                             ("storm_rate", "stormer throughput", "req/s"),
+                             ("wb_cpu", "wb device-model CPU", "CPU"),
+                             ("storm_cpu", "stormer device-model CPU", "CPU")):
         ma, la, ha, mb, lb, hb = summary(key)
         print(f"  {label:<20} without {ma:9.1f} ({la:.1f}-{ha:.1f}) {unit:<5}  with {mb:9.1f} "
               f"({lb:.1f}-{hb:.1f}) {unit:<5}  without/with {ma / mb if mb else float('nan'):.2f}")

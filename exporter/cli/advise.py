@@ -342,6 +342,12 @@ def run_live(args, settings, knob) -> int:
             first = src.totals()
         sample0 = host.sample(t0, _source_pids(src)) if host else None
         analyzer.step(t0, first, _names(src), sample0)
+        if args.format == "text":
+            mode = f"applying on {knob}" if args.apply else f"dry run, planning for {knob}"
+            print(f"iotrace advise: {mode}; source {src.name}; first analysis in "
+                  f"{settings.interval:g} s (a change needs {settings.agree_intervals} agreeing "
+                  f"intervals and {settings.min_history_seconds:g} s of history)",
+                  file=sys.stderr, flush=True)
         n, next_t = 0, t0 + settings.interval
         while args.count is None or n < args.count:
             time.sleep(max(0.0, next_t - time.monotonic()))

@@ -186,3 +186,67 @@ def test_apply_cgroup_needs_root_to_say_so():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and "--apply cgroup needs root" in res.stderr
     assert time.monotonic() > 0
+
+
+def _recording(path, seconds=20, rate=400):
+    """Two domains' synchronous port I/O over ``seconds``, 50 us each."""
+    from iotrace.core import events as ev
+    from iotrace.offline.recording import RecordingWriter
+    n = seconds * rate
+    b = ev.empty(n)
+    b["ts_ns"] = np.linspace(0, seconds * 1e9, n, endpoint=False).astype(np.int64)
+    b["domid"] = np.where(np.arange(n) % 4 == 0, 4, 3)
+    b["vcpu"], b["type"], b["addr"], b["size"], b["service_ns"] = 0, ev.TYPE_PIO, 0x3F8, 1, 50_000
+    with RecordingWriter(str(path), {"source": "qemu", "domains": {3: "web", 4: "db"}}) as w:
+        w.write(b)
+    return path
+
+
+@pytest.mark.integration
+def test_replay_through_the_live_pipeline_with_speed(tmp_path, iotrace_exe):
+    rec = _recording(tmp_path / "two.iotrec")
+    res = subprocess.run([iotrace_exe, "advise", "1", "3", "--replay", str(rec), "--speed", "1",
+                          "--knob", "xl", "--format", "json"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    docs = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(docs) == 3
+    web = next(r for r in docs[-1]["domains"] if r["domain"] == "web")
+    # 300 req/s of 50 us on one vCPU: waits 1.5% of its time
+    assert web["signals"]["rate"] == pytest.approx(300, rel=0.25)
+    assert web["signals"]["io_wait_ratio"] == pytest.approx(0.015, rel=0.3)
+    assert all(not d["changes"] for d in docs)
+
+
+@pytest.mark.integration
+def test_from_a_remote_exporter(tmp_path, iotrace_exe):
+    from support.prometheus import free_port
+    rec = _recording(tmp_path / "two.iotrec", seconds=60)
+    port = free_port()
+    serve = subprocess.Popen([iotrace_exe, "serve", "--replay", str(rec), "--speed", "1",
+                              "--web.listen-address", f"127.0.0.1:{port}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import urllib.request
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "iotrace serve did not come up"
+                time.sleep(0.2)
+        res = subprocess.run([iotrace_exe, "advise", "2", "2", "--from",
+                              f"http://127.0.0.1:{port}/metrics", "--knob", "cgroup",
+                              "--format", "json"], capture_output=True, text=True, timeout=60)
+    finally:
+        serve.terminate()
+        serve.wait(timeout=10)
+    assert res.returncode == 0, res.stderr
+    docs = [json.loads(line) for line in res.stdout.splitlines()]
+    names = {r["domain"] for r in docs[-1]["domains"]}
+    assert names == {"web", "db"}
+    web = next(r for r in docs[-1]["domains"] if r["domain"] == "web")
+    assert web["signals"]["rate"] == pytest.approx(300, rel=0.3)
+    # the remote page's histograms have no vCPU: every request's service time counts
+    assert web["signals"]["io_wait_ratio"] == pytest.approx(0.015, rel=0.5)
