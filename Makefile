@@ -47,6 +47,7 @@ bench: install
 	$(PY) bench/xentrace_decode.py
 	$(PY) bench/probe_overhead.py
 	$(PY) bench/exporter_scrape.py
+	$(PY) bench/advise_contention.py
 
 clean:
 	rm -rf $(VENV) .bootstrap-done build *.egg-info xen-tracepoints/_xtwalk.so

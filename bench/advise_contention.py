@@ -341,8 +341,10 @@ def main(argv=None) -> int:
                              ("wb_cpu", "wb device-model CPU", "CPU"),
                              ("storm_cpu", "stormer device-model CPU", "CPU")):
         ma, la, ha, mb, lb, hb = summary(key)
-        print(f"  {label:<20} without {ma:9.1f} ({la:.1f}-{ha:.1f}) {unit:<5}  with {mb:9.1f} "
-              f"({lb:.1f}-{hb:.1f}) {unit:<5}  without/with {ma / mb if mb else float('nan'):.2f}")
+        d = 2 if unit == "CPU" else 1
+        print(f"  {label:<24} without {ma:9.{d}f} ({la:.{d}f}-{ha:.{d}f}) {unit:<5}  with "
+              f"{mb:9.{d}f} ({lb:.{d}f}-{hb:.{d}f}) {unit:<5}  without/with "
+              f"{ma / mb if mb else float('nan'):.2f}")
     ratios = [a["wait_p95"] / b["wait_p95"] for a, b in pairs]
     print(f"per-round ratios of the wb p95 wait: {', '.join(f'{x:.2f}' for x in ratios)}")
     print(f"ratio {statistics.median(ratios):.2f}")

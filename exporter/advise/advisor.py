@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from iotrace.advise.audit import AuditLog, originals
 from iotrace.advise.cgroup import CgroupBackend, CgroupError
 from iotrace.advise.policy import Decision, KnobState, Policy
-from iotrace.advise.xl import XlBackend
+from iotrace.advise.xl import XlBackend, XlError
 from iotrace.analysis import classify as C
 from iotrace.analysis.settings import KNOB_DEFAULT, AdviseSettings
 from iotrace.core.errors import UserError
@@ -70,6 +70,9 @@ class XlKnobs:
         return {"command": argv}
 
     def restore(self, rec: dict) -> str:
+        from iotrace.analysis.host import is_dom0
+        if not is_dom0():
+            raise XlError("this host is not a Xen Dom0: its credit2 weights are not here")
         domid = rec.get("domid")
         if rec.get("uuid"):
             domid = self.backend.domid_of(rec["uuid"])
@@ -117,10 +120,14 @@ class CgroupKnobs:
 
 
 def make_knobs(knob: str, *, local: bool, why_not: str = "") -> object:
-    """The knobs for ``knob`` on this host (``local``: the source watches this host)."""
+    """The knobs for ``knob`` on this host (``local``: the source watches this host). xl knobs
+    exist only in a Xen Dom0; elsewhere a plan for them starts from the default weight."""
     if not local:
         return DefaultKnobs(knob, why_not or "the source does not watch this host")
-    return XlKnobs() if knob == "xl" else CgroupKnobs()
+    if knob == "xl":
+        from iotrace.analysis.host import is_dom0
+        return XlKnobs() if is_dom0() else DefaultKnobs(knob, "this host is not a Xen Dom0")
+    return CgroupKnobs()
 
 
 @dataclass
@@ -189,7 +196,13 @@ class Advisor:
             if "cgroup" in extra:
                 rec["cgroup"]["raw_original"] = rec["cgroup"].get("raw_before")
             if self.audit is not None:
-                rec = self.audit.write(rec)
+                try:
+                    rec = self.audit.write(rec)
+                except UserError as exc:
+                    # a change nobody could undo from the log: stop here, saying what it was
+                    raise UserError(f"{exc}; stopping: {d.name} (domid {d.domid}) {d.knob} was "
+                                    f"changed {d.current} -> {d.new} (original {d.original}) "
+                                    "and is not in the log") from None
             result.applied.append(rec)
         return result
 

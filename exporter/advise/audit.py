@@ -46,8 +46,11 @@ class AuditLog:
                "time_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
         rec.update(record)
         line = (json.dumps(rec, sort_keys=True, default=_plain) + "\n").encode("utf-8")
-        os.write(self._fd, line)
-        os.fsync(self._fd)
+        try:
+            os.write(self._fd, line)
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot write the audit log: {exc.strerror}") from None
         return rec
 
     def close(self) -> None:

@@ -176,7 +176,7 @@ def _knob(args) -> str:
 # -- rollback -----------------------------------------------------------------------------------
 
 def run_rollback(args) -> int:
-    from iotrace.advise.advisor import make_knobs, rollback
+    from iotrace.advise.advisor import CgroupKnobs, XlKnobs, rollback
     from iotrace.advise.audit import AuditLog, read_audit
     records = read_audit(args.rollback)
     knobs = sorted({r.get("knob", "").split("-")[0] for r in records if r.get("action") == "set"})
@@ -187,8 +187,8 @@ def run_rollback(args) -> int:
     audit = None if args.dry_run else AuditLog(args.rollback)
     try:
         for knob in knobs:
-            for rec, status, what in rollback(records, make_knobs(knob, local=True), audit,
-                                              dry_run=args.dry_run):
+            knobs = XlKnobs() if knob == "xl" else CgroupKnobs()
+            for rec, status, what in rollback(records, knobs, audit, dry_run=args.dry_run):
                 failed += status == "failed"
                 word = {"dry-run": "would restore", "restored": "restored", "gone": "skipped",
                         "failed": "NOT restored"}[status]
@@ -327,7 +327,8 @@ def run_live(args, settings, knob) -> int:
     host = LocalHost() if local else None
     analyzer = Analyzer(settings, dm_wait_counts=src.name != "xentrace")
     out = _Printer(args, knob, bool(args.apply),
-                   dry_why="" if local else "weights from the default")
+                   dry_why=f"{knobs.why}; weights from the default" if hasattr(knobs, "why")
+                   else "")
     keep = _domain_filter(args.domain)
     _interrupt_on_term()
     changed = 0

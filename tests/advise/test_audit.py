@@ -63,6 +63,14 @@ def test_unknown_action_and_plain_json(tmp_path):
     assert out["new"] == 2
 
 
+def test_a_full_disk_is_one_line():
+    """/dev/full: every write fails with ENOSPC, as on a full disk."""
+    log = AuditLog("/dev/full")
+    with pytest.raises(InputError, match="cannot write the audit log: No space left"):
+        log.write(rec("uuid:1", 256, 128))
+    log.close()
+
+
 def test_an_unwritable_place_is_one_line(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(InputError, match="cannot open the audit log"):

@@ -104,6 +104,18 @@ def test_rollback_of_nothing_and_dry_run(tmp_path, capsys):
     assert rc == 2 and "no such file" in err
 
 
+def test_rollback_of_xl_changes_off_a_dom0_fails_clearly(tmp_path, capsys):
+    if os.path.exists("/proc/xen"):
+        pytest.skip("a real Dom0")
+    audit = tmp_path / "xl.jsonl"
+    audit.write_text(json.dumps({"v": 1, "action": "set", "knob": "xl-weight", "domid": 3,
+                                 "domain": "web", "identity": "uuid:u", "uuid": "u", "old": 256,
+                                 "new": 128, "original": 256}) + "\n")
+    rc, out, _ = advise("--rollback", audit, capsys=capsys)
+    assert rc == 1 and "NOT restored web (domid 3, uuid:u) xl-weight -> 256" in out
+    assert "not a Xen Dom0" in out
+
+
 # -- live, as root: stand-in device models, the real probes, the real cgroups ------------------
 
 CPU_V1 = "/sys/fs/cgroup/cpu"
