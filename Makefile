@@ -88,6 +88,7 @@ bench: install
 	$(PY) bench/exporter_scrape.py
 	$(PY) bench/resolver.py
 	$(PY) bench/discovery.py
+	$(PY) bench/advise_contention.py
 
 clean:
 	rm -rf $(VENV) .bootstrap-done build out *.egg-info xen-tracepoints/_xtcore.so

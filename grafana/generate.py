@@ -388,6 +388,33 @@ def anomalies():
                        f"source_domain:iotrace_ioreqs:rate1m_stddev6h{SEL_DOMAIN}, 1)",
                        "{{domain}} storm line")], "reqps"))
 
+    L.row("Scheduler advice (iotrace.analysis; what iotrace advise acts on)")
+    L.add(table("Domain class now",
+                "The class of each domain in the exporter's last analysis interval (idle, "
+                "cpu-bound, io-bound, storming, dom0-starved, normal; domid 0 is Dom0). "
+                "IotraceDom0Starved fires on Dom0's dom0-starved for 10m.",
+                f"iotrace_domain_class{SEL_DOMAIN} == 1",
+                exclude=("__name__", "Value", "job")), 8, 8)
+    L.add(timeseries("I/O wait share by domain",
+                     "Share of each domain's vCPU time spent waiting for emulation (service time "
+                     "of its synchronous requests / (interval x vCPUs)); io-bound from 10% "
+                     "(advise.thresholds.io_wait).",
+                     [(f"iotrace_domain_io_wait_ratio{SEL_DOMAIN}",
+                       "{{domain}} · {{source}} · {{instance}}")], "percentunit",
+                     thresholds=[(0.10, "orange")]), 8, 8)
+    L.add(timeseries("Advised weight by domain",
+                     "The weight advise targets after its hysteresis, on each knob's default "
+                     "scale: xl = credit2 (256), cgroup = device-model cpu.weight (100).",
+                     [(f"iotrace_advised_weight{SEL_DOMAIN}",
+                       "{{domain}} {{knob}} · {{instance}}")]), 8, 8)
+    L.add(timeseries("Dom0 CPU and device-model CPU",
+                     "Dom0's busy share (steal included) and each device model's CPU (share of "
+                     "one CPU): a saturated Dom0 slows every guest's emulated I/O.",
+                     [(f"iotrace_dom0_cpu_busy_ratio{{{M_INST}}}", "Dom0 busy · {{instance}}"),
+                      (f"iotrace_domain_device_model_cpu_ratio{SEL_DOMAIN}",
+                       "{{domain}} device model · {{instance}}")], "percentunit",
+                     thresholds=[(0.9, "red")]), 24, 7)
+
     L.row("Device probing and slow emulation")
     L.add(table("Ranges first touched in the last hour",
                 "Age in seconds of each domain's first access to a range, where under an hour.",

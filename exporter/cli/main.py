@@ -19,6 +19,7 @@ VERBS = {
     "report": "iotrace.cli.report",
     "serve": "iotrace.cli.serve",
     "top": "iotrace.cli.top",
+    "advise": "iotrace.cli.advise",
     "snoop": "iotrace.probes.cli.snoop",
     "record": "iotrace.probes.cli.record",
     "probe-info": "iotrace.probes.cli.probe_info",

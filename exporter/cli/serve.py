@@ -17,7 +17,7 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from iotrace.cli.args import argtype, speed
+from iotrace.cli.args import argtype, seconds, speed
 from iotrace.cli.config import load_config
 from iotrace.core.errors import InputError, UserError
 from iotrace.serve.collector import IotraceCollector
@@ -64,6 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TLS and basic auth, in the Prometheus exporter-toolkit format")
     p.add_argument("--strict", action="store_true",
                    help="exit if any source fails to start or any probe fails to attach")
+    p.add_argument("--analysis-interval", type=argtype(seconds), default=None, metavar="S",
+                   help="seconds between two per-domain analyses (I/O wait share, class, advised "
+                        "weight: the iotrace_domain_* metrics; default 60, or the config's "
+                        "advise.interval)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="log verbosity on stderr (default info)")
 
@@ -183,6 +187,18 @@ def _monitor(sources, stop: threading.Event, last: dict | None = None) -> None:
             last[src.name] = state
 
 
+def _analysis(args, sources):
+    """The per-domain analysis beside the exporter (iotrace.analysis.live); the host's own figures
+    (Dom0 and device-model CPU, xl) only when the sources watch this host."""
+    from iotrace.analysis.host import LocalHost
+    from iotrace.analysis.live import LiveAnalysis
+    from iotrace.analysis.settings import load_advise
+    advise = load_advise(args.config)
+    if args.analysis_interval is not None:
+        advise = advise.with_(interval=args.analysis_interval)
+    return LiveAnalysis(sources, advise, host=None if args.replay else LocalHost())
+
+
 def run(args) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s iotrace serve %(levelname)s: %(message)s")
@@ -195,9 +211,10 @@ def run(args) -> int:
         from iotrace.serve.webconfig import load_web_config
         web = load_web_config(args.web_config_file)
     sources = build_sources(args, addrmap)
+    analysis = _analysis(args, sources)
 
     registry = CollectorRegistry()
-    collector = IotraceCollector(sources, settings)
+    collector = IotraceCollector(sources, settings, analysis=analysis)
     registry.register(collector)
     desc = "sources: " + ", ".join(s.name for s in sources)
     if args.replay:
@@ -221,6 +238,7 @@ def run(args) -> int:
         logged = _start_sources(sources, args.strict)  # on failure: the finally below cleans up
         if args.strict:
             _check_settled(sources)
+        analysis.start()
         server.start()
         log.info("serving %s/metrics (%s)", server.url, desc)
         monitor = threading.Thread(target=_monitor, args=(sources, stop, logged), name="monitor",
@@ -230,6 +248,7 @@ def run(args) -> int:
             pass
     finally:
         server.shutdown()
+        analysis.stop()
         _stop_sources(sources)
         for s, h in old.items():
             signal.signal(s, h)

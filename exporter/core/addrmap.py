@@ -47,7 +47,7 @@ HANDLERS = ("qemu", "xen", "none")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _BDF_RE = re.compile(r"^(?:([0-9a-fA-F]{1,4}):)?([0-9a-fA-F]{1,2}):([0-1]?[0-9a-fA-F])\.([0-7])$")
 _LIMITS = {"pio": 0xFFFF, "mmio": 0xFFFFFFFFFFFFFFFF}
-CONFIG_SECTIONS = ("pio", "mmio", "pci_config", "replace_defaults", "exporter")
+CONFIG_SECTIONS = ("pio", "mmio", "pci_config", "replace_defaults", "exporter", "advise")
 
 
 @dataclass(frozen=True)

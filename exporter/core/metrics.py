@@ -86,6 +86,35 @@ METRICS: tuple[MetricDef, ...] = (
         "shows up as new ranges).",
         summary="Unix time of the domain's first access to the range."),
     MetricDef(
+        "iotrace_domain_io_wait_ratio", "gauge", _DOM,
+        "Share of the domain's vCPU time spent waiting for emulation over the last analysis "
+        "interval: service time of its synchronous requests (those with a vCPU) / (interval x "
+        "its vCPUs). vCPUs from xl where Xen is, else the highest vCPU its requests showed.",
+        summary="I/O wait share of the domain's vCPU time (last analysis interval)."),
+    MetricDef(
+        "iotrace_domain_class", "gauge", _DOM + ("class",),
+        "1 for the class the analysis gave the domain in its last interval, 0 for the others: "
+        "idle, cpu-bound, io-bound, storming, dom0-starved, normal (domid 0 is Dom0: "
+        "dom0-starved or normal).",
+        summary="The domain's class in the last analysis interval (value 1; the others 0)."),
+    MetricDef(
+        "iotrace_domain_device_model_cpu_ratio", "gauge", _DOM,
+        "CPU used by the domain's device-model process over the last analysis interval, as a "
+        "share of one CPU (/proc/PID/stat utime + stime).",
+        summary="Device-model CPU use, share of one CPU (last analysis interval)."),
+    MetricDef(
+        "iotrace_advised_weight", "gauge", _DOM + ("knob",),
+        "The weight iotrace advise targets for the domain, after its hysteresis and bounds, on "
+        "the knob's default scale: knob=xl is the credit2 weight (default 256, Dom0 included), "
+        "knob=cgroup the device model's cpu.weight (default 100). advise applies the same factor "
+        "to each domain's original weight, at most x2 per step.",
+        summary="Weight advise targets (knob xl = credit2, default 256; cgroup = cpu.weight, 100)."),
+    MetricDef(
+        "iotrace_dom0_cpu_busy_ratio", "gauge", (),
+        "Share of Dom0's CPU time busy over the last analysis interval, all its CPUs, steal "
+        "included (time Xen ran other domains while Dom0 wanted to run); from /proc/stat.",
+        summary="Dom0 CPU busy share, steal included (last analysis interval)."),
+    MetricDef(
         "iotrace_source_up", "gauge", _SRC,
         "1 while the event source runs and counts all it was asked to (qemu: every device-model "
         "binary's probe programs loaded by the kernel and attached), 0 otherwise (the reason is "

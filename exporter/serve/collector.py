@@ -14,11 +14,15 @@ the text format, ``iotrace.serve.render`` renders on one long-lived thread in pi
 compress while the next ones are made. This module decides what is exported: the sources' rows,
 which domains are still visible, first-seen times, self-metrics.
 
+The per-domain analysis (``iotrace.analysis``: I/O wait share, class, device-model CPU, the weight
+advise targets, Dom0's CPU) comes from an optional ``analysis`` object (``LiveAnalysis``: its
+``latest()`` results, read without waiting) and its ``settings`` (bounds of the advised weights).
+
 Label values are bounded by construction: ``range`` comes from the address map (``other`` for the
 rest), ``type``/``dir`` from fixed tables (unknown type codes become ``other``), ``vcpu`` from the
-domain's vCPUs (``-1`` for buffered/unknown). Guest data values (ioreq ``data``) are never read
-here. Series of a domain that went away disappear ``domain_grace_seconds`` after it was last
-known alive. The metric contract is documented in docs/metrics.md.
+domain's vCPUs (``-1`` for buffered/unknown), ``class`` and ``knob`` from fixed lists. Guest
+data values (ioreq ``data``) are never read here. Series of a domain that went away disappear
+``domain_grace_seconds`` after it was last known alive. The metric contract is documented in docs/metrics.md.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from iotrace import __version__
+from iotrace.analysis.classify import CLASSES
+from iotrace.analysis.priorities import advised_weight
 from iotrace.core.addrmap import TYPE_RANGE_NAMES, AddressMap
 from iotrace.core.domains import display_name
 from iotrace.core.events import DIR_NAMES
@@ -66,7 +72,7 @@ class IotraceCollector(Collector):
     """
 
     def __init__(self, sources: Sequence, settings: ExporterSettings | None = None,
-                 clock=time.time, version: str = __version__):
+                 clock=time.time, version: str = __version__, analysis=None):
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise ValueError(f"two sources share a name: {names}")
@@ -74,6 +80,7 @@ class IotraceCollector(Collector):
         self.settings = settings or ExporterSettings()
         self.clock = clock
         self.version = version
+        self.analysis = analysis
         self._lock = threading.Lock()
         # (source, domid) -> wall time the source last listed the domain in domains()
         self._listed_at: dict[tuple[str, int], float] = {}
@@ -143,10 +150,39 @@ class IotraceCollector(Collector):
                 fam["iotrace_events_lost"].add(n, st.lost if st else 0)
                 fam["iotrace_decode_errors"].add(n, st.decode_errors if st else 0)
                 fam["iotrace_source_events"].add(n, st.events if st else 0)
+        if self.analysis is not None:
+            self._collect_analysis(fam)
         fam["iotrace_build_info"].add((self.version,), 1)
         self.last_duration = time.perf_counter() - t0
         fam["iotrace_scrape_duration_seconds"].add((), self.last_duration)
         return list(fam.values())
+
+    def _collect_analysis(self, fam) -> None:
+        """The analysis' latest per-domain results (see iotrace.analysis.live)."""
+        busy = None
+        settings = self.analysis.settings
+        for name, a in sorted(self.analysis.latest().items()):
+            if busy is None:
+                busy = a.host.busy_ratio
+            for r in [a.dom0] + [r for _, r in sorted(a.domains.items())]:
+                sig = r.signals
+                labels = (name, sig.name, str(sig.domid))
+                for cls in CLASSES:
+                    if sig.domid == 0 and cls not in ("dom0-starved", "normal"):
+                        continue
+                    fam["iotrace_domain_class"].add(labels + (cls,), 1 if r.cls == cls else 0)
+                fam["iotrace_advised_weight"].add(labels + ("xl",),
+                                                  advised_weight("xl", r, settings))
+                if sig.domid == 0:
+                    continue
+                fam["iotrace_advised_weight"].add(labels + ("cgroup",),
+                                                  advised_weight("cgroup", r, settings))
+                if sig.io_wait_ratio is not None:
+                    fam["iotrace_domain_io_wait_ratio"].add(labels, sig.io_wait_ratio)
+                if sig.dm_cpu_ratio is not None:
+                    fam["iotrace_domain_device_model_cpu_ratio"].add(labels, sig.dm_cpu_ratio)
+        if busy is not None:
+            fam["iotrace_dom0_cpu_busy_ratio"].add((), busy)
 
     def collect(self) -> Iterable[Metric]:
         """prometheus_client families (used by the registry: OpenMetrics, tests)."""

@@ -155,7 +155,9 @@ def test_required_panels_present():
     assert any("rate1m_zscore" in q for q in allq)
     assert any("histogram_quantile(0.95" in q for q in allq)
     for metric in ("iotrace_source_up", "iotrace_probes_attached", "iotrace_events_lost_total",
-                   "iotrace_scrape_duration_seconds"):
+                   "iotrace_scrape_duration_seconds", "iotrace_domain_io_wait_ratio",
+                   "iotrace_domain_class", "iotrace_advised_weight",
+                   "iotrace_dom0_cpu_busy_ratio"):
         assert any(metric in q for q in allq), metric
     kinds = {p["type"] for _, d in dashboards() for p in queries.panels(d)}
     assert {"timeseries", "heatmap", "table", "stat"} <= kinds

@@ -194,6 +194,10 @@ MUTANTS = [
     ('up{job=~"iotrace.*"} == 0', "up == 0", "exporter_test.yml"),
     ("expr: iotrace_source_up == 0\n        for: 2m", "expr: iotrace_source_up == 0",
      "exporter_test.yml"),
+    ('iotrace_domain_class{domid="0", class="dom0-starved"}',
+     'iotrace_domain_class{class="dom0-starved"}', "dom0_test.yml"),
+    ('class="dom0-starved"}) == 1\n        for: 10m', 'class="dom0-starved"}) == 1\n        for: 8m',
+     "dom0_test.yml"),
 ]
 
 
