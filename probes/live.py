@@ -448,7 +448,10 @@ class QemuProbeSource:
                               first_seen=old.first_seen if old and old.pid == pid else dm.first_seen,
                               last_seen=now, probe_error=err)
             doms[dm.domid] = info
-            if err is not None and dm.exe in self._unprobed:
+            if err is not None and dm.exe in self._unprobed and \
+                    not any(m.startswith(f"{dm.exe}:") for m in self._down):
+                # a domain-only failure (a binary that took the source down is said once, as
+                # the source's: serve's log, top's header)
                 self._report(pid, "unprobed", f"domain {dm.domid} ({dm.name}, pid {pid}): its "
                              f"device model cannot be probed: {err}")
             elif err is None:
