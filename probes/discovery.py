@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from iotrace.core import domains
 from iotrace.core.domains import DOMID_FIRST_RESERVED
+from iotrace.core.procfs import STARTTIME, stat_fields
 
 PROC = "/proc"
 
@@ -65,15 +66,10 @@ def read_cmdline(pid: int, proc: str = PROC) -> list[str] | None:
 
 
 def start_ticks(pid: int, proc: str = PROC) -> int | None:
+    """The process's start time (clock ticks since boot): tells a reused pid apart."""
+    rest = stat_fields(pid, proc)
     try:
-        with open(f"{proc}/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # comm may contain spaces and parentheses: fields restart after the last ')'.
-    rest = stat[stat.rfind(b")") + 2:].split()
-    try:
-        return int(rest[19])            # field 22 overall (starttime)
+        return int(rest[STARTTIME]) if rest is not None else None
     except (IndexError, ValueError):
         return None
 

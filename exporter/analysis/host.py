@@ -30,6 +30,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
+from iotrace.core.procfs import STARTTIME, STIME, UTIME, stat_fields
+
 PROC = "/proc"
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 XL_TIMEOUT = 10.0
@@ -142,15 +144,10 @@ def read_pressure(proc: str = PROC) -> int | None:
 
 def read_process_cpu(pid: int, proc: str = PROC) -> tuple[float, int] | None:
     """(utime + stime in seconds, start time in ticks) of a process, or None if it is gone."""
+    rest = stat_fields(pid, proc)
     try:
-        with open(f"{proc}/{int(pid)}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    # comm may hold spaces and parentheses: the fields restart after the last ')'.
-    rest = stat[stat.rfind(b")") + 2:].split()
-    try:
-        return (int(rest[11]) + int(rest[12])) / CLK_TCK, int(rest[19])
+        return ((int(rest[UTIME]) + int(rest[STIME])) / CLK_TCK, int(rest[STARTTIME])) \
+            if rest is not None else None
     except (IndexError, ValueError):
         return None
 

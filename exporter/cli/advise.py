@@ -22,7 +22,8 @@ import sys
 import threading
 import time
 
-from iotrace.cli.args import argtype, count, seconds, speed
+from iotrace.cli.args import argtype, count, seconds
+from iotrace.cli.source_args import add_source_arguments, build_remote, check_source_arguments
 from iotrace.core.errors import UserError
 
 HELP = "advise domain priorities from their I/O (dry run), or apply them (xl, cgroup)"
@@ -80,23 +81,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="text (default) or one JSON object per interval")
     p.add_argument("--config", metavar="FILE",
                    help="YAML config: address map and the 'advise:' section (thresholds, bounds)")
-    s = p.add_argument_group("sources (default: live qemu-dm probes)")
-    s.add_argument("--source", choices=("qemu", "xentrace"), default=None,
-                   help="live source: qemu-dm uprobes (default) or Xen trace points")
-    s.add_argument("--binary", action="append", default=[], metavar="PATH",
-                   help="with --source qemu: device-model binary to probe (repeatable)")
+    s = add_source_arguments(
+        p, replay_help="a recording or xentrace capture, evaluated on its own clock",
+        speed_help="with --replay: replay it live at X times real time instead",
+        from_help="a remote 'iotrace serve' /metrics page (dry run only)",
+        binary_help="with --source qemu: device-model binary to probe (repeatable)")
     s.add_argument("--binaries-only", action="store_true",
                    help="with --binary: probe only those (not Debian's qemu-dm nor the binaries "
                         "of the device models running here)")
-    s.add_argument("--replay", metavar="FILE",
-                   help="a recording or xentrace capture, evaluated on its own clock")
-    s.add_argument("--speed", type=argtype(speed), default=None, metavar="X",
-                   help="with --replay: replay it live at X times real time instead")
-    s.add_argument("--from", dest="from_url", metavar="URL",
-                   help="a remote 'iotrace serve' /metrics page (dry run only)")
-    s.add_argument("--from-auth", metavar="USER:PASS", help="basic auth for --from (or @FILE)")
-    s.add_argument("--from-ca", metavar="FILE", help="CA certificate(s) for an https --from")
-    s.add_argument("--from-source", metavar="NAME", help="which of the remote exporter's sources")
 
 
 def _nonneg(text) -> float:
@@ -129,18 +121,9 @@ def _settings(args):
 
 
 def _check_args(args) -> None:
-    picked = [n for n, v in (("--replay", args.replay), ("--from", args.from_url),
-                             ("--source", args.source)) if v]
-    if len(picked) > 1:
-        raise UserError(f"{' and '.join(picked)} are exclusive: pick one source")
-    if args.speed is not None and not args.replay:
-        raise UserError("--speed only applies with --replay")
-    if args.binary and (args.replay or args.from_url or args.source == "xentrace"):
-        raise UserError("--binary only applies to the qemu source")
+    check_source_arguments(args)
     if args.binaries_only and not args.binary:
         raise UserError("--binaries-only needs --binary PATH")
-    if (args.from_auth or args.from_ca or args.from_source) and not args.from_url:
-        raise UserError("--from-auth, --from-ca and --from-source need --from URL")
     if args.apply and (args.from_url or args.replay):
         raise UserError(f"--apply {args.apply} acts on this host: it needs a live source "
                         "(the qemu probes or --source xentrace), not "
@@ -205,10 +188,11 @@ def run_rollback(args) -> int:
 def _build_source(args):
     from iotrace.sources import registry
     if args.from_url:
-        return registry.build("remote", args.from_url, auth=args.from_auth, cafile=args.from_ca,
-                              source=args.from_source, timeout=5.0)
-    from iotrace.core.addrmap import AddressMap
-    addrmap = AddressMap.load(args.config) if args.config else None
+        return build_remote(args)
+    from iotrace.cli.config import load_config
+    cfg = load_config(args.config)
+    cfg.print_warnings("advise")
+    addrmap = cfg.addrmap
     if args.replay:
         return registry.build("replay", args.replay, speed=args.speed, addrmap=addrmap)
     kwargs = {"addrmap": addrmap, "keep_addr": False}

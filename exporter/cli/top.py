@@ -14,7 +14,12 @@ import sys
 import threading
 import time
 
-from iotrace.cli.args import argtype, count, duration, seconds, speed
+from iotrace.cli.args import argtype, count, duration, seconds
+from iotrace.cli.source_args import (
+    add_source_arguments,
+    build_remote,
+    check_source_arguments,
+)
 from iotrace.core.errors import UserError
 from iotrace.sources import registry
 from iotrace.top.batch import FORMATS
@@ -89,30 +94,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="flag rows whose service-time p95 is at least DURATION, with its unit "
                         "as the view shows it: 250us, 1ms (default 1ms)")
     p.add_argument("--no-color", action="store_true", help="no colours (markers only)")
-    s = p.add_argument_group("sources (default: live qemu-dm probes)")
-    s.add_argument("--source", choices=("qemu", "xentrace"), default=None,
-                   help="live source: qemu-dm uprobes (default) or Xen trace points")
-    s.add_argument("--binary", action="append", default=[], metavar="PATH",
-                   help="with --source qemu: device-model binary to probe (repeatable; "
-                        "default: the known install paths and the ones running domains use)")
-    s.add_argument("--replay", metavar="FILE", help="a recording or xentrace capture, replayed")
-    s.add_argument("--speed", type=argtype(speed), default=None, metavar="X",
-                   help="with --replay: X times real time (default 1); 0 = all at once")
-    s.add_argument("--from", dest="from_url", metavar="URL",
-                   help="read a remote 'iotrace serve' /metrics page (http[s]://host:port)")
-    s.add_argument("--from-auth", metavar="@FILE",
-                   help="basic auth for --from: a file holding USER:PASS (or set "
-                        f"{AUTH_ENV}=USER:PASS; a password on the command line shows in ps)")
-    s.add_argument("--from-ca", metavar="FILE", help="CA certificate(s) to verify an https --from")
-    s.add_argument("--from-source", metavar="NAME",
-                   help="which of the remote exporter's sources to show (default qemu, else first)")
-    s.add_argument("--from-timeout", type=argtype(seconds), default=5.0, metavar="S",
-                   help="timeout of one --from scrape in seconds (default 5)")
+    add_source_arguments(
+        p, replay_help="a recording or xentrace capture, replayed",
+        speed_help="with --replay: X times real time (default 1); 0 = all at once",
+        from_help="read a remote 'iotrace serve' /metrics page (http[s]://host:port)",
+        binary_help="with --source qemu: device-model binary to probe (repeatable; default: the "
+                    "known install paths and the ones running domains use)")
     p.add_argument("--config", metavar="FILE", help="YAML address map (names for port/MMIO ranges)")
 
 
 SETTLE_SECONDS = 1.0     # without root: how long a live source may take to report its failure
-AUTH_ENV = "IOTRACE_FROM_AUTH"
 
 
 def _timing(args) -> tuple[float, int | None]:
@@ -126,34 +117,12 @@ def _timing(args) -> tuple[float, int | None]:
         (args.count if args.count is not None else args.iterations)
 
 
-def _remote_auth(args) -> str | None:
-    """--from credentials from a file (@FILE) or the environment, never the command line."""
-    if args.from_auth is not None and not args.from_auth.startswith("@"):
-        raise UserError(f"--from-auth: give @FILE (a file holding USER:PASS) or set {AUTH_ENV}: "
-                        "a password on the command line shows in ps")
-    from urllib.parse import urlsplit
-    if urlsplit(args.from_url).password is not None:
-        raise UserError(f"--from: no password in the URL (it shows in ps): use --from-auth @FILE "
-                        f"or {AUTH_ENV}")
-    return args.from_auth or os.environ.get(AUTH_ENV) or None
-
-
 def build_source(args):
-    picked = [n for n, v in (("--replay", args.replay), ("--from", args.from_url),
-                             ("--source", args.source)) if v]
-    if len(picked) > 1:
-        raise UserError(f"{' and '.join(picked)} are exclusive: pick one source")
-    if args.speed is not None and not args.replay:
-        raise UserError("--speed only applies with --replay")
-    if args.binary and (args.replay or args.from_url or args.source == "xentrace"):
-        raise UserError("--binary only applies to the qemu source")
-    if (args.from_auth or args.from_ca or args.from_source) and not args.from_url:
-        raise UserError("--from-auth, --from-ca and --from-source need --from URL")
+    check_source_arguments(args)
     if args.from_url:
         if args.config:
             raise UserError("--config does not apply to --from (the remote exporter names ranges)")
-        return registry.build("remote", args.from_url, auth=_remote_auth(args), cafile=args.from_ca,
-                              source=args.from_source, timeout=args.from_timeout)
+        return build_remote(args)
     from iotrace.cli.config import load_config
     cfg = load_config(args.config)
     cfg.print_warnings("top")
