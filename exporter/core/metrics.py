@@ -17,6 +17,7 @@ address, a pid or guest data.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 
@@ -183,7 +184,7 @@ def contract_yaml() -> str:
             out.append(f"    # le = 2^k ns for k = {BUCKET_EXPONENTS[0]}, {BUCKET_EXPONENTS[1]}, ..., "
                        f"{BUCKET_EXPONENTS[-1]}, in seconds, plus +Inf.")
             out.append(f"    buckets_log2_ns: [{', '.join(map(str, BUCKET_EXPONENTS))}]")
-        out.append(f"    help: {m.summary}")
+        out.append(f"    help: {json.dumps(m.summary)}")     # a JSON string is a YAML string
     return "\n".join(out) + "\n"
 
 

@@ -48,6 +48,20 @@ def test_collector_exports_exactly_the_table():
                 assert set(s.labels) - {"le"} == want, (m.name, s.labels)
 
 
+def test_contract_file_reads_back_the_table():
+    """The generated YAML parses back to the table: names, types, labels, helps (any text)."""
+    import yaml
+    doc = yaml.safe_load(metrics.contract_yaml())
+    assert list(doc["metrics"]) == [m.sample for m in metrics.METRICS]
+    for m in metrics.METRICS:
+        entry = doc["metrics"][m.sample]
+        assert entry["type"] == m.type and entry["help"] == m.summary
+        assert entry["labels"] + entry.get("optional_labels", []) == \
+            [lb for lb in m.labels if lb not in m.optional] + list(m.optional)
+    tricky = metrics.MetricDef("iotrace_x", "gauge", (), "h", summary='a: "b" # c')
+    assert yaml.safe_load(f"help: {metrics.json.dumps(tricky.summary)}")["help"] == tricky.summary
+
+
 def test_table_follows_the_naming_conventions():
     for m in metrics.METRICS:
         assert m.name.startswith("iotrace_") and m.type in ("counter", "gauge", "histogram")
