@@ -80,7 +80,9 @@ def build_sources(args, addrmap, settings=None) -> list:
         if args.source is not None or args.binary:
             raise UserError("--replay excludes --source and --binary (a replay is its own "
                             "source)")
-        return [registry.build("replay", args.replay, speed=args.speed or 0.0, addrmap=addrmap)]
+        # damage in the file (skipped chunks, truncation) is logged as it is found
+        return [registry.build("replay", args.replay, speed=args.speed or 0.0, addrmap=addrmap,
+                               warn=lambda msg: log.warning("source replay: %s", msg))]
     if args.speed is not None:
         raise UserError("--speed only applies with --replay")
     kinds = ["qemu", "xentrace"] if args.source == "both" else [args.source or "qemu"]
