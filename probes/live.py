@@ -461,19 +461,29 @@ class QemuProbeSource:
             if self.mode == "events":
                 for ps in self.sets:
                     ps.forget_tgids(gone)
-            # metrics mode: their entries left the maps when they were retired; entries of the
-            # pid now are a new process's (pid reuse), counted once it is looked up afresh
-            self._retired_tgids -= gone
+            else:
+                # Device models' entries left the maps when they were retired (entries under
+                # their pid now are a new process's, pid reuse: counted once it is looked up
+                # afresh); other processes' (no -xen-domid) leave now, their count kept.
+                other = gone - self._retired_tgids
+                if other:
+                    self._retire(other, keep_cells=False)
+                self._retired_tgids -= gone
         return gone
 
-    def _retire(self, tgids: set[int]) -> None:
-        """Move the map entries of device models that went away into the retired cells."""
+    def _retire(self, tgids: set[int], keep_cells: bool = True) -> None:
+        """Move the map entries of processes that went away out of the kernel maps: into the
+        retired cells (device models, ``keep_cells``), their count into ``_retired_events``."""
         cells: dict[Key, Cell] = {}
         for ps in self.sets:
             items = [(k, v) for k, v in ps.stats_items() if k.tgid in tgids]
             if items:
-                self._fold(items, cells, alive_only=False)
+                self._retired_events += sum(int(v.count) for _, v in items)
+                if keep_cells:
+                    self._fold(items, cells, alive_only=False)
                 ps.forget_tgids(tgids)
+        if not keep_cells:
+            return
         self._retired_tgids |= tgids
         retired = self._retired
         for key, cell in cells.items():
@@ -485,7 +495,6 @@ class QemuProbeSource:
                 if mine is None:
                     mine = retired[key] = Cell()
             mine.add(cell)
-            self._retired_events += cell.count
 
     def domains(self) -> dict[int, DomainInfo]:
         """The domains of running device models, and for retain_seconds those whose device

@@ -224,3 +224,43 @@ def test_the_source_frees_the_kernel_map_and_keeps_the_totals(tmp_path, standin)
         dm.kill()
         dm.wait()
         src.stop()
+
+
+def test_retired_cells_are_bounded(tmp_path, standin, monkeypatch):
+    """Past MAX_RETIRED keys (the kernel map's size; 8 here) the final totals of a gone device
+    model are kept per range without their address: the counts stay exact."""
+    from iotrace.probes import live
+    monkeypatch.setattr(live, "MAX_RETIRED", 8)
+    src = QemuProbeSource(binaries=[standin], defaults=False, strict=True, keep_addr=True,
+                          retain_seconds=60.0)
+    src.start()
+    truth = tmp_path / "t.json"
+    dm = _start(standin, 784, truth, "many")
+    try:
+        assert _wait(truth.exists, 30)
+        want = _truth_total(truth)
+
+        def mine():
+            return {k: c.count for k, c in src.totals().items() if k.domid == 784}
+
+        assert _wait(lambda: sum(mine().values()) == want, 30)
+        before = mine()
+        assert len(before) > 8
+        by_range = Counter()
+        for k, n in before.items():
+            by_range[(k.vcpu, k.type, k.dir, k.range)] += n
+        dm.send_signal(signal.SIGKILL)
+        dm.wait()
+        assert _wait(lambda: len(mine()) < len(before), 5, 0.1)
+        after = mine()
+        assert sum(after.values()) == want
+        assert 0 < sum(1 for k in after if k.addr) <= 8             # the first keep theirs
+        assert len(after) <= 8 + len(by_range)
+        got = Counter()
+        for k, n in after.items():
+            got[(k.vcpu, k.type, k.dir, k.range)] += n
+        assert got == by_range
+    finally:
+        dm.kill()
+        dm.wait()
+        src.stop()
