@@ -113,7 +113,7 @@ METRICS: tuple[MetricDef, ...] = (
         "records count in iotrace_decode_errors_total); kind=truncated is 1 once the input "
         "ended inside a record, or a recording ended without its end chunk (its writer was "
         "killed). 0 for live sources.",
-        summary="Damage in a replayed input: chunks skipped, truncation."),
+        summary="Damage in a replayed input (chunks skipped, truncation)."),
     MetricDef(
         "iotrace_source_events", "counter", _SRC,
         "I/O requests the source has delivered to iotrace.",
