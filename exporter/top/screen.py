@@ -239,7 +239,7 @@ class TopScreen:
                 if st.probes_failed:
                     s += f" ({st.probes_failed} failed)!"
                     attr = A["down"]
-            damage = damage_text(st, " {} chunk(s) skipped", " truncated")
+            damage = damage_text(st, ", {} chunk(s) skipped", ", truncated")
             if st.decode_errors or damage:
                 s += f" damaged: {st.decode_errors} undecodable{damage}!"
                 attr = A["lost"]

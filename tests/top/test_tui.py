@@ -411,7 +411,7 @@ def test_a_damaged_replay_shows_on_the_source_line(iotrace_exe, tmp_path):
     t = Tmux(f"{shlex.quote(iotrace_exe)} top --replay {shlex.quote(str(rec))} --speed 0 0.5")
     try:
         s = t.wait_for(lambda x: "alpha" in x and "replay up" in x, what="replay table")
-        assert "ev 600" in s and "damaged: 300 undecodable 1 chunk(s) skipped!" in s
+        assert "ev 600" in s and "damaged: 300 undecodable, 1 chunk(s) skipped!" in s
         line = next(ln for ln in t.screen(escapes=True).splitlines() if "damaged" in ln)
         assert "31m" in line                                    # red: attention
         t.keys("q")
