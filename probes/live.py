@@ -38,6 +38,17 @@ different: gone by the time it is resolved or attached, it is skipped (the proce
 present but without a resolvable handle_ioreq (an unknown build), or with uprobes that do not
 attach, it is a failure of that domain only (``probe_error``, probes_attached 0), not of the
 source; a program the kernel refuses makes the source down whichever binary it was for.
+
+A device model that goes away leaves its final totals behind: at the first refresh after its exit
+its map entries are moved out of the kernel maps (freeing their room in the bounded map, and so
+that a reused pid starts afresh) into the source's *retired* cells, which ``totals()`` keeps
+adding to the live ones. Its domain stays listed by ``domains()`` with ``last_seen`` frozen at the
+last time it was known alive, for ``retain_seconds`` (``iotrace serve`` passes its
+``domain_grace_seconds`` plus a margin; the exporter decides from ``last_seen`` when the series go),
+then the domain and its retired cells are dropped together. A device model of the same domain
+that starts meanwhile adds to the same cells: no counter of a listed domain ever goes down.
+``stats().events`` counts retired requests too, so it never goes down either. Retired cells are
+bounded (``MAX_RETIRED`` keys, the kernel map's size); beyond that new keys lose their address.
 """
 from __future__ import annotations
 
@@ -65,6 +76,9 @@ from iotrace.probes.hook.auto import Finding
 from iotrace.probes.hook.resolve import ElfError, resolve
 
 DEBIAN_DM = "/usr/libexec/xen-qemu-system-i386"
+# Retired cells (the final totals of device models that went away) kept at most: the kernel map's
+# bound (probes/bpf/loader.py STATS_ENTRIES); keys beyond it are kept without their address.
+MAX_RETIRED = 65536
 
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
@@ -119,8 +133,10 @@ class QemuProbeSource:
     not probed yet (off with defaults=False: only ``binaries``); send_vcpu_offset: an int, or
     {path: int}, for binaries whose XenIOState layout the resolver cannot tell; keep_addr: keep raw
     addresses in the keys (the collector folds them into ranges); ringbuf_pages: ring buffer size
-    (events). strict applies at start; a binary found later that cannot be probed (or, strict,
-    is not sure) is reported (warning, ``stats().probes_failed``, the domain's ``probe_error``).
+    (events); retain_seconds: how long a domain whose device model went away stays listed with
+    its final totals (see the module doc; 0: dropped at once). strict applies at start; a
+    binary found later that cannot be probed (or, strict, is not sure) is reported (warning,
+    ``stats().probes_failed``, the domain's ``probe_error``).
 
     Address buckets: in metrics mode the kernel keys by ``metrics_bucket(type, addr)`` (MMIO: the
     4 KiB page; PCI config: the function, register dropped; port I/O: exact), so ``totals()`` keys
@@ -135,7 +151,7 @@ class QemuProbeSource:
     def __init__(self, addrmap: AddressMap | None = None, binaries=None, strict: bool = False,
                  *, mode: str = "metrics", timing: bool = True, defaults: bool = True,
                  send_vcpu_offset: int | dict | None = None, keep_addr: bool = True,
-                 ringbuf_pages: int = RINGBUF_PAGES, warn=None):
+                 ringbuf_pages: int = RINGBUF_PAGES, warn=None, retain_seconds: float = 0.0):
         self.addrmap = addrmap or AddressMap.default()
         self.extra = list(binaries or [])
         self.strict = strict
@@ -173,6 +189,11 @@ class QemuProbeSource:
         self._t_start = 0.0                          # CLOCK_BOOTTIME of start()
         self._before_start = 0                       # device models running before start()
         self._discovered: set[str] = set()          # binaries known only from a running DM
+        self.retain_seconds = float(retain_seconds)
+        self._retired: dict[Key, Cell] = {}          # final totals of gone device models
+        self._retired_tgids: set[int] = set()        # moved out of the maps, pid not reused yet
+        self._retired_events = 0                     # requests in retired cells, ever
+        self._gone: dict[int, DomainInfo] = {}       # domid -> its info when last seen alive
 
     # -- lifecycle -------------------------------------------------------------------------------
     def binaries(self) -> list[str]:
@@ -435,9 +456,15 @@ class QemuProbeSource:
             self.warn(msg)
 
     def _refresh_domains(self) -> set[int]:
-        """Pick up new device models, drop those that went away; returns the pids gone."""
+        """Pick up new device models; retire those that went away (their final totals move out
+        of the kernel maps, their domain stays listed for retain_seconds); returns the pids
+        gone for good."""
         alive, gone = self._pm.refresh()
         self._alive = set(alive)
+        if self.mode == "metrics":
+            dead = {p for p in self._pm.known() if p not in self._alive} - self._retired_tgids
+            if dead:
+                self._retire(dead)
         self._follow(alive)
         now = time.time()
         doms: dict[int, DomainInfo] = {}
@@ -456,21 +483,69 @@ class QemuProbeSource:
                              f"device model cannot be probed: {err}")
             elif err is None:
                 self._check_late(pid, dm)
-        dropped = {d for d in self._domains if d not in doms}
+        for domid, info in self._domains.items():
+            if domid not in doms:               # its last device model went away
+                self._gone[domid] = info
+        for domid in doms:
+            self._gone.pop(domid, None)         # alive again: its retired cells stay in its totals
+        expired = [d for d, info in self._gone.items()
+                   if now - info.last_seen > self.retain_seconds]
+        for domid in expired:
+            del self._gone[domid]
+            if self.mode == "events":
+                self._agg.drop_domain(domid)
+            else:
+                for key in [k for k in self._retired if k.domid == domid]:
+                    del self._retired[key]
         self._domains = doms
         if gone:
             self._seen_tgids -= gone
-            for ps in self.sets:
-                ps.forget_tgids(gone)
-        if self.mode == "events":
-            for domid in dropped:
-                self._agg.drop_domain(domid)
+            if self.mode == "events":
+                for ps in self.sets:
+                    ps.forget_tgids(gone)
+            else:
+                # Device models' entries left the maps when they were retired (entries under
+                # their pid now are a new process's, pid reuse: counted once it is looked up
+                # afresh); other processes' (no -xen-domid) leave now, their count kept.
+                other = gone - self._retired_tgids
+                if other:
+                    self._retire(other, keep_cells=False)
+                self._retired_tgids -= gone
         return gone
 
+    def _retire(self, tgids: set[int], keep_cells: bool = True) -> None:
+        """Move the map entries of processes that went away out of the kernel maps: into the
+        retired cells (device models, ``keep_cells``), their count into ``_retired_events``."""
+        cells: dict[Key, Cell] = {}
+        for ps in self.sets:
+            items = [(k, v) for k, v in ps.stats_items() if k.tgid in tgids]
+            if items:
+                self._retired_events += sum(int(v.count) for _, v in items)
+                if keep_cells:
+                    self._fold(items, cells, alive_only=False)
+                ps.forget_tgids(tgids)
+        if not keep_cells:
+            return
+        self._retired_tgids |= tgids
+        retired = self._retired
+        for key, cell in cells.items():
+            mine = retired.get(key)
+            if mine is None:
+                if len(retired) >= MAX_RETIRED and key.addr:
+                    key = key._replace(addr=0)       # bounded: the range keeps the counts
+                    mine = retired.get(key)
+                if mine is None:
+                    mine = retired[key] = Cell()
+            mine.add(cell)
+
     def domains(self) -> dict[int, DomainInfo]:
+        """The domains of running device models, and for retain_seconds those whose device
+        models went away (``last_seen``: when last known alive)."""
         with self._lock:
             self._refresh_domains()
-            return dict(self._domains)
+            out = dict(self._gone)
+            out.update(self._domains)
+            return out
 
     def domain_names(self) -> dict[int, str]:
         """domid -> name of every device model seen so far (including those that went away
@@ -491,40 +566,49 @@ class QemuProbeSource:
             return self._read_maps()
 
     def _read_maps(self) -> dict[Key, Cell]:
-        out: dict[Key, Cell] = {}
+        out: dict[Key, Cell] = {k: Cell(c.count, c.bytes, c.service_n, c.service_sum_ns,
+                                        c.hist.copy()) for k, c in self._retired.items()}
         unattributed = 0
         for ps in self.sets:
             items = ps.stats_items()
-            if not items:
-                continue
-            n = len(items)
-            tgid = np.fromiter((k.tgid for k, _ in items), np.int64, n)
-            types = np.fromiter((k.type for k, _ in items), np.uint8, n)
-            addrs = np.fromiter((k.addr for k, _ in items), np.uint64, n)
-            rng = self.addrmap.lookup(types, addrs)
-            names = self.addrmap.names
-            domid_of = {int(t): self._domid(int(t)) for t in np.unique(tgid)}
-            for i, (k, v) in enumerate(items):
-                domid = domid_of[k.tgid]
-                if domid is not None and k.tgid not in self._alive:
-                    continue                    # its process went away: dropped
-                if domid is None:
-                    unattributed += v.count
-                    continue
-                key = Key(domid, k.vcpu, k.type, k.dir, names[int(rng[i])],
-                          k.addr if self.keep_addr else 0)
-                cell = out.get(key)
-                if cell is None:
-                    cell = out[key] = Cell()
-                cell.count += v.count
-                cell.bytes += v.bytes
-                cell.service_n += v.svc_n
-                cell.service_sum_ns += v.svc_sum_ns
-                if v.svc_n:
-                    cell.hist[:T.HIST_SLOTS] += np.frombuffer(v.hist, dtype=np.uint64).astype(
-                        np.int64)
+            if items:
+                unattributed += self._fold(items, out)
         self._stats.extra["unattributed"] = unattributed
         return out
+
+    def _fold(self, items, out: dict[Key, Cell], alive_only: bool = True) -> int:
+        """Add map entries [(IoreqKey, IoreqStats)] to ``out`` by Key (tgid -> domid, address ->
+        range); returns the requests of processes that are not device models. ``alive_only``:
+        skip the entries of processes that are not alive (a dead one's are retired; a reused
+        pid's wait until the new process is looked up)."""
+        n = len(items)
+        tgid = np.fromiter((k.tgid for k, _ in items), np.int64, n)
+        types = np.fromiter((k.type for k, _ in items), np.uint8, n)
+        addrs = np.fromiter((k.addr for k, _ in items), np.uint64, n)
+        rng = self.addrmap.lookup(types, addrs)
+        names = self.addrmap.names
+        domid_of = {int(t): self._domid(int(t)) for t in np.unique(tgid)}
+        unattributed = 0
+        for i, (k, v) in enumerate(items):
+            domid = domid_of[k.tgid]
+            if domid is not None and alive_only and k.tgid not in self._alive:
+                continue
+            if domid is None:
+                unattributed += v.count
+                continue
+            key = Key(domid, k.vcpu, k.type, k.dir, names[int(rng[i])],
+                      k.addr if self.keep_addr else 0)
+            cell = out.get(key)
+            if cell is None:
+                cell = out[key] = Cell()
+            cell.count += v.count
+            cell.bytes += v.bytes
+            cell.service_n += v.svc_n
+            cell.service_sum_ns += v.svc_sum_ns
+            if v.svc_n:
+                cell.hist[:T.HIST_SLOTS] += np.frombuffer(v.hist, dtype=np.uint64).astype(
+                    np.int64)
+        return unattributed
 
     # -- events mode -----------------------------------------------------------------------------
     def _on_record(self, _ctx, data, size):
@@ -615,5 +699,8 @@ class QemuProbeSource:
         st.decode_errors = c["read_errors"]
         st.extra.update(c)
         if self.mode == "metrics":
-            st.events = sum(int(v.count) for ps in self.sets for _, v in ps.stats_items())
+            # live entries plus what retired device models served: never goes down
+            with self._lock:
+                live = sum(int(v.count) for ps in self.sets for _, v in ps.stats_items())
+                st.events = live + self._retired_events
         return st

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from iotrace.cli.args import argtype, count
 from iotrace.cli.config import load_config
 from iotrace.core.errors import UserError
 from iotrace.offline.capture import summarize_capture
@@ -61,7 +62,8 @@ def add_arguments(p) -> None:
                    "(default: xenalyze's default)")
     p.add_argument("--xenalyze-compat", action="store_true",
                    help="count as xenalyze does: one I/O per exit, its drop rules")
-    p.add_argument("--top", type=int, metavar="N", help="table: at most N rows per vCPU")
+    p.add_argument("--top", type=argtype(count), metavar="N",
+                   help="table: at most N rows per vCPU (N >= 1)")
 
 
 def run(args) -> int:

@@ -22,6 +22,7 @@ from iotrace.cli.config import load_config
 from iotrace.core.errors import InputError, UserError
 from iotrace.serve.collector import IotraceCollector
 from iotrace.serve.server import DEFAULT_LISTEN, ExporterServer
+from iotrace.serve.settings import ExporterSettings
 from iotrace.sources import registry
 
 HELP = "Prometheus exporter: serve per-domain I/O request metrics on /metrics"
@@ -72,13 +73,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="log verbosity on stderr (default info)")
 
 
-def build_sources(args, addrmap) -> list:
+# A gone domain's final totals stay in the qemu source this much longer than the exporter shows
+# them (domain_grace_seconds): the collector, not the source, decides when its series go.
+RETAIN_MARGIN_SECONDS = 30.0
+
+
+def build_sources(args, addrmap, settings=None) -> list:
     # Metrics are per range, never per address: sources fold addresses away (keep_addr=False).
     if args.replay:
         if args.source is not None or args.binary:
             raise UserError("--replay excludes --source and --binary (a replay is its own "
                             "source)")
-        return [registry.build("replay", args.replay, speed=args.speed or 0.0, addrmap=addrmap)]
+        # damage in the file (skipped chunks, truncation) is logged as it is found
+        return [registry.build("replay", args.replay, speed=args.speed or 0.0, addrmap=addrmap,
+                               warn=lambda msg: log.warning("source replay: %s", msg))]
     if args.speed is not None:
         raise UserError("--speed only applies with --replay")
     kinds = ["qemu", "xentrace"] if args.source == "both" else [args.source or "qemu"]
@@ -88,7 +96,9 @@ def build_sources(args, addrmap) -> list:
     for kind in kinds:
         kw = {"addrmap": addrmap, "keep_addr": False}
         if kind == "qemu":
-            kw.update(strict=args.strict, warn=lambda msg: log.warning("source qemu: %s", msg))
+            grace = (settings or ExporterSettings()).domain_grace_seconds
+            kw.update(strict=args.strict, warn=lambda msg: log.warning("source qemu: %s", msg),
+                      retain_seconds=grace + RETAIN_MARGIN_SECONDS)
             if args.binary:
                 kw["binaries"] = list(args.binary)
         out.append(registry.build(kind, **kw))
@@ -210,7 +220,7 @@ def run(args) -> int:
     if args.web_config_file:
         from iotrace.serve.webconfig import load_web_config
         web = load_web_config(args.web_config_file)
-    sources = build_sources(args, addrmap)
+    sources = build_sources(args, addrmap, settings)
     analysis = _analysis(args, sources)
 
     registry = CollectorRegistry()

@@ -201,12 +201,31 @@ def run_source(args, src, filt=None) -> int:
                 raise UserError(f"cannot drive this terminal ({exc}); check TERM, "
                                 "or use -b for plain-text output") from None
             raise
+        finally:
+            # the screen showed that the input is damaged; what exactly, once it is gone
+            _say_warnings([_stats_or_none(src)], set())
         return 0
     finally:
         try:
             src.stop()
         except Exception as exc:  # never leave uprobes behind because of a later error
             print(f"iotrace top: stopping {src.name}: {exc}", file=sys.stderr)
+
+
+def _stats_or_none(src):
+    try:
+        return src.stats()
+    except Exception:          # a broken source is shown as down elsewhere
+        return None
+
+
+def _say_warnings(stats, said: set) -> None:
+    """Each warning a source has about its input (a replayed file's damage), once, on stderr."""
+    for st in stats:
+        for line in getattr(st, "warnings", None) or ():
+            if (st.name, line) not in said:
+                said.add((st.name, line))
+                print(f"iotrace top: source {st.name}: warning: {line}", file=sys.stderr)
 
 
 def _check_privileges(src) -> None:
@@ -268,6 +287,7 @@ def _run_batch(model: Model, take, args) -> int:
             out = "\n".join(batch.format_table(view, sort, desc)) + "\n\n"
         sys.stdout.write(out)
         sys.stdout.flush()
+        _say_warnings(view.snapshot.stats, said)
         for st in view.snapshot.stats:
             if not st.up:
                 down = True

@@ -10,6 +10,12 @@ class InputError(UserError):
     """An input file that cannot be read as what it claims to be (name the file, and the offset)."""
 
 
+class OutputError(UserError):
+    """An output file that cannot be created or written (exists, a symlink, disk full): one line
+    naming the file, and what was kept."""
+    exit_code = 1
+
+
 class ProbeError(UserError):
     """A probe could not be set up (missing symbol, no permission, BCC missing)."""
     exit_code = 1

@@ -137,8 +137,17 @@ METRICS: tuple[MetricDef, ...] = (
         summary="Events lost (buffer overruns, TRC_LOST_RECORDS)."),
     MetricDef(
         "iotrace_decode_errors", "counter", _SRC,
-        "Records the source could not decode.",
+        "Records the source could not decode (a replayed recording: the records of the chunks "
+        "skipped as damaged).",
         summary="Records that could not be decoded."),
+    MetricDef(
+        "iotrace_input_damage", "counter", ("source", "kind"),
+        "Damage in the input file a source reads (serve --replay): kind=skipped_chunk counts "
+        "recording chunks, or runs of bytes, that failed their checks and were skipped (their "
+        "records count in iotrace_decode_errors_total); kind=truncated is 1 once the input "
+        "ended inside a record, or a recording ended without its end chunk (its writer was "
+        "killed). 0 for live sources.",
+        summary="Damage in a replayed input (chunks skipped, truncation)."),
     MetricDef(
         "iotrace_source_events", "counter", _SRC,
         "I/O requests the source has delivered to iotrace.",

@@ -32,6 +32,12 @@ class DomainInfo:
     probe_error: str | None = None  # why its device model is not probed (qemu source; None: it is)
 
 
+# What ``SourceStats.damage`` counts (the ``kind`` label of iotrace_input_damage_total): recording
+# chunks (or runs of bytes) skipped as damaged; an input that ends inside a record, or a recording
+# without its end chunk (1 or 0).
+DAMAGE_KINDS = ("skipped_chunk", "truncated")
+
+
 @dataclass
 class SourceStats:
     name: str                      # "qemu" | "xentrace" | "replay"
@@ -44,6 +50,8 @@ class SourceStats:
     probes_failed: int = 0
     error: str | None = None       # last run-time error, for the log and the self-metrics
     extra: dict = field(default_factory=dict)
+    damage: dict = field(default_factory=dict)     # DAMAGE_KINDS -> count, for input files
+    warnings: list = field(default_factory=list)   # about the input, one line each, in order
 
 
 @dataclass

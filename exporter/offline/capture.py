@@ -13,7 +13,16 @@ The input is opened once and read from the start to the end, never reopened or s
   never every event - the xentrace core aggregates in C; a recording is folded in chunk by
   chunk. ``on_events`` (optional) also gets every event batch as it is decoded, in time order
   (``iotrace report --events``).
-* ``load_capture(path, ...)`` -> ``Capture``: every event in memory, in time order (replay).
+* ``CaptureStream(path, ...)``: the same single pass as event batches from a generator
+  (``batches()``), with the counters (records, lost, decode errors, damaged chunks skipped,
+  truncation, warnings, domain names) kept current as it reads: a replay feeds it as it goes.
+* ``load_capture(path, ...)`` -> ``Capture``: every event in memory, in time order.
+
+Damage is counted, never fatal past the start: ``decode_errors`` (xentrace: records that could not
+be decoded; recordings: records in the chunks skipped as damaged), ``skipped_chunks`` (recordings:
+damaged chunks or runs of bytes skipped), ``truncated`` (the input ends inside a record, or a
+recording has no end chunk: its writer was killed). Warnings carry no file name: the caller names
+the input once.
 """
 from __future__ import annotations
 
@@ -40,6 +49,8 @@ class Capture:
     decode_errors: int = 0
     warnings: list[str] = field(default_factory=list)
     domain_names: dict[int, str] = field(default_factory=dict)
+    skipped_chunks: int = 0
+    truncated: bool = False
 
 
 @dataclass
@@ -53,6 +64,8 @@ class CaptureSummary:
     decode_errors: int = 0
     warnings: list[str] = field(default_factory=list)
     domain_names: dict[int, str] = field(default_factory=dict)
+    skipped_chunks: int = 0         # recordings: damaged chunks (or runs of bytes) skipped
+    truncated: bool = False         # ends inside a record, or a recording without its end
 
 
 def _open(path: str):
@@ -111,7 +124,9 @@ def _summarize_recording(fh, name, head, rip, on_events) -> CaptureSummary:
             on_events(batch)
     return CaptureSummary("recording", name, acc.table(), requests=acc.requests,
                           records=acc.requests, lost_records=reader.lost_events,
-                          warnings=list(reader.warnings), domain_names=dict(reader.domains))
+                          decode_errors=reader.skipped_records, warnings=list(reader.warnings),
+                          domain_names=dict(reader.domains), skipped_chunks=reader.skipped_chunks,
+                          truncated=reader.truncated)
 
 
 def _summarize_xentrace(fh, name, head, cpu_hz, compat, rip, on_events) -> CaptureSummary:
@@ -128,7 +143,110 @@ def _summarize_xentrace(fh, name, head, cpu_hz, compat, rip, on_events) -> Captu
     cells = CellTable.from_native(dec.cells())
     return CaptureSummary("xentrace", name, cells, requests=int(cells.count.sum()),
                           records=dec.records, lost_records=dec.lost_records,
-                          decode_errors=dec.decode_errors, warnings=list(dec.warnings))
+                          decode_errors=dec.decode_errors, warnings=list(dec.warnings),
+                          truncated=dec.truncated_at is not None)
+
+
+class CaptureStream:
+    """One pass over a capture as a generator of event batches, in bounded memory.
+
+    ``CaptureStream(path, cpu_hz=None)`` opens the input and reads its head (InputError, one
+    line, when it is neither kind, or a recording's header is damaged beyond repair);
+    ``batches()`` yields EVENT_DTYPE batches in time order (a recording: chunk by chunk;
+    xentrace: ordered across reads) and closes the input at the end. The counters below follow
+    the reading; ``finished`` is set once the end was reached (``truncated`` is final then)."""
+
+    def __init__(self, path: str, *, cpu_hz: float | None = None):
+        fh, name, owned = _open(path)
+        self._fh, self._owned, self.path = fh, owned, name
+        self.finished = False
+        self.events = 0
+        self._reader = self._dec = None
+        try:
+            head = _head(fh, name)
+            if not head:
+                raise InputError(f"{name}: empty file, not a xentrace capture or an iotrace "
+                                 "recording")
+            from iotrace.offline import recording
+            if recording.is_recording(head):
+                self.source = "recording"
+                self._reader = recording.RecordingReader(fh, name, head)
+            else:
+                from iotrace.xentrace.decoder import StreamDecoder
+                self.source = "xentrace"
+                self._dec = StreamDecoder(cpu_hz, name=name, events=True, ordered=True)
+                self._first = self._dec.feed(head)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- counters, current while reading
+    @property
+    def records(self) -> int:
+        return self.events if self._reader is not None else self._dec.records
+
+    @property
+    def lost_records(self) -> int:
+        return self._reader.lost_events if self._reader is not None else self._dec.lost_records
+
+    @property
+    def decode_errors(self) -> int:
+        return self._reader.skipped_records if self._reader is not None else \
+            self._dec.decode_errors
+
+    @property
+    def skipped_chunks(self) -> int:
+        return self._reader.skipped_chunks if self._reader is not None else 0
+
+    @property
+    def truncated(self) -> bool:
+        if not self.finished:
+            return False
+        return self._reader.truncated if self._reader is not None else \
+            self._dec.truncated_at is not None
+
+    @property
+    def warnings(self) -> list[str]:
+        return self._reader.warnings if self._reader is not None else self._dec.warnings
+
+    @property
+    def domain_names(self) -> dict[int, str]:
+        return self._reader.domains if self._reader is not None else {}
+
+    # -- reading
+    def batches(self):
+        try:
+            for batch in self._read():
+                if len(batch):
+                    self.events += len(batch)
+                    yield batch
+            self.finished = True
+        finally:
+            self.close()
+
+    def _read(self):
+        if self._reader is not None:
+            yield from self._reader.batches()
+            return
+        from iotrace.xentrace.decoder import CHUNK_BYTES
+        dec, fh = self._dec, self._fh
+        yield self._first
+        buf = memoryview(bytearray(CHUNK_BYTES))     # one buffer, reused (the decoder copies
+        while True:                                  # only a partial record at its end)
+            try:
+                n = fh.readinto(buf)
+            except OSError as exc:
+                raise InputError(f"{self.path}: read error at byte offset {dec.offset}: "
+                                 f"{exc.strerror}") from None
+            if not n:
+                break
+            yield dec.feed(buf[:n])
+        yield dec.finish()
+
+    def close(self) -> None:
+        if self._owned and self._fh is not None:
+            self._fh.close()
+        self._fh = None if self._owned else self._fh
 
 
 def load_capture(path: str, *, cpu_hz: float | None = None,
@@ -144,4 +262,5 @@ def load_capture(path: str, *, cpu_hz: float | None = None,
     records = s.records if s.source == "xentrace" else len(events)
     return Capture(s.source, s.path, events, records=records, lost_records=s.lost_records,
                    decode_errors=s.decode_errors, warnings=s.warnings,
-                   domain_names=s.domain_names)
+                   domain_names=s.domain_names, skipped_chunks=s.skipped_chunks,
+                   truncated=s.truncated)

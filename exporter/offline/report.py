@@ -6,6 +6,7 @@ JSON contract (``"schema": 2``; new keys may be added, existing ones never chang
     {"schema": 2, "by": "range" | "rip",
      "source": "xentrace" | "recording",
      "records": <records decoded>, "lost_records": <n>, "decode_errors": <n>,
+     "skipped_chunks": <n>, "truncated": true | false,
      "domains": {"<domid>": "<name>", ...},
      "io": [{"domid": int, "vcpu": int, "type": "pio" | "mmio" | "pci_config" | ...,
              "dir": "read" | "write", "addr": int, "range": str, "count": int,
@@ -18,7 +19,10 @@ keys count in rows whose ``addr`` (and ``rip``) is 2**64-1, "other", per vCPU, t
 ``domid``/``vcpu`` -2; totals stay exact. ``by`` names the
 grouping: "range" (the default) gives one ``io`` row per (domid, vcpu, type, dir, addr), its
 range named by the address map; "rip" one row per (domid, vcpu, rip, type, dir, addr): which
-guest instruction (the RIP of the VM exit, xentrace only) made which requests. Rows are sorted
+guest instruction (the RIP of the VM exit, xentrace only) made which requests. ``decode_errors``:
+records that could not be decoded (a recording: those of its chunks skipped as damaged);
+``skipped_chunks``: a recording's damaged chunks (or runs of bytes) skipped; ``truncated``: the
+input ends inside a record, or a recording has no end chunk (its writer was killed). Rows are sorted
 by their key fields. ``service_seconds`` is null where the source did not time the request;
 p50/p95 are read off log2 histograms. Service time: see the README ("Service time").
 
@@ -96,6 +100,8 @@ def _head(summary: CaptureSummary, by: str) -> dict:
         "records": summary.records,
         "lost_records": summary.lost_records,
         "decode_errors": summary.decode_errors,
+        "skipped_chunks": summary.skipped_chunks,
+        "truncated": summary.truncated,
         "domains": {str(d): n for d, n in sorted(summary.domain_names.items())},
     }
 
@@ -181,9 +187,14 @@ def to_table(summary: CaptureSummary, t: CellTable, by: str = "range",
     """perf-kvm-stat-like text: per domain and vCPU, rows of the grouping, busiest first (by
     the first row field's total - the range, the RIP - then the row's own count)."""
     total = int(t.count.sum())
+    damage = ""
+    if summary.skipped_chunks:
+        damage += f", {summary.skipped_chunks} damaged chunk(s) skipped"
+    if summary.truncated:
+        damage += ", truncated"
     out = [f"{summary.path}: {summary.source}, {summary.records} records decoded, "
            f"{total} I/O requests, {summary.lost_records} lost records, "
-           f"{summary.decode_errors} decode errors"]
+           f"{summary.decode_errors} decode errors{damage}"]
     for w in summary.warnings:
         out.append(f"warning: {w}")
     if not total:

@@ -43,7 +43,7 @@ from iotrace.core.addrmap import TYPE_RANGE_NAMES, AddressMap
 from iotrace.core.domains import display_name
 from iotrace.core.events import DIR_NAMES
 from iotrace.core.metrics import BUCKET_BOUNDS_SECONDS, BUCKET_EXPONENTS, METRICS  # noqa: F401
-from iotrace.core.source import totals_columns
+from iotrace.core.source import DAMAGE_KINDS, totals_columns
 from iotrace.serve.exposition import FIRST, Family
 from iotrace.serve.layout import Layout, RowsBlock, fold, gather
 from iotrace.serve.render import Renderer, no_gc
@@ -149,6 +149,9 @@ class IotraceCollector(Collector):
                 fam["iotrace_probe_attach_failures"].add(n, st.probes_failed if st else 0)
                 fam["iotrace_events_lost"].add(n, st.lost if st else 0)
                 fam["iotrace_decode_errors"].add(n, st.decode_errors if st else 0)
+                damage = getattr(st, "damage", None) or {}
+                for kind in DAMAGE_KINDS:
+                    fam["iotrace_input_damage"].add((view.name, kind), damage.get(kind, 0))
                 fam["iotrace_source_events"].add(n, st.events if st else 0)
         if self.analysis is not None:
             self._collect_analysis(fam)

@@ -9,7 +9,8 @@ table complete on its own.
   so ``awk``/``split()`` see one field per column. Rates are per second, BYTES in bytes, P50us P95us
   AVGus in microseconds; REQS and BYTES count since the source started, the other columns cover
   the interval. Child rows (vCPUs, ranges, addresses) repeat their domain id and show their level as
-  leading dots in NAME; FLAGS is ``-`` or ``!lost,slow``.
+  leading dots in NAME; FLAGS is ``-`` or ``!lost,slow``. The source line adds
+  ``decode_errors=N``, ``skipped_chunks=N`` and ``truncated`` where a replayed file is damaged.
 * ``csv``: one header row, then one row per table row with the time and host, base units
   (per second, seconds, bytes); empty where unknown.
 * ``json``: one JSON object per table and line (JSON Lines): the header facts, the sources and the
@@ -22,7 +23,7 @@ import io
 import json
 import time
 
-from iotrace.top.columns import COLUMNS
+from iotrace.top.columns import COLUMNS, damage_text
 from iotrace.top.model import View
 
 FORMATS = ("table", "csv", "json")
@@ -50,6 +51,9 @@ def source_line(view: View) -> str:
             s += f" probes={st.probes_attached}"
             if st.probes_failed:
                 s += f" failed={st.probes_failed}"
+        if st.decode_errors:
+            s += f" decode_errors={st.decode_errors}"
+        s += damage_text(st, " skipped_chunks={}", " truncated")
         if st.error and not st.up:
             s += f" error={st.error!r}"
         parts.append(s)
@@ -141,6 +145,8 @@ def format_json(view: View, sort: str, filt_desc: str) -> str:
                    "bytes_per_second": view.total_byte_rate, "reqs_total": view.total_reqs},
         "sources": [{"name": st.name, "up": st.up, "events": st.events, "lost": st.lost,
                      "probes_attached": st.probes_attached, "probes_failed": st.probes_failed,
+                     "decode_errors": st.decode_errors,
+                     "damage": dict(getattr(st, "damage", None) or {}),
                      "error": st.error} for st in view.snapshot.stats],
         "rows": [_record(view, r) for r in view.rows],
     }

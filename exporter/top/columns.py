@@ -193,3 +193,11 @@ def check_sort(key: str) -> str:
     if k not in SORT_KEYS:
         raise FilterError(f"sort: expected one of {', '.join(SORT_ORDER)}, got {key!r}")
     return k
+
+
+def damage_text(st, skipped: str, truncated: str) -> str:
+    """What a source's input damage says on a source line ("" when none): ``skipped`` is
+    formatted with the chunks skipped, ``truncated`` added when the input was cut short."""
+    damage = getattr(st, "damage", None) or {}
+    out = skipped.format(damage["skipped_chunk"]) if damage.get("skipped_chunk") else ""
+    return out + (truncated if damage.get("truncated") else "")

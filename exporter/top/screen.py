@@ -18,7 +18,7 @@ import os
 import time
 
 from iotrace.top import keys
-from iotrace.top.columns import SORT_KEYS, fmt_bytes, fmt_count
+from iotrace.top.columns import SORT_KEYS, damage_text, fmt_bytes, fmt_count
 from iotrace.top.model import Model, View
 from iotrace.top.snapshot import Snapshot
 from iotrace.top.table import layout, render_header, render_row
@@ -239,6 +239,10 @@ class TopScreen:
                 if st.probes_failed:
                     s += f" ({st.probes_failed} failed)!"
                     attr = A["down"]
+            damage = damage_text(st, ", {} chunk(s) skipped", ", truncated")
+            if st.decode_errors or damage:
+                s += f" damaged: {st.decode_errors} undecodable{damage}!"
+                attr = A["lost"]
             if not st.up and st.error:
                 s += f": {st.error}"
             self._put(1, x, s, attr)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from iotrace.cli.main import main
@@ -162,13 +163,57 @@ def test_truncated_capture_reports_complete_records_and_warns(tmp_path, iotrace_
 
 
 def test_corrupt_recording_is_one_line(tmp_path, iotrace_exe):
+    """A recording whose metadata is damaged and that has no chunk to recover from."""
     w = RecordingWriter(tmp_path / "r.iotr", {"source": "qemu"})
-    w.write(events.empty(10))
-    w.close()
+    w.flush()
     raw = bytearray((tmp_path / "r.iotr").read_bytes())
     raw[30] ^= 0xFF                                   # inside the metadata block
     (tmp_path / "r.iotr").write_bytes(bytes(raw))
     assert_one_line_error(run_cli(iotrace_exe, tmp_path / "r.iotr"), str(tmp_path / "r.iotr"))
+
+
+def _damaged_recording(path, flip_at: str):
+    """A recording of 3 chunks of 1,000 events (domain 3, "web"), one bit flipped."""
+    w = RecordingWriter(path, {"source": "qemu"}, chunk_records=1000)
+    w.set_domain(3, "web")
+    b = events.empty(3000)
+    b["domid"], b["addr"], b["ts_ns"] = 3, 0x3F8, np.arange(3000)
+    w.write(b)
+    w.close()
+    raw = bytearray(path.read_bytes())
+    at = {"metadata": 30, "middle": len(raw) // 2}[flip_at]
+    raw[at] ^= 0x04
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("flip_at,kept,skipped", [("middle", 2000, 1), ("metadata", 3000, 0)])
+def test_a_damaged_recording_reports_the_rest_and_says_what_was_skipped(
+        tmp_path, iotrace_exe, flip_at, kept, skipped):
+    path = tmp_path / "d.iotrec"
+    _damaged_recording(path, flip_at)
+    res = run_cli(iotrace_exe, "--format", "json", path)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert sum(r["count"] for r in doc["io"]) == kept
+    assert doc["skipped_chunks"] == skipped and doc["decode_errors"] == 3000 - kept
+    assert doc["truncated"] is False and doc["domains"] == {"3": "web"}
+    warnings = res.stderr.strip().splitlines()
+    assert len(warnings) == 1 and "Traceback" not in res.stderr
+    # the file is named once per line (not "d.iotrec: d.iotrec: ...")
+    assert warnings[0].startswith(f"iotrace report: warning: {path}: offset ")
+    assert warnings[0].count(str(path)) == 1
+    table = run_cli(iotrace_exe, path)
+    assert table.returncode == 0
+    head = table.stdout.splitlines()[0]
+    assert f"{kept} I/O requests" in head and f"{3000 - kept} decode errors" in head
+    assert ("1 damaged chunk(s) skipped" in head) == bool(skipped)
+
+
+def test_top_must_be_a_positive_count(iotrace_exe, real_xentrace):
+    for bad in ("-1", "0", "x"):
+        res = run_cli(iotrace_exe, "--top", bad, real_xentrace)
+        assert res.returncode == 2 and "--top" in res.stderr and "Traceback" not in res.stderr
+        assert "expected a whole number (1 or more)" in res.stderr
 
 
 def test_no_io_capture_says_so(tmp_path, capsys):

@@ -345,7 +345,7 @@ def test_probe_info_attaches_to_the_debian_binary(iotrace_exe):
     assert set(_uprobe_lines("/usr/libexec/xen-qemu-system-i386")) - before == set()
 
 
-def test_missing_symbol_strict_is_one_line(iotrace_exe):
+def test_missing_symbol_strict_is_one_line(iotrace_exe, tmp_path):
     # --no-default-binaries: only /bin/true (a shared machine runs other -xen-domid processes,
     # whose binaries --strict would judge too)
     r = subprocess.run([iotrace_exe, "snoop", "--binary", "/bin/true", "--no-default-binaries",
@@ -354,11 +354,13 @@ def test_missing_symbol_strict_is_one_line(iotrace_exe):
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "cannot find handle_ioreq" in r.stderr and "offsets.yaml" in r.stderr
     # not strict: a warning for /bin/true, and nothing else to attach to is an error too
-    r = subprocess.run([iotrace_exe, "record", "-o", "/dev/null", "--binary", "/bin/true",
+    out = tmp_path / "never.iotrec"
+    r = subprocess.run([iotrace_exe, "record", "-o", str(out), "--binary", "/bin/true",
                         "--no-default-binaries", "--duration", "1"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "nothing attached" in r.stderr.splitlines()[-1]
+    assert not out.exists()             # a recording that never started leaves no file
 
 
 def test_capabilities_of_the_systemd_unit_are_enough(bins, tmp_path, iotrace_exe):

@@ -171,13 +171,14 @@ def test_serve_as_root_without_tracefs_mounts_it_and_leaves_no_probe(exe, held, 
     assert uprobe_lines(exe) == []
 
 
-@pytest.mark.parametrize("verb", [["record", "-o", "/dev/null", "--duration", "5"],
-                                  ["probe-info", "--attach"]])
-def test_capabilities_of_the_unit_without_tracefs_say_what_to_mount(exe, iotrace_exe, verb):
+@pytest.mark.parametrize("verb", [["record", "--duration", "5"], ["probe-info", "--attach"]])
+def test_capabilities_of_the_unit_without_tracefs_say_what_to_mount(exe, iotrace_exe, verb,
+                                                                     tmp_path):
     """CAP_BPF + CAP_PERFMON (no CAP_SYS_ADMIN: cannot mount, and the kernel keeps the perf
     uprobe PMU for CAP_SYS_ADMIN): one line naming the mount to make, exit 1, nothing mounted."""
     if verb[0] == "record":
-        args = verb + ["--binary", exe, "--no-default-binaries"]
+        args = verb + ["-o", str(tmp_path / "r.iotrec"), "--binary", exe,
+                       "--no-default-binaries"]
     else:
         args = verb + [exe]
     r = subprocess.run(without_tracefs([_setpriv(), *CAPPED, iotrace_exe, *args], report=True),
@@ -189,6 +190,7 @@ def test_capabilities_of_the_unit_without_tracefs_say_what_to_mount(exe, iotrace
     assert lines[0].startswith(f"iotrace {verb[0]}: tracefs is not mounted on /sys/kernel/tracing")
     assert "mount -t tracefs" in lines[0] and "sys-kernel-tracing.mount" in lines[0]
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "r.iotrec").exists()       # a record that never started: no file
 
 
 def test_serve_with_the_units_capabilities_without_tracefs_keeps_serving(exe, iotrace_exe):

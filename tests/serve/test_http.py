@@ -314,3 +314,41 @@ def test_cli_failed_source_is_down_but_served_or_fatal_when_strict(iotrace_exe):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("iotrace serve: source xentrace: down: xentrace exited"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cli_replay_of_a_damaged_recording_logs_and_counts_it(iotrace_exe, tmp_path):
+    """serve --replay of a recording with one flipped bit and no end chunk: the rest is served;
+    the log says each problem once (file and offset); the metrics count them (issue #12, 9)."""
+    from iotrace.core import events
+    from iotrace.offline.recording import RecordingWriter
+    path = tmp_path / "d.iotrec"
+    w = RecordingWriter(path, {"source": "qemu", "domains": {5: "web"}}, chunk_records=400)
+    b = events.empty(1200)
+    b["domid"], b["addr"], b["ts_ns"] = 5, 0x3F8, range(1200)
+    w.write(b)
+    w.flush()                                         # no end chunk: the writer was killed
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+    port = free_port()
+    p = subprocess.Popen([iotrace_exe, "serve", "--replay", str(path),
+                          "--web.listen-address", f"127.0.0.1:{port}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/metrics", timeout=30)
+        body = get(f"http://127.0.0.1:{port}/metrics")[2].decode()
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=15)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert 'iotrace_source_up{source="replay"} 1' in body
+    assert 'iotrace_source_events_total{source="replay"} 800' in body
+    assert 'iotrace_decode_errors_total{source="replay"} 400' in body
+    assert 'iotrace_input_damage_total{source="replay",kind="skipped_chunk"} 1' in body
+    assert 'iotrace_input_damage_total{source="replay",kind="truncated"} 1' in body
+    logged = [ln for ln in err.splitlines() if f"source replay: {path}: " in ln]
+    assert len(logged) == 2, err
+    assert "events chunk checksum mismatch" in logged[0] and "no end chunk" in logged[1]
+    assert all(" WARNING: " in ln and ln.count(str(path)) == 1 for ln in logged)

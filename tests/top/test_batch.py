@@ -6,6 +6,7 @@ see docs/data.md).
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -244,7 +245,8 @@ def test_csv_and_json(iotrace_exe, known_recording):
     (line,) = r.stdout.splitlines()
     doc = json.loads(line)
     assert doc["sources"][0] == {"name": "replay", "up": True, "events": 1650, "lost": 3,
-                                 "probes_attached": 0, "probes_failed": 0, "error": None}
+                                 "probes_attached": 0, "probes_failed": 0, "decode_errors": 0,
+                                 "damage": {"skipped_chunk": 0, "truncated": 0}, "error": None}
     by = {(x["kind"], x["name"]): x for x in doc["rows"]}
     assert by[("range", "com1")]["reqs_total"] == 1000 and by[("range", "com1")]["level"] == 1
     assert by[("domain", "beta")]["p95_seconds"] is None and doc["filter_matches"]
@@ -259,3 +261,37 @@ def test_batch_exits_1_when_a_source_is_down(iotrace_exe):
     (t,) = tables(r.stdout)
     assert "xentrace=DOWN" in t[1]
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("iotrace top: source xentrace is down")]
+
+
+def _damaged(path, flip: bool, close: bool):
+    """alpha (1): 3 chunks of 500 com1 writes; one payload bit flipped in the middle chunk, or
+    the writer "killed" (no end chunk)."""
+    w = RecordingWriter(path, {"source": "qemu", "domains": {1: "alpha"}}, chunk_records=500)
+    w.write(batch(1500, 1, 0, events.TYPE_PIO, 0x3f8, events.DIR_WRITE, 1, 5_000, 0, 1000))
+    w.close() if close else w.flush()
+    if flip:
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0x80
+        path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("flip,close,events_,line,warning", [
+    (True, True, 1000, "decode_errors=500 skipped_chunks=1", "events chunk checksum mismatch"),
+    (False, False, 1500, "truncated", "no end chunk: the writer did not close the file"),
+])
+def test_a_damaged_replay_says_so(iotrace_exe, tmp_path, flip, close, events_, line, warning):
+    """top --replay of a damaged or writer-killed recording: the source line carries the damage,
+    stderr the warning naming the file once; the JSON has the counts (issue #12, item 9)."""
+    path = _damaged(tmp_path / "d.iotrec", flip, close)
+    r = run_top(iotrace_exe, "--replay", str(path), "--speed", "0", "0.2", "2")
+    assert r.returncode == 0, r.stderr
+    for t in tables(r.stdout):
+        assert t[1] == f"sources: replay=up events={events_} lost=0 {line}"
+    said = [ln for ln in r.stderr.splitlines() if "warning" in ln]
+    assert len(said) == 1 and said[0].startswith(f"iotrace top: source replay: warning: {path}: ")
+    assert warning in said[0] and said[0].count(str(path)) == 1
+    r = run_top(iotrace_exe, "--replay", str(path), "--speed", "0", "--format", "json", "0.2", "1")
+    src = json.loads(r.stdout.splitlines()[0])["sources"][0]
+    assert src["decode_errors"] == 1500 - events_
+    assert src["damage"] == {"skipped_chunk": int(flip), "truncated": int(not close)}

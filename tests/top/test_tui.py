@@ -392,3 +392,30 @@ def test_long_table_scrolls_with_the_selection(tmux_top):
     t.keys("NPage")                             # selection 19 rows down, kept on screen
     s = t.wait_for(lambda x: "rows 2-20/43" in x, what="page down")
     assert table_rows(s)[-1].startswith(" +   26 guest26")
+
+
+def test_a_damaged_replay_shows_on_the_source_line(iotrace_exe, tmp_path):
+    """top --replay of a recording with one flipped bit: the source line says it is damaged
+    (and is red); after q, the warning naming the file is on the terminal (issue #12, 9)."""
+    from iotrace.core import events
+    from iotrace.offline.recording import RecordingWriter
+    rec = tmp_path / "bad.iotrec"
+    with RecordingWriter(rec, {"source": "qemu", "domains": {1: "alpha"}},
+                         chunk_records=300) as w:
+        b = events.empty(900)
+        b["domid"], b["vcpu"], b["addr"], b["size"] = 1, 0, 0x3f8, 1
+        w.write(b)
+    raw = bytearray(rec.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    rec.write_bytes(bytes(raw))
+    t = Tmux(f"{shlex.quote(iotrace_exe)} top --replay {shlex.quote(str(rec))} --speed 0 0.5")
+    try:
+        s = t.wait_for(lambda x: "alpha" in x and "replay up" in x, what="replay table")
+        assert "ev 600" in s and "damaged: 300 undecodable, 1 chunk(s) skipped!" in s
+        line = next(ln for ln in t.screen(escapes=True).splitlines() if "damaged" in ln)
+        assert "31m" in line                                    # red: attention
+        t.keys("q")
+        s = t.wait_for(lambda x: "EXIT=0" in x, what="exit 0")
+        assert "iotrace top: source replay: warning:" in s and "checksum mismatch" in s
+    finally:
+        t.kill()
