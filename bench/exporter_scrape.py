@@ -31,7 +31,7 @@ def child(args) -> int:
     from prometheus_client import CollectorRegistry
 
     from iotrace.core.addrmap import AddressMap
-    from iotrace.core.aggregate import N_SLOTS, Cell, Key
+    from iotrace.core.aggregate import N_SLOTS, Cell, Key, hist_slots
     from iotrace.core.events import TYPE_PIO, empty
     from iotrace.core.source import DomainInfo, EventSource
     from iotrace.serve.collector import IotraceCollector
@@ -55,7 +55,7 @@ def child(args) -> int:
         def start(self):
             now = time.time()
             hist = np.zeros(N_SLOTS, dtype=np.int64)
-            hist[[11, 13, 16]] = (50, 30, 20)
+            hist[hist_slots(np.array([1_500, 6_000, 40_000]))] = (50, 30, 20)   # 1.5, 6, 40 us
             for d in range(1, args.domains + 1):
                 self._domains[d] = DomainInfo(d, f"guest-{d:03d}", probes_attached=2,
                                               first_seen=now, last_seen=now)

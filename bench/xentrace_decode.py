@@ -143,11 +143,12 @@ LAST = {}
 def report_json(path: Path, compat: bool = False) -> float:
     from iotrace.core.addrmap import AddressMap
     from iotrace.offline.capture import summarize_capture
-    from iotrace.offline.report import grouped, to_json
+    from iotrace.offline.report import to_json
+    from iotrace.offline.rollup import build
     t0 = time.perf_counter()
     addrmap = AddressMap.load(None)
     s = summarize_capture(str(path), xenalyze_compat=compat)
-    io.StringIO().write(to_json(s, grouped(s, "range", addrmap)))
+    io.StringIO().write(to_json(build(s, addrmap)))
     t = time.perf_counter() - t0
     LAST[compat] = s
     return t

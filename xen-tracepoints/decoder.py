@@ -28,6 +28,8 @@ API (live.py, ``iotrace.offline.capture`` and the tests use it)::
                                    # [, rip]) - native.Cells - for reports that need no events
     dec.records, dec.lost_records, dec.decode_errors, dec.warnings, dec.windows,
     dec.offset (bytes consumed), dec.truncated_at (set by finish)
+    dec.stat("tsc_first"), dec.stat("tsc_last")   # lowest / highest record TSC (-1: none);
+    dec.tsc_to_ns(tsc)                             # the capture's span, at cpu_hz
 
 Whatever the chunking, the events (multiset) are the same (tested). Memory is bounded by the
 chunk, the rows waiting to be put in TSC order (about one xentrace pass; capped), the I/O
@@ -122,6 +124,10 @@ class StreamDecoder:
         """Any counter of the core (native.STATS)."""
         return self._core[name]
 
+    def tsc_to_ns(self, tsc: int) -> int:
+        """A TSC value in ns at this decoder's rate, as the core converts (truncated)."""
+        return int(float(tsc) * 1e9 / self.cpu_hz)
+
     # -- input
     def feed(self, chunk) -> np.ndarray:
         if self._finished:
@@ -187,8 +193,9 @@ class StreamDecoder:
         core.finish()
         return self._after_feed()
 
-    def cells(self) -> native.Cells:
-        return self._core.cells()
+    def cells(self, in_place: bool = False) -> native.Cells:
+        """native.Core.cells: ``in_place`` (after finish) reads the histograms without a copy."""
+        return self._core.cells(in_place)
 
     # -- internals
     def _after_feed(self) -> np.ndarray:

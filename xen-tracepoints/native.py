@@ -25,7 +25,7 @@ STATS = ("records", "windows", "decode_errors", "lost_records", "io_records", "s
          "remain_words", "skipping", "status", "consumed", "forced_rows", "late_rows",
          "queued_rows", "pending_io", "cells", "overflow_requests", "events_ready", "pcpus",
          "vcpus", "watermark",
-         "oldest_pending_ns", "n_notes")
+         "oldest_pending_ns", "n_notes", "tsc_first", "tsc_last")
 ST = {name: i for i, name in enumerate(STATS)}
 STATUS_OK, STATUS_NOT_CAPTURE, STATUS_NO_MEMORY = 0, 1, 2
 
@@ -38,7 +38,7 @@ N_OVERRUN, N_RESYNC, N_NO_RESYNC, N_NOT_CAPTURE, N_REORDER_FULL, N_CELLS_FULL = 
 KEY_OTHER = (1 << 64) - 1      # addr / rip of the cells gathering keys beyond the bound
 MAX_CELLS = 65536
 F_EVENTS, F_CELLS, F_CELL_RIP, F_COMPAT = 1, 2, 4, 8
-SLOTS = 64
+SLOTS = 256                    # XT_SLOTS: iotrace.core.aggregate.N_SLOTS
 
 _lib = None
 
@@ -63,6 +63,7 @@ def _load():
             ("xt_take_events", i64, [vp, vp, i64]),
             ("xt_take_notes", i64, [vp, vp, i64]),
             ("xt_export_cells", i64, [vp, vp, vp, vp, i64]),
+            ("xt_cells_hist", vp, [vp]),
             ("xt_sizeof", i64, [ctypes.c_int]),
             ("xt_constants", i64, [vp, i64])]:
         fn = getattr(lib, name)
@@ -87,7 +88,8 @@ def constants() -> list[int]:
 
 @dataclass
 class Cells:
-    """Cells aggregated by the core: key columns, totals and log2 histograms (n x SLOTS)."""
+    """Cells aggregated by the core: key columns, totals and histograms (n x SLOTS, the slots of
+    iotrace.core.aggregate)."""
     keys: np.ndarray     # CELL_KEY
     vals: np.ndarray     # CELL_VAL
     hist: np.ndarray     # int64, (n, SLOTS)
@@ -142,13 +144,24 @@ class Core:
             self._lib.xt_take_notes(self._s, out.ctypes.data, n)
         return out
 
-    def cells(self) -> Cells:
+    def cells(self, in_place: bool = False) -> Cells:
+        """The cells, copied out; ``in_place``: the histograms (the biggest part, n x 256 x 8
+        bytes) as a read-only view of the core's own table instead of a copy; the view keeps
+        this Core alive and is valid only while nothing more is fed (after finish)."""
         n = self["cells"]
         keys, vals = np.zeros(n, CELL_KEY), np.zeros(n, CELL_VAL)
-        hist = np.zeros((n, SLOTS), np.int64)
-        if n:
+        if not n:
+            return Cells(keys, vals, np.zeros((0, SLOTS), np.int64))
+        if not in_place:
+            hist = np.zeros((n, SLOTS), np.int64)
             self._lib.xt_export_cells(self._s, keys.ctypes.data, vals.ctypes.data,
                                       hist.ctypes.data, n)
+            return Cells(keys, vals, hist)
+        self._lib.xt_export_cells(self._s, keys.ctypes.data, vals.ctypes.data, None, n)
+        buf = (ctypes.c_int64 * (n * SLOTS)).from_address(self._lib.xt_cells_hist(self._s))
+        buf._core = self                        # the view keeps the core (and its memory)
+        hist = np.frombuffer(buf, dtype=np.int64).reshape(n, SLOTS)
+        hist.flags.writeable = False
         return Cells(keys, vals, hist)
 
     def close(self) -> None:

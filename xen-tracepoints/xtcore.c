@@ -8,7 +8,8 @@
  *                           again, followed by more data); merges what the watermark allows
  *   xt_finish(s)         end of input: merges everything, settles waiting I/O records
  *   xt_stats_of(s)       the counters (xt_stats, int64 fields)
- *   xt_take_events(s, out, cap), xt_take_notes(s, out, cap), xt_export_cells(s, k, v, h, cap)
+ *   xt_take_events(s, out, cap), xt_take_notes(s, out, cap), xt_export_cells(s, k, v, h, cap),
+ *   xt_cells_hist(s)     the cells' histograms in place (no copy)
  *   xt_free(s)
  */
 #include <stdlib.h>
@@ -32,6 +33,7 @@ XT_API xt_state *xt_new(double cpu_hz, int flags)
     s->prev_cpu = -1;
     s->pend_free = -1;
     s->st.oldest_pending_ns = INT64_MAX;
+    s->st.tsc_first = s->st.tsc_last = -1;
     return s;
 }
 
@@ -120,8 +122,16 @@ XT_API int64_t xt_export_cells(xt_state *s, xt_cell_key *k, xt_cell_val *v, uint
     int64_t n = s->ncell < cap ? s->ncell : cap;
     memcpy(k, s->ckey, (size_t)n * sizeof(xt_cell_key));
     memcpy(v, s->cval, (size_t)n * sizeof(xt_cell_val));
-    memcpy(h, s->chist, (size_t)n * XT_SLOTS * sizeof(uint64_t));
+    if (h) /* NULL: the caller reads them in place (xt_cells_hist) */
+        memcpy(h, s->chist, (size_t)n * XT_SLOTS * sizeof(uint64_t));
     return n;
+}
+
+/* The cells' histograms in place (ncell x XT_SLOTS), valid until the next feed/finish/free: a
+ * report of many keys reads them without a second copy of the biggest table. */
+XT_API const uint64_t *xt_cells_hist(xt_state *s)
+{
+    return s->chist;
 }
 
 /* Sizes of the shared structs, for the Python side's layout checks. */

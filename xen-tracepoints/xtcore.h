@@ -103,7 +103,12 @@ typedef struct {
     uint64_t count, svc_n, svc_sum_ns;
     int64_t svc_min_ns, svc_max_ns;
 } xt_cell_val;
-#define XT_SLOTS 64 /* log2 slots, as iotrace.core.aggregate (slot = bit length of ns) */
+/* Service-time histogram slots, as iotrace.core.aggregate's (and probes/bpf/iotrace_bpf.h's):
+ * below 16 ns one slot per ns, then 8 slots per power of two [2^(e-1), 2^e) up to 2^34 ns; the
+ * last slot also takes anything longer. */
+#define XT_SUB_BITS 3
+#define XT_MAX_EXP 34
+#define XT_SLOTS ((XT_MAX_EXP - XT_SUB_BITS + 1) << XT_SUB_BITS) /* 256 */
 #define XT_MAX_CELLS 65536 /* distinct keys kept exactly (xtout.c: the rest fold into "other") */
 #define XT_KEY_OTHER UINT64_MAX /* addr / rip of the cells that gather keys beyond the bound */
 
@@ -176,6 +181,8 @@ typedef struct {
     int64_t oldest_pending_ns; /* ts_ns of the oldest I/O record still waiting (events mode;
                                   INT64_MAX: none): every event before it has been emitted */
     int64_t n_notes;
+    int64_t tsc_first;     /* lowest TSC of any record with one (-1: none yet) */
+    int64_t tsc_last;      /* highest: the capture's time span is tsc_last - tsc_first */
 } xt_stats;
 
 typedef struct xt_state xt_state;
@@ -271,17 +278,30 @@ static inline void xt_cell_count(xt_state *s, int32_t cell)
     s->cval[cell].count++;
 }
 
+/* The histogram slot of a duration (iotrace.core.aggregate.hist_slots). */
+static inline int xt_slot(int64_t ns)
+{
+    uint64_t v = ns > 0 ? (uint64_t)ns : 0;
+    int e = v ? 64 - __builtin_clzll(v) : 0; /* bit length */
+    if (e <= XT_SUB_BITS)
+        return (int)v;
+    if (e > XT_MAX_EXP)
+        return XT_SLOTS - 1;
+    return ((e - XT_SUB_BITS) << XT_SUB_BITS) |
+           (int)((v >> (e - 1 - XT_SUB_BITS)) & ((1u << XT_SUB_BITS) - 1));
+}
+
 static inline void xt_cell_service(xt_state *s, int32_t cell, int64_t ns)
 {
     xt_cell_val *v = &s->cval[cell];
-    int slot = ns > 0 ? 64 - __builtin_clzll((uint64_t)ns) : 0;
+    int slot = xt_slot(ns);
     v->svc_n++;
     v->svc_sum_ns += (uint64_t)ns;
     if (ns < v->svc_min_ns)
         v->svc_min_ns = ns;
     if (ns > v->svc_max_ns)
         v->svc_max_ns = ns;
-    s->chist[(size_t)cell * XT_SLOTS + (slot < XT_SLOTS ? slot : XT_SLOTS - 1)]++;
+    s->chist[(size_t)cell * XT_SLOTS + slot]++;
 }
 
 #endif

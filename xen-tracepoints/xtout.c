@@ -1,9 +1,9 @@
 /* xtout.c - the outputs of the machines, and the tables they keep.
  *
  * - event rows (EVENT_DTYPE layout) for callers that want every request (xt_take_events);
- * - cells: count and service-time totals per (domid, vcpu, type, dir, addr[, rip]), with a log2
- *   histogram whose slots are iotrace.core.aggregate's (slot = bit length of the ns value), so a
- *   report needs memory per distinct key, not per request;
+ * - cells: count and service-time totals per (domid, vcpu, type, dir, addr[, rip]), with a
+ *   histogram whose slots are iotrace.core.aggregate's (xtcore.h xt_slot: log-linear, 8 per power
+ *   of two), so a report needs memory per distinct key, not per request;
  * - the vCPU table (key domid << 16 | vcpu) and the pool of I/O records waiting for their
  *   exit's end (xtdecode.c).
  * Hash tables use open addressing with linear probing, at most half full.

@@ -96,8 +96,14 @@ static void record(xt_state *s, xt_pcpu *p, int32_t cpu, const uint32_t *r)
     xt_row row;
 
     if (tscf) {
+        int64_t t;
         p->last_tsc = (uint64_t)r[1] | ((uint64_t)r[2] << 32);
         p->has_tsc = 1;
+        t = p->last_tsc > INT64_MAX ? INT64_MAX : (int64_t)p->last_tsc;
+        if (s->st.tsc_first < 0 || t < s->st.tsc_first)
+            s->st.tsc_first = t;
+        if (t > s->st.tsc_last)
+            s->st.tsc_last = t;
     }
     s->st.records++;
     row.tsc = p->last_tsc;

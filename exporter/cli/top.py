@@ -21,10 +21,10 @@ from iotrace.cli.source_args import (
     check_source_arguments,
 )
 from iotrace.core.errors import UserError
+from iotrace.core.filters import FilterError, make_filter
 from iotrace.sources import registry
 from iotrace.top.batch import FORMATS
 from iotrace.top.columns import SORT_ORDER
-from iotrace.top.filters import FilterError, make_filter
 from iotrace.top.model import Model
 from iotrace.top.snapshot import Sampler
 
@@ -84,6 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only these named ranges (e.g. com1, 'ide-*', vga-lowmem, other)")
     g.add_argument("--type", action="append", default=[], metavar="TYPE",
                    help="only these request types: pio, mmio, pci_config, ...")
+    g.add_argument("--dir", action="append", default=[], metavar="DIR",
+                   help="only reads or only writes: read, write")
     p.add_argument("--sort", default="reqs", choices=SORT_ORDER,
                    help="sort domains by (default reqs = requests/s)")
     p.add_argument("--reverse", action="store_true", help="invert the sort order")
@@ -148,7 +150,7 @@ def _normalise(args) -> None:
 def run(args) -> int:
     _normalise(args)
     try:
-        filt = make_filter(args.domain, args.vcpu, args.range, args.type)
+        filt = make_filter(args.domain, args.vcpu, args.range, args.type, args.dir)
     except FilterError as exc:
         raise UserError(str(exc)) from None
     _check_terminal(args)
@@ -165,7 +167,7 @@ def run_source(args, src, filt=None) -> int:
     _normalise(args)                   # idempotent: run() did it, a test's args may not have
     if filt is None:
         try:
-            filt = make_filter(args.domain, args.vcpu, args.range, args.type)
+            filt = make_filter(args.domain, args.vcpu, args.range, args.type, args.dir)
         except FilterError as exc:
             raise UserError(str(exc)) from None
     _check_terminal(args)

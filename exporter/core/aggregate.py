@@ -5,9 +5,16 @@ Batches (``iotrace.core.events``) are grouped column-wise with NumPy, so the Pyt
 proportional to the number of distinct keys, not to the number of requests. Pre-aggregated sources
 (the in-kernel BPF maps of the live probes) add whole cells with ``add_cell``.
 
-Service times are kept as log2 histograms with the same slots as the BPF side: slot ``k`` holds
-durations ``d`` (ns) with ``d.bit_length() == k``, i.e. slot 0 is 0 ns and slot k covers
-[2^(k-1), 2^k) ns. p50/p95 are read off the histogram by linear interpolation inside a slot.
+Service times are kept as log-linear histograms (as HDR histograms are), with the same slots on
+the BPF side (probes/bpf/iotrace_bpf.h ``hist_slot``) and in the xentrace core (xtcore.h
+``xt_slot``): durations below 16 ns have a slot each; from there every power of two
+[2^(e-1), 2^e) is cut into ``HIST_SUB`` = 8 equal slots, up to 2^34 ns (17.2 s); the last slot
+also takes anything longer. ``N_SLOTS`` = 256. ``hist_slots`` computes the slot of each duration,
+``SLOT_LOWER_NS``/``SLOT_UPPER_NS`` are the bounds of each slot ([lower, upper), integers lower
+.. upper - 1). p50/p95 are read off the histogram by linear interpolation inside a slot and
+clamped to the exact minimum and maximum where the source saw them; since a slot is at most
+1/8 of its lower bound wide, a quantile is within ``QUANTILE_RELATIVE_ERROR`` = 12.5% of the
+exact one for durations below 2^34 ns (exact below 16 ns).
 """
 from __future__ import annotations
 
@@ -19,11 +26,39 @@ import numpy as np
 from iotrace.core.addrmap import AddressMap
 from iotrace.core.events import request_bytes
 
-N_SLOTS = 64
-# Upper bound (exclusive) of each slot in ns: slot 0 -> 1 ns, slot k -> 2^k ns.
-SLOT_UPPER_NS = np.array([1] + [2 ** k for k in range(1, N_SLOTS)], dtype=np.float64)
-SLOT_LOWER_NS = np.array([0] + [2 ** (k - 1) for k in range(1, N_SLOTS)], dtype=np.float64)
+HIST_SUB_BITS = 3                   # 2^3 = 8 slots per power of two
+HIST_SUB = 1 << HIST_SUB_BITS
+HIST_MAX_EXP = 34                   # full resolution below 2^34 ns (17.2 s)
+N_SLOTS = (HIST_MAX_EXP - HIST_SUB_BITS + 1) << HIST_SUB_BITS        # 256
 
+
+def _slot_bounds(k: int) -> tuple[int, int]:
+    """[lower, upper) of slot k in ns."""
+    if k < HIST_SUB:
+        return k, k + 1
+    e = (k >> HIST_SUB_BITS) + HIST_SUB_BITS        # the power of two: [2^(e-1), 2^e)
+    j = k & (HIST_SUB - 1)
+    shift = e - 1 - HIST_SUB_BITS
+    return (HIST_SUB + j) << shift, (HIST_SUB + j + 1) << shift
+
+
+SLOT_LOWER_NS = np.array([_slot_bounds(k)[0] for k in range(N_SLOTS)], dtype=np.float64)
+SLOT_UPPER_NS = np.array([_slot_bounds(k)[1] for k in range(N_SLOTS)], dtype=np.float64)
+# A quantile read off the histogram (interpolated inside its slot, clamped to the exact min and
+# max) lies in the same slot as the exact one, so it is off by at most the slot's width, which
+# is at most 1/HIST_SUB of the slot's lower bound: at most this fraction of the exact value, for
+# durations below 2^HIST_MAX_EXP ns (tests/core/test_aggregate.py checks the layout gives it,
+# tests/offline/test_rollup.py checks it on samples).
+QUANTILE_RELATIVE_ERROR = 1.0 / HIST_SUB
+
+
+def slot_ending_at(ns: int) -> int:
+    """The slot whose upper bound is ``ns`` (ValueError if no slot ends there): the cumulative
+    count of slots 0..k is the number of durations below ``ns``."""
+    k = int(np.searchsorted(SLOT_UPPER_NS, ns))
+    if k >= N_SLOTS or SLOT_UPPER_NS[k] != ns:
+        raise ValueError(f"no histogram slot ends at {ns} ns")
+    return k
 
 class Key(NamedTuple):
     domid: int
@@ -77,21 +112,24 @@ def _opt(fn, a, b):
     return fn(a, b)
 
 
-def log2_slots(ns: np.ndarray) -> np.ndarray:
-    """Slot index (bit length) of each duration in ns; negative durations go to slot 0."""
+def hist_slots(ns: np.ndarray) -> np.ndarray:
+    """Slot index of each duration in ns (see the module doc); negative durations go to slot
+    0, durations of 2^34 ns and more to the last slot."""
     ns = np.asarray(ns, dtype=np.int64)
-    out = np.zeros(ns.shape, dtype=np.int64)
-    pos = ns > 0
-    if pos.any():
-        # frexp gives exponent e with 2^(e-1) <= x < 2^e, which is bit_length for integers below
-        # 2^53; durations above 2^53 ns (104 days) are clipped into the last slot anyway.
-        _, exp = np.frexp(ns[pos].astype(np.float64))
-        out[pos] = np.minimum(exp, N_SLOTS - 1)
-    return out
+    v = np.maximum(ns, 0)
+    # frexp gives e with 2^(e-1) <= x < 2^e: the bit length, exact for integers below 2^53 (and
+    # larger ones are past 2^34 anyway)
+    _, e = np.frexp(v.astype(np.float64))
+    e = e.astype(np.int64)
+    shift = np.maximum(e - 1 - HIST_SUB_BITS, 0)
+    sub = (v >> shift) & (HIST_SUB - 1)
+    out = np.where(e <= HIST_SUB_BITS, v, ((e - HIST_SUB_BITS) << HIST_SUB_BITS) | sub)
+    return np.where(e > HIST_MAX_EXP, N_SLOTS - 1, out)
 
 
 def hist_quantile_ns(hist: np.ndarray, q: float) -> float:
-    """The q-quantile (0..1) of a log2 histogram, interpolating linearly within the slot."""
+    """The q-quantile (0..1) of a histogram, interpolating linearly within the slot between the
+    first and the last duration it can hold (a slot of one value reads back exactly)."""
     total = int(hist.sum())
     if total == 0:
         return float("nan")
@@ -102,8 +140,29 @@ def hist_quantile_ns(hist: np.ndarray, q: float) -> float:
     before = int(cum[k - 1]) if k else 0
     inside = int(hist[k])
     frac = (rank - before) / inside if inside else 0.0
-    lo, hi = SLOT_LOWER_NS[k], SLOT_UPPER_NS[k]
+    lo, hi = SLOT_LOWER_NS[k], SLOT_UPPER_NS[k] - 1
     return float(lo + (hi - lo) * min(max(frac, 0.0), 1.0))
+
+
+def hist_quantiles_ns(hist: np.ndarray, q: float) -> np.ndarray:
+    """``hist_quantile_ns`` of each row of a 2-D array of histograms (NaN for empty rows)."""
+    hist = np.asarray(hist, dtype=np.int64).reshape(-1, N_SLOTS)
+    out = np.full(len(hist), np.nan)
+    total = hist.sum(axis=1)
+    rows = np.flatnonzero(total)
+    if not len(rows):
+        return out
+    h = hist[rows]
+    cum = np.cumsum(h, axis=1)
+    rank = q * total[rows]
+    k = np.minimum((cum < rank[:, None]).sum(axis=1), N_SLOTS - 1)   # searchsorted, left
+    r = np.arange(len(rows))
+    before = np.where(k > 0, cum[r, np.maximum(k - 1, 0)], 0)
+    inside = h[r, k]
+    frac = np.divide(rank - before, inside, out=np.zeros(len(rows)), where=inside > 0)
+    lo, hi = SLOT_LOWER_NS[k], SLOT_UPPER_NS[k] - 1
+    out[rows] = lo + (hi - lo) * np.clip(frac, 0.0, 1.0)
+    return out
 
 
 def _unique_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +233,7 @@ class Aggregator:
         known = svc >= 0
         svc_n = np.bincount(inverse[known], minlength=m)
         svc_sum = np.bincount(inverse[known], weights=svc[known].astype(np.float64), minlength=m)
-        hist = np.bincount(inverse[known] * N_SLOTS + log2_slots(svc[known]),
+        hist = np.bincount(inverse[known] * N_SLOTS + hist_slots(svc[known]),
                            minlength=m * N_SLOTS).reshape(m, N_SLOTS)
         svc_min = np.full(m, np.iinfo(np.int64).max, dtype=np.int64)
         svc_max = np.full(m, -1, dtype=np.int64)

@@ -97,3 +97,23 @@ def dir_name(code: int) -> str:
 def request_bytes(batch: np.ndarray) -> np.ndarray:
     """Bytes moved per request (size x count); 0 where the size is unknown."""
     return batch["size"].astype(np.uint64) * batch["count"].astype(np.uint64)
+
+
+def pci_config_address(addr: int) -> str:
+    """A PCI_CONFIG request's address as BDF + register: ``00:01.1+0x3c`` (``SSSS:`` first when
+    the segment is not 0). ioreq_t's addr for IOREQ_TYPE_PCI_CONFIG is SEG[63:48] BUS[47:40]
+    DEV[39:35] FN[34:32] REG[31:0]: Xen builds it as ``(sbdf << 32) | reg`` when it forwards a
+    0xcfc-0xcff access (arch_ioreq_server_get_type_addr, xen/arch/x86/hvm/ioreq.c; earlier
+    hvm_select_ioreq_server)."""
+    addr = int(addr) & 0xFFFFFFFFFFFFFFFF
+    sbdf, reg = addr >> 32, addr & 0xFFFFFFFF
+    seg, bus, dev, fn = sbdf >> 16, (sbdf >> 8) & 0xFF, (sbdf >> 3) & 0x1F, sbdf & 7
+    head = f"{seg:04x}:" if seg else ""
+    return f"{head}{bus:02x}:{dev:02x}.{fn}+{reg:#x}"
+
+
+def format_address(type_code: int, addr: int) -> str:
+    """An address as an operator reads it: PCI config as BDF + register, others in hex."""
+    if int(type_code) == TYPE_PCI_CONFIG:
+        return pci_config_address(addr)
+    return f"{int(addr) & 0xFFFFFFFFFFFFFFFF:#x}"

@@ -66,7 +66,7 @@ class TotalsColumns:
     bytes: np.ndarray              # int64 (n,)
     service_n: np.ndarray          # int64 (n,)
     service_sum_ns: np.ndarray     # int64 (n,)
-    hist: np.ndarray               # int64 (n, N_SLOTS), log2 slots as in iotrace.core.aggregate
+    hist: np.ndarray               # int64 (n, N_SLOTS), the slots of iotrace.core.aggregate
 
     def __len__(self) -> int:
         return len(self.keys)

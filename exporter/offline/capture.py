@@ -3,11 +3,16 @@
 Kinds, told apart by their first bytes:
 * an iotrace recording (``iotrace record``; see ``iotrace.offline.recording``);
 * a xentrace capture (no header: it starts with a TRC_TRACE_CPU_CHANGE record, header word
-  0x2001f003; see ``iotrace.xentrace.decoder``).
+  0x2001f003; see ``iotrace.xentrace.decoder``);
+* either of them gzip-compressed (decompressed as it is read: ``iotrace.offline.inputs``).
+Anything else is one InputError line saying what it looks like and what is accepted.
 
 The input is opened once and read from the start to the end, never reopened or sought: a file,
 ``-`` (standard input), ``/dev/stdin``, a pipe or a named FIFO all work
 (``xentrace ... | iotrace report -``).
+
+A summary carries the capture's time span: xentrace, the lowest to the highest TSC of its
+records (every record, I/O or not, at ``cpu_hz``); a recording, its first to its last event.
 
 * ``summarize_capture(path, ...)`` -> ``CaptureSummary``: the totals per key (``CellTable``),
   never every event - the xentrace core aggregates in C; a recording is folded in chunk by
@@ -26,17 +31,17 @@ the input once.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from iotrace.core import events as E
-from iotrace.core.errors import InputError, open_input
+from iotrace.core.errors import InputError
 from iotrace.offline.cells import Accumulator, CellTable
+from iotrace.offline.inputs import STDIN, looks_like_xentrace, not_a_capture, open_input_stream
 
-STDIN = "-"
-_SNIFF = 8                     # the recording magic's length
+__all__ = ["STDIN", "Capture", "CaptureStream", "CaptureSummary", "load_capture",
+           "summarize_capture"]
 
 
 @dataclass
@@ -64,69 +69,67 @@ class CaptureSummary:
     decode_errors: int = 0
     warnings: list[str] = field(default_factory=list)
     domain_names: dict[int, str] = field(default_factory=dict)
+    first_ns: int | None = None     # the capture's first and last timestamps (ns, the source's
+    last_ns: int | None = None      # clock; xentrace: TSC / cpu_hz); None when it has none
+    compressed: bool = False        # it was gzip-compressed
+    cpu_hz: float | None = None     # xentrace: the TSC rate its times were converted at
     skipped_chunks: int = 0         # recordings: damaged chunks (or runs of bytes) skipped
     truncated: bool = False         # ends inside a record, or a recording without its end
 
-
-def _open(path: str):
-    if path == STDIN:
-        if sys.stdin.isatty():
-            raise InputError("-: standard input is a terminal: pipe a capture in "
-                             "(xentrace ... | iotrace report -) or name a file")
-        return sys.stdin.buffer, "<stdin>", False
-    return open_input(path, "a capture file"), path, True
-
-
-def _head(fh, name: str) -> bytes:
-    parts, got = [], 0
-    while got < _SNIFF:
-        try:
-            b = fh.read(_SNIFF - got)
-        except IsADirectoryError:
-            raise InputError(f"{name}: is a directory, not a capture file") from None
-        except OSError as exc:
-            raise InputError(f"{name}: cannot read: {exc.strerror}") from None
-        if not b:
-            break
-        parts.append(b)
-        got += len(b)
-    return b"".join(parts)
+    @property
+    def span_seconds(self) -> float | None:
+        """Seconds from the first to the last timestamp; None without two distinct ones."""
+        if self.first_ns is None or self.last_ns is None or self.last_ns <= self.first_ns:
+            return None
+        return (self.last_ns - self.first_ns) / 1e9
 
 
 def summarize_capture(path: str, *, cpu_hz: float | None = None, xenalyze_compat: bool = False,
-                      rip: bool = False, on_events=None) -> CaptureSummary:
+                      rip: bool = False, on_events=None, on_names=None) -> CaptureSummary:
     """Decode a recording or a xentrace capture into cells (``rip``: keyed by guest RIP too);
-    InputError (one line) if it is neither. ``on_events(batch)`` sees every event batch."""
-    fh, name, owned = _open(path)
-    try:
-        head = _head(fh, name)
-        if not head:
-            raise InputError(f"{name}: empty file, not a xentrace capture or an iotrace "
-                             "recording")
+    InputError (one line) if it is neither. ``on_events(batch)`` sees every event batch;
+    ``on_names(names)`` the domain names a recording carries, before the first batch and
+    whenever they change."""
+    with open_input_stream(path) as src:
+        head, name = src.head, src.name
         from iotrace.offline import recording
         if recording.is_recording(head):
             if xenalyze_compat:
+                from iotrace.core.errors import InputError
                 raise InputError(f"{name}: --xenalyze-compat applies to xentrace captures only")
-            return _summarize_recording(fh, name, head, rip, on_events)
-        return _summarize_xentrace(fh, name, head, cpu_hz, xenalyze_compat, rip, on_events)
-    finally:
-        if owned:
-            fh.close()
+            s = _summarize_recording(src.fh, name, head, rip, on_events, on_names)
+        elif looks_like_xentrace(head):
+            s = _summarize_xentrace(src.fh, name, head, cpu_hz, xenalyze_compat, rip, on_events)
+        else:
+            raise not_a_capture(name, head, src.gzip)
+        s.compressed = src.gzip
+        s.warnings[:0] = src.warnings
+        return s
 
 
-def _summarize_recording(fh, name, head, rip, on_events) -> CaptureSummary:
+def _summarize_recording(fh, name, head, rip, on_events, on_names=None) -> CaptureSummary:
     from iotrace.offline.recording import RecordingReader
     reader = RecordingReader(fh, name, head)
     acc = Accumulator(rip=rip)
+    lo = hi = None
+    told: dict | None = None
     for batch in reader.batches():
+        if on_names is not None and reader.domains != told:
+            told = dict(reader.domains)
+            on_names(told)
         acc.add_events(batch)
+        if len(batch):
+            ts = batch["ts_ns"]
+            b_lo, b_hi = int(ts.min()), int(ts.max())
+            lo = b_lo if lo is None else min(lo, b_lo)
+            hi = b_hi if hi is None else max(hi, b_hi)
         if on_events is not None:
             on_events(batch)
     return CaptureSummary("recording", name, acc.table(), requests=acc.requests,
                           records=acc.requests, lost_records=reader.lost_events,
                           decode_errors=reader.skipped_records, warnings=list(reader.warnings),
                           domain_names=dict(reader.domains), skipped_chunks=reader.skipped_chunks,
-                          truncated=reader.truncated)
+                          truncated=reader.truncated, first_ns=lo, last_ns=hi)
 
 
 def _summarize_xentrace(fh, name, head, cpu_hz, compat, rip, on_events) -> CaptureSummary:
@@ -140,11 +143,14 @@ def _summarize_xentrace(fh, name, head, cpu_hz, compat, rip, on_events) -> Captu
     last = dec.finish()
     if on_events is not None and len(last):
         on_events(last)
-    cells = CellTable.from_native(dec.cells())
+    cells = CellTable.from_native(dec.cells(in_place=True))
+    lo, hi = dec.stat("tsc_first"), dec.stat("tsc_last")
     return CaptureSummary("xentrace", name, cells, requests=int(cells.count.sum()),
                           records=dec.records, lost_records=dec.lost_records,
                           decode_errors=dec.decode_errors, warnings=list(dec.warnings),
-                          truncated=dec.truncated_at is not None)
+                          truncated=dec.truncated_at is not None,
+                          cpu_hz=dec.cpu_hz, first_ns=dec.tsc_to_ns(lo) if lo >= 0 else None,
+                          last_ns=dec.tsc_to_ns(hi) if hi >= 0 else None)
 
 
 class CaptureStream:
@@ -157,25 +163,24 @@ class CaptureStream:
     the reading; ``finished`` is set once the end was reached (``truncated`` is final then)."""
 
     def __init__(self, path: str, *, cpu_hz: float | None = None):
-        fh, name, owned = _open(path)
-        self._fh, self._owned, self.path = fh, owned, name
+        self._src = open_input_stream(path)
+        fh, name, head = self._src.fh, self._src.name, self._src.head
+        self._fh, self.path = fh, name
         self.finished = False
         self.events = 0
         self._reader = self._dec = None
         try:
-            head = _head(fh, name)
-            if not head:
-                raise InputError(f"{name}: empty file, not a xentrace capture or an iotrace "
-                                 "recording")
             from iotrace.offline import recording
             if recording.is_recording(head):
                 self.source = "recording"
                 self._reader = recording.RecordingReader(fh, name, head)
-            else:
+            elif looks_like_xentrace(head):
                 from iotrace.xentrace.decoder import StreamDecoder
                 self.source = "xentrace"
                 self._dec = StreamDecoder(cpu_hz, name=name, events=True, ordered=True)
                 self._first = self._dec.feed(head)
+            else:
+                raise not_a_capture(name, head, self._src.gzip)
         except BaseException:
             self.close()
             raise
@@ -207,7 +212,8 @@ class CaptureStream:
 
     @property
     def warnings(self) -> list[str]:
-        return self._reader.warnings if self._reader is not None else self._dec.warnings
+        own = self._reader.warnings if self._reader is not None else self._dec.warnings
+        return self._src.warnings + own
 
     @property
     def domain_names(self) -> dict[int, str]:
@@ -244,9 +250,7 @@ class CaptureStream:
         yield dec.finish()
 
     def close(self) -> None:
-        if self._owned and self._fh is not None:
-            self._fh.close()
-        self._fh = None if self._owned else self._fh
+        self._src.close()
 
 
 def load_capture(path: str, *, cpu_hz: float | None = None,

@@ -1,8 +1,8 @@
 """Cells: I/O totals per key, in columns - what a report needs instead of every event.
 
 A ``CellTable`` has one row per distinct key and, per row, the request count, bytes (size x
-count where known), service-time count / sum / min / max and the log2 histogram of
-``iotrace.core.aggregate`` (slot = bit length of the duration in ns). Key columns are named
+count where known), service-time count / sum / min / max and the log-linear histogram of
+``iotrace.core.aggregate`` (its N_SLOTS slots, 8 per power of two). Key columns are named
 fields; the full key is ``KEY_FIELDS``. ``group(fields, addrmap)`` sums rows over any subset of
 ``KEY_FIELDS`` plus ``"range"`` (the address map's name for (type, addr)), so a report picks its
 grouping by naming fields.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from iotrace.core.aggregate import N_SLOTS, hist_quantile_ns, log2_slots
+from iotrace.core.aggregate import N_SLOTS, hist_quantile_ns, hist_quantiles_ns, hist_slots
 from iotrace.core.events import request_bytes
 
 KEY_FIELDS = ("domid", "vcpu", "type", "dir", "addr", "rip")
@@ -23,6 +23,7 @@ GROUP_FIELDS = KEY_FIELDS + ("range",)
 _KEY_TYPES = {"domid": np.int64, "vcpu": np.int64, "type": np.int64, "dir": np.int64,
               "addr": np.uint64, "rip": np.uint64, "range": np.int64}
 _I64_MAX = np.iinfo(np.int64).max
+_SLOT_BLOCK = 32                 # histogram columns summed at a time when grouping
 
 
 class CellTable:
@@ -72,7 +73,7 @@ class CellTable:
         hi = np.full(m, -1, np.int64)
         np.minimum.at(lo, ik, svc[known])
         np.maximum.at(hi, ik, svc[known])
-        hist = np.bincount(ik * N_SLOTS + log2_slots(svc[known]),
+        hist = np.bincount(ik * N_SLOTS + hist_slots(svc[known]),
                            minlength=m * N_SLOTS).reshape(m, N_SLOTS)
         return cls({f: keys[f][order[first]] for f in KEY_FIELDS},
                    np.bincount(inv, minlength=m),
@@ -118,12 +119,35 @@ class CellTable:
                       self.svc_sum, self.svc_min, self.svc_max, self.hist, names)
         return t._grouped(fields)
 
+    def with_range(self, addrmap) -> "CellTable":
+        """The same rows with a ``range`` key column (the address map's index), not regrouped."""
+        if "range" in self.keys:
+            return self
+        keys = dict(self.keys)
+        keys["range"] = addrmap.lookup(self.keys["type"].astype(np.uint8),
+                                       self.keys["addr"]).astype(np.int64)
+        return CellTable(keys, self.count, self.bytes, self.svc_n, self.svc_sum, self.svc_min,
+                         self.svc_max, self.hist, list(addrmap.names))
+
+    def take(self, rows) -> "CellTable":
+        """The rows at ``rows`` (indices or a bool mask), in that order."""
+        return CellTable({f: v[rows] for f, v in self.keys.items()}, self.count[rows],
+                         self.bytes[rows], self.svc_n[rows], self.svc_sum[rows],
+                         self.svc_min[rows], self.svc_max[rows], self.hist[rows],
+                         self.range_names)
+
     def _grouped(self, fields) -> "CellTable":
         if len(self) == 0:
             return CellTable({f: self.keys[f][:0] for f in fields},
                              *([np.zeros(0, np.int64)] * 6), np.zeros((0, N_SLOTS), np.int64),
                              self.range_names)
         order, first, inv, m = _group_index([self.keys[f] for f in fields])
+        if m == len(self):
+            # every row is its own group: the same table under these keys, nothing copied (a
+            # report of many keys holds their histograms once)
+            return CellTable({f: self.keys[f] for f in fields}, self.count, self.bytes,
+                             self.svc_n, self.svc_sum, self.svc_min, self.svc_max, self.hist,
+                             self.range_names)
         starts = np.flatnonzero(first)
 
         def total(a):
@@ -133,9 +157,13 @@ class CellTable:
         hi = np.full(m, -1, np.int64)
         np.minimum.at(lo, inv, self.svc_min)
         np.maximum.at(hi, inv, self.svc_max)
+        # the histograms a block of slots at a time: the sorted copy is a block, not the table
+        hist = np.empty((m, N_SLOTS), np.int64)
+        for c in range(0, N_SLOTS, _SLOT_BLOCK):
+            hist[:, c:c + _SLOT_BLOCK] = total(self.hist[:, c:c + _SLOT_BLOCK])
         return CellTable({f: self.keys[f][order[first]] for f in fields}, total(self.count),
                          total(self.bytes), total(self.svc_n), total(self.svc_sum), lo, hi,
-                         total(self.hist), self.range_names)
+                         hist, self.range_names)
 
     # ---- reading
     def key(self, i: int, field: str):
@@ -148,8 +176,15 @@ class CellTable:
         n = int(self.svc_n[i])
         return int(self.svc_sum[i]) / n / 1e9 if n else None
 
+    def quantiles_seconds(self, q: float) -> np.ndarray:
+        """``quantile_seconds`` of every row at once (NaN where a row has no service time)."""
+        ns = hist_quantiles_ns(self.hist, q)
+        timed = self.svc_n > 0
+        ns[timed] = np.minimum(np.maximum(ns[timed], self.svc_min[timed]), self.svc_max[timed])
+        return ns / 1e9
+
     def quantile_seconds(self, i: int, q: float) -> float | None:
-        """q-quantile off the log2 histogram, clamped to the exact extremes (as Cell does)."""
+        """q-quantile off the histogram, clamped to the exact extremes (as Cell does)."""
         if not self.svc_n[i]:
             return None
         ns = hist_quantile_ns(self.hist[i], q)

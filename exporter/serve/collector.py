@@ -42,7 +42,7 @@ from iotrace.analysis.priorities import advised_weight
 from iotrace.core.addrmap import TYPE_RANGE_NAMES, AddressMap
 from iotrace.core.domains import display_name
 from iotrace.core.events import DIR_NAMES
-from iotrace.core.metrics import BUCKET_BOUNDS_SECONDS, BUCKET_EXPONENTS, METRICS  # noqa: F401
+from iotrace.core.metrics import BUCKET_BOUNDS_NS, BUCKET_BOUNDS_SECONDS, METRICS  # noqa: F401
 from iotrace.core.source import DAMAGE_KINDS, totals_columns
 from iotrace.serve.exposition import FIRST, Family
 from iotrace.serve.layout import Layout, RowsBlock, fold, gather
@@ -307,7 +307,7 @@ def worst_case_series_per_domain(addrmap: AddressMap, vcpus: int,
     ranges = len(set(addrmap.names))
     vcpu_values = (vcpus + 1) if vcpu_label else 1    # + "-1" (buffered / unknown)
     io = vcpu_values * len(DIR_NAMES) * pairs
-    hist = pairs * (len(BUCKET_EXPONENTS) + 1 + 2)    # buckets, +Inf, _sum, _count
+    hist = pairs * (len(BUCKET_BOUNDS_NS) + 1 + 2)    # buckets, +Inf, _sum, _count
     out = {
         "iotrace_ioreqs_total": io,
         "iotrace_ioreq_bytes_total": io,

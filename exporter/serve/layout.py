@@ -7,10 +7,11 @@ group sums (``Groups``) and formats numbers. ``fold`` does one source's sums and
 (``CounterBlock``, ``RowsBlock``, ``HistBlock``: the series of one family from one source, ready to
 be rendered by ``iotrace.serve.render`` or listed as samples by ``collect()``) to the families.
 
-Histogram buckets (le = 2^k ns, ``iotrace.core.metrics.BUCKET_EXPONENTS``) are read off the log2
-histograms of iotrace.core.aggregate, where slot k holds durations in [2^(k-1), 2^k) ns: the
-cumulative count of slots 0..k is the number of durations < 2^k ns. (A duration of exactly 2^k ns
-lands in slot k+1, so it is counted from the next bucket on: the error is at most one slot.)
+Histogram buckets (``iotrace.core.metrics.BUCKET_BOUNDS_NS``) are read off the log-linear
+histograms of iotrace.core.aggregate: every bound is the upper bound of a slot
+(``slot_ending_at``), so the cumulative count of the slots up to it is the number of durations
+below it. (A duration equal to a bound lands in the next slot, so it is counted from the next
+bucket on: Prometheus' le is "less or equal"; the difference is one ns.)
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ import copy
 import numpy as np
 
 from iotrace.core.addrmap import OTHER
-from iotrace.core.aggregate import N_SLOTS
+from iotrace.core.aggregate import N_SLOTS, slot_ending_at
 from iotrace.core.domains import display_name
 from iotrace.core.events import DIR_NAMES, TYPE_NAMES
-from iotrace.core.metrics import BUCKET_EXPONENTS, BY_NAME
+from iotrace.core.metrics import BUCKET_BOUNDS_NS, BY_NAME
 from iotrace.serve.exposition import (
     BUCKET_LE,
     FIRST,
@@ -38,9 +39,9 @@ from iotrace.serve.exposition import (
 
 _TYPE_LABEL = dict(TYPE_NAMES)
 _DIR_LABEL = dict(DIR_NAMES)
-_BUCKET_COLS = [min(k, N_SLOTS - 1) for k in BUCKET_EXPONENTS]
-# Slot segments [0, c0], (c0, c1], ... (c11, c12] of the log2 histogram (and the rest): their
-# cumulative sums are the bucket counts (slots 0..c_j).
+_BUCKET_COLS = [slot_ending_at(b) for b in BUCKET_BOUNDS_NS]
+# Slot segments [0, c0], (c0, c1], ... of the histogram (and the rest): their cumulative sums are
+# the bucket counts (slots 0..c_j).
 _SEG_STARTS = np.array([0] + [c + 1 for c in _BUCKET_COLS], dtype=np.intp)
 assert _SEG_STARTS[-1] < N_SLOTS and (np.diff(_SEG_STARTS) > 0).all()
 

@@ -10,12 +10,14 @@ text format; we ask for it with ``Accept: text/plain; version=0.0.4``). Metrics 
 * ``iotrace_ioreqs_total`` / ``iotrace_ioreq_bytes_total`` {source, domain, domid, vcpu, type, dir,
   range}: counts and bytes per Key (addresses are not labels, so ``Key.addr`` is 0).
 * ``iotrace_ioreq_service_seconds`` histogram {source, domain, domid, type, range}, buckets
-  ``le`` = 2^k ns (k = 10, 12, ..., 34) in seconds. It has no vcpu or dir label, so it becomes a
+  ``le`` in seconds (``iotrace.core.metrics.BUCKET_BOUNDS_NS``: two per power of two from
+  1.02 us to 1.05 ms, one per power of two beyond). It has no vcpu or dir label, so it becomes a
   *service-only* cell ``Key(domid, -1, type, DIR_ANY, range, 0)`` with ``count == 0``; the top model
-  uses such cells for domain and range service times but not for vCPU rows. Each bucket
-  (2^(k-2), 2^k] ns is split evenly between the log2 slots k-1 and k of ``iotrace.core.aggregate``
-  (slot k covers [2^(k-1), 2^k) ns); the lowest bucket goes to its slot, +Inf to the slot above
-  the highest bound. Quantiles are therefore as coarse as the exported buckets.
+  uses such cells for domain and range service times but not for vCPU rows. Each bucket's count
+  is spread over the slots of ``iotrace.core.aggregate`` it covers, in proportion to their width
+  (the lowest bucket from 0 ns, +Inf into the slot above the highest bound). Quantiles are
+  therefore as fine as the exported buckets: within 50% of the exact ones from 1 us to 1 ms
+  (a bucket there is at most half its lower bound wide), within 100% beyond.
   An exporter configured with ``vcpu_label: false`` has no vcpu label at all: its cells get vcpu
   -1 and ``stats().extra["no_vcpu_label"]`` tells the view to show no vCPU counts.
 * ``iotrace_domain_info`` {domid, domain, source}, ``iotrace_probes_attached`` {source, domain,
@@ -38,9 +40,10 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from iotrace.core.aggregate import N_SLOTS, Cell, Key
+from iotrace.core.aggregate import N_SLOTS, SLOT_LOWER_NS, SLOT_UPPER_NS, Cell, Key
 from iotrace.core.domains import fallback_name
 from iotrace.core.errors import UserError
 from iotrace.core.events import DIR_CODES, TYPE_CODES, UNKNOWN
@@ -95,36 +98,45 @@ def _dir_code(name: str) -> int:
 
 
 def le_slot(le_seconds: float) -> int:
-    """The log2 slot whose upper bound is the bucket bound ``le`` (2^k ns -> k)."""
+    """The first slot at or above the bucket bound ``le``: slot k holds the durations of
+    [SLOT_LOWER_NS[k], SLOT_UPPER_NS[k]); an exported bound is a slot's upper bound, so the
+    durations below it end in slot ``le_slot(le) - 1``."""
     ns = le_seconds * 1e9
-    if ns <= 1:
-        return 0
-    return max(0, min(N_SLOTS - 1, int(round(math.log2(ns)))))
+    return int(min(N_SLOTS - 1, np.searchsorted(SLOT_LOWER_NS, ns - 0.5)))
 
 
 def buckets_to_hist(buckets: list[tuple[float, float]]) -> "list[int]":
-    """Cumulative (le, count) buckets -> per-slot counts of a log2 histogram (see module doc)."""
+    """Cumulative (le, count) buckets -> per-slot counts of a histogram of
+    ``iotrace.core.aggregate`` (see the module doc): each bucket's count spread over the slots
+    it covers in proportion to their widths (uniform inside the bucket, as Prometheus'
+    histogram_quantile assumes), in whole requests (largest remainders)."""
     hist = [0] * N_SLOTS
     finite = sorted((le, c) for le, c in buckets if not math.isinf(le))
     inf = [c for le, c in buckets if math.isinf(le)]
-    prev_c, prev_slot = 0.0, None
+    prev_c, lo = 0.0, 0
     for le, c in finite:
-        n = int(round(c - prev_c))
-        k = le_slot(le)
-        if n > 0:
-            if prev_slot is None or k - prev_slot < 2 or k == 0:
-                hist[k] += n
-            else:
-                lo = n // 2
-                hist[k - 1] += lo
-                hist[k] += n - lo
-        prev_c, prev_slot = c, k
+        hi = max(lo + 1, le_slot(le))               # slots lo .. hi-1
+        _spread(hist, lo, hi, int(round(c - prev_c)))
+        prev_c, lo = c, min(hi, N_SLOTS - 1)
     if inf:
         n = int(round(inf[0] - prev_c))
         if n > 0:
-            k = min(N_SLOTS - 1, (prev_slot if prev_slot is not None else 0) + 1)
-            hist[k] += n
+            hist[lo] += n                           # above the highest bound: its first slot
     return hist
+
+
+def _spread(hist: list, lo: int, hi: int, n: int) -> None:
+    if n <= 0:
+        return
+    hi = min(hi, N_SLOTS)
+    w = SLOT_UPPER_NS[lo:hi] - SLOT_LOWER_NS[lo:hi]
+    share = n * w / w.sum()
+    whole = np.floor(share).astype(np.int64)
+    rest = n - int(whole.sum())
+    if rest:
+        whole[np.argsort(-(share - whole), kind="stable")[:rest]] += 1
+    for i, x in enumerate(whole.tolist()):
+        hist[lo + i] += x
 
 
 def parse_metrics(text: str, source: str | None = None) -> Parsed:

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from iotrace.top.filters import FilterError
+from iotrace.core.filters import FilterError
 
 
 @dataclass

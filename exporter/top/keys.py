@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import curses
 
+from iotrace.core.filters import FilterError, parse_filter_spec
 from iotrace.top.columns import SORT_KEYS, Row
-from iotrace.top.filters import FilterError, parse_filter_spec
 
 
 def selected_row(scr) -> Row | None:

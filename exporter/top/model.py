@@ -7,22 +7,22 @@ Everything here is testable with hand-made totals.
 Rates are differences of successive cumulative totals divided by the wall time between the two
 reads, as Prometheus' ``rate()`` does; a counter that went down (source restarted, domain dropped
 and re-created) counts from zero again instead of giving a negative rate (``iotrace.top.frame``).
-Service-time quantiles (p50/p95) are read off the log2 histogram of the *interval* (the difference
+Service-time quantiles (p50/p95) are read off the log-linear histogram of the *interval* (the difference
 of the two cumulative histograms), so they describe what happened since the last refresh; with no
 request served in the interval they show as unknown.
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from iotrace.core.aggregate import hist_quantile_ns
-from iotrace.core.domains import display_name, fallback_name
+from iotrace.core.domains import fallback_name
+from iotrace.core.events import format_address
+from iotrace.core.filters import Filter
 from iotrace.top.columns import SORT_KEYS, SORT_ORDER, Row, check_sort
-from iotrace.top.filters import Filter
 from iotrace.top.frame import Frame, Group
 from iotrace.top.snapshot import Snapshot
 
@@ -197,20 +197,8 @@ class Model:
     def _selected(self, fr: Frame, names: dict[int, str]) -> np.ndarray:
         """The rows of ``fr`` that pass the filter (column-wise; names and globs once per
         distinct value)."""
-        filt = self.filter
-        sel = np.ones(len(fr.keys), dtype=bool)
-        if filt.domains:
-            ok = [d for d in np.unique(fr.domid).tolist()
-                  if filt.match_domain(d, display_name(d, names))]
-            sel &= np.isin(fr.domid, ok)
-        if filt.vcpus:
-            sel &= np.isin(fr.vcpu, list(filt.vcpus))
-        if filt.types:
-            sel &= np.isin(fr.type, list(filt.types))
-        if filt.ranges:
-            ok = [i for i, r in enumerate(fr.range_names)
-                  if any(fnmatch.fnmatchcase(r, p) for p in filt.ranges)]
-            sel &= np.isin(fr.range, ok)
+        sel = self.filter.mask(fr.domid, fr.vcpu, fr.type, fr.dir, fr.range, fr.range_names,
+                               names)
         return np.nonzero(sel)[0]
 
     def _domain_rows(self, snap: Snapshot, fr: Frame, idx: np.ndarray) -> tuple[list[Row], Group]:
@@ -303,7 +291,7 @@ class Model:
                 arows = []
                 for x, ga in addrs_of.get(rix[r.name], {}).items():
                     a_ = int(x[3]) & 0xFFFFFFFFFFFFFFFF
-                    ar = Row("addr", 2, domid, f"{a_:#x}",
+                    ar = Row("addr", 2, domid, format_address(int(x[2]), a_),
                              ident=("addr", domid, r.name, int(x[2]), a_))
                     self._fill(ar, ga)
                     arows.append(ar)
@@ -317,4 +305,5 @@ class Model:
 
 
 def _addr_label(x: tuple) -> str:
-    return f"{int(x[3]) & 0xFFFFFFFFFFFFFFFF:#x}"
+    """(domid, range, type, addr) -> the address as it reads: PCI config as BDF + register."""
+    return format_address(int(x[2]), int(x[3]) & 0xFFFFFFFFFFFFFFFF)

@@ -36,7 +36,7 @@ iotrace top - keys (any key closes this help)
   - left      collapse it
   v r a       expand vCPUs / ranges / ranges+addresses of the selected domain
   V R A       the same for every domain
-  f /         filter, e.g.: domain=web* vcpu=0,1 range=com* type=pio
+  f /         filter, e.g.: domain=web* vcpu=0,1 range=com* type=pio dir=read
               (a bare word is a domain; field= alone clears that field)
   d           only the selected domain (again: all)     c   clear filters
 

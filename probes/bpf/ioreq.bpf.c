@@ -47,7 +47,7 @@ static __always_inline void count(int idx)
 #if EVENT_MODE
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 #else
-/* Entries are allocated as keys appear (352-byte values: no preallocation of the whole map). */
+/* Entries are allocated as keys appear (2080-byte values: no preallocation of the whole map). */
 BPF_F_TABLE("hash", struct ioreq_key, struct ioreq_stats, stats, STATS_ENTRIES, BPF_F_NO_PREALLOC);
 /* A zeroed value to initialise new entries from (too big for the 512-byte BPF stack). */
 BPF_ARRAY(zero_stats, struct ioreq_stats, 1);
@@ -76,19 +76,6 @@ static __always_inline struct ioreq_stats *stats_for(struct ioreq_key *k)
  * goes away with the thread). */
 BPF_TASK_STORAGE(inflight, struct inflight);
 #endif
-
-/* Bit length of ns: the slot of iotrace.core.aggregate.log2_slots (0 ns -> slot 0). */
-static __always_inline u32 slot_of(u64 v)
-{
-    u32 r = 0;
-    if (v >> 32) { v >>= 32; r += 32; }
-    if (v >> 16) { v >>= 16; r += 16; }
-    if (v >> 8)  { v >>= 8;  r += 8; }
-    if (v >> 4)  { v >>= 4;  r += 4; }
-    if (v >> 2)  { v >>= 2;  r += 2; }
-    if (v >> 1)  { v >>= 1;  r += 1; }
-    return r + (u32)v;
-}
 
 #if EVENT_MODE
 static __always_inline void emit(u64 ts, u64 pid_tgid, struct ioreq_key *k, u64 data, u32 cnt,
@@ -235,7 +222,7 @@ int on_return(struct pt_regs *ctx)
     __sync_fetch_and_add(&s->svc_sum_ns, d);
     /* The last slot takes anything longer; BOUNDED_INDEX (iotrace_bpf.h) is the clamp a verifier
      * can follow on every kernel (a plain `if` was refused by 6.1's: issue #16). */
-    u64 slot = slot_of(d);
+    u64 slot = hist_slot(d);
     BOUNDED_INDEX(slot, HIST_SLOTS);
 #ifdef IOTRACE_TEST_OOB
     /* Test-only (IOTRACE_BPF_EXTRA_CFLAGS=-DIOTRACE_TEST_OOB=1, probes/bpf/loader.py): one slot

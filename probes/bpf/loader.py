@@ -28,6 +28,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+import numpy as np
+
 from iotrace.core.errors import ProbeError
 from iotrace.probes.bpf import types as T
 from iotrace.probes.bpf import uprobes
@@ -290,7 +292,7 @@ class ProbeSet:
                for k, v in self._items("stats")]
         if self.timing:
             for _, v in out:
-                v.count = v.svc_n = sum(v.hist)
+                v.count = v.svc_n = int(np.frombuffer(v.hist, dtype=np.uint64).sum())
         return out
 
     def _items(self, name: str):

@@ -23,7 +23,7 @@ class IoreqKey(ct.Structure):
                 ("addr", ct.c_uint64)]
 
 
-HIST_SLOTS = 40
+HIST_SLOTS = 256          # HIST_SLOTS in the header: iotrace.core.aggregate.N_SLOTS
 
 
 class IoreqStats(ct.Structure):
@@ -46,7 +46,7 @@ class Inflight(ct.Structure):
 
 
 # The sizes written in the header's comments.
-EXPECTED_SIZES = {XenIoreq: 32, IoreqKey: 24, IoreqStats: 352, IoreqEvent: 56,
+EXPECTED_SIZES = {XenIoreq: 32, IoreqKey: 24, IoreqStats: 2080, IoreqEvent: 56,
                   Inflight: 56}
 
 # Metrics-mode address buckets (MMIO_BUCKET_MASK, PCI_BUCKET_MASK and IOREQ_TYPE_* in the header;

@@ -1,10 +1,22 @@
-"""The aggregator: grouping, bytes, log2 service histograms and quantiles."""
+"""The aggregator: grouping, bytes, log-linear service histograms and quantiles."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iotrace.core.aggregate import N_SLOTS, Aggregator, Cell, Key, hist_quantile_ns, log2_slots
+from iotrace.core.aggregate import (
+    N_SLOTS,
+    QUANTILE_RELATIVE_ERROR,
+    SLOT_LOWER_NS,
+    SLOT_UPPER_NS,
+    Aggregator,
+    Cell,
+    Key,
+    hist_quantile_ns,
+    hist_quantiles_ns,
+    hist_slots,
+    slot_ending_at,
+)
 from support.fakes import dict_batch as batch
 
 
@@ -32,16 +44,51 @@ def test_without_addresses_keys_collapse_to_ranges():
     assert {k.range: c.count for k, c in agg.cells.items()} == {"com1": 2, "other": 1}
 
 
-def test_log2_slots_are_bit_lengths():
-    ns = np.array([0, 1, 2, 3, 4, 7, 8, 1023, 1024, 10**9, -5])
-    expect = [0, 1, 2, 2, 3, 3, 4, 10, 11, (10**9).bit_length(), 0]
-    assert log2_slots(ns).tolist() == expect
+def _slot(v: int) -> int:
+    """The slot layout written out the plain way: one slot per ns below 16, then 8 equal slots
+    per power of two [2^(e-1), 2^e) up to 2^34 ns, the last slot taking anything longer."""
+    if v < 16:
+        return max(v, 0)
+    e = v.bit_length()
+    if e > 34:
+        return 255
+    width = 1 << (e - 4)                       # (2^e - 2^(e-1)) / 8
+    return 16 + 8 * (e - 5) + (v - (1 << (e - 1))) // width
 
 
-@given(st.lists(st.integers(min_value=0, max_value=2**50), min_size=1, max_size=200))
+def test_hist_slots_known_values():
+    ns = np.array([0, 1, 7, 8, 15, 16, 17, 18, 31, 32, 1023, 1024, 1151, 1152, 2**34 - 1, 2**34,
+                   10**15, -5])
+    assert hist_slots(ns).tolist() == [0, 1, 7, 8, 15, 16, 16, 17, 23, 24, 63, 64, 64, 65, 255,
+                                       255, 255, 0]
+    assert N_SLOTS == 256
+
+
+@given(st.lists(st.integers(min_value=-10, max_value=2**50), min_size=1, max_size=200))
 @settings(max_examples=200, deadline=None)
-def test_log2_slots_match_python_bit_length(values):
-    assert log2_slots(np.array(values)).tolist() == [v.bit_length() for v in values]
+def test_hist_slots_match_the_layout_and_the_bounds(values):
+    got = hist_slots(np.array(values)).tolist()
+    assert got == [_slot(v) for v in values]
+    for v, k in zip(values, got):
+        v = max(v, 0)
+        assert SLOT_LOWER_NS[k] <= v and (v < SLOT_UPPER_NS[k] or k == N_SLOTS - 1)
+
+
+def test_the_layout_gives_the_stated_quantile_bound():
+    """Every slot holds integers lower..upper-1, at most 1/8 of lower apart: an estimate in the
+    slot of the exact quantile is within QUANTILE_RELATIVE_ERROR = 12.5% of it."""
+    assert QUANTILE_RELATIVE_ERROR == 0.125
+    assert (SLOT_UPPER_NS[:-1] == SLOT_LOWER_NS[1:]).all() and SLOT_LOWER_NS[0] == 0
+    spread = (SLOT_UPPER_NS - 1 - SLOT_LOWER_NS)[1:] / SLOT_LOWER_NS[1:]
+    assert spread.max() <= QUANTILE_RELATIVE_ERROR
+    assert (SLOT_UPPER_NS[:16] - SLOT_LOWER_NS[:16] == 1).all()     # exact below 16 ns
+    assert SLOT_UPPER_NS[-1] == 2**34
+
+
+def test_slot_ending_at():
+    assert slot_ending_at(1024) == 63 and slot_ending_at(1280) == 65 and slot_ending_at(16) == 15
+    with pytest.raises(ValueError):
+        slot_ending_at(1025)
 
 
 def test_quantiles_read_off_histogram_within_slot_bounds():
@@ -117,3 +164,16 @@ def test_out_of_range_fields_take_the_general_path_with_the_same_result():
     agg = Aggregator()
     agg.add_batch(batch([dict(domid=70000, vcpu=5, addr=0x60), dict(domid=1, addr=0x60)]))
     assert {k.domid: c.count for k, c in agg.cells.items()} == {70000: 1, 1: 1}
+
+
+def test_quantiles_of_many_histograms_at_once_equal_one_at_a_time():
+    rng = np.random.default_rng(3)
+    hists = rng.integers(0, 6, (300, N_SLOTS)) * (rng.random((300, N_SLOTS)) < 0.15)
+    hists[7] = 0
+    hists[8] = 0
+    hists[8, 5] = 1
+    for q in (0.0, 0.01, 0.5, 0.95, 1.0):
+        many = hist_quantiles_ns(hists, q)
+        one = np.array([hist_quantile_ns(h, q) for h in hists])
+        np.testing.assert_array_equal(np.isnan(many), np.isnan(one))
+        np.testing.assert_allclose(many[~np.isnan(one)], one[~np.isnan(one)], rtol=1e-12)

@@ -30,7 +30,7 @@ def assert_one_line_error(res, *words, code=2):
 
 
 def test_real_capture_json_has_all_105_port_records(iotrace_exe, real_xentrace):
-    res = run_cli(iotrace_exe, "--format", "json", real_xentrace)
+    res = run_cli(iotrace_exe, "--format", "json", "--by", "vcpu,addr", real_xentrace)
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["source"] == "xentrace" and doc["lost_records"] == 0
@@ -59,8 +59,10 @@ def test_real_capture_table_is_readable(iotrace_exe, real_xentrace):
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "105 I/O requests" in out
-    assert "domain 14: 105 requests" in out
-    assert "vCPU 2: 72 requests" in out
+    lines = out.splitlines()
+    dom = lines.index("per domain:")
+    assert lines[dom + 1].split()[:4] == ["DOMID", "DOMAIN", "REQS", "REQ/S"]
+    assert lines[dom + 2].split()[:3] == ["14", "dom14", "105"]
     assert "ide-primary" in out and "RANGE" in out and "P95" in out
 
 
@@ -74,7 +76,7 @@ def test_synth_capture_counts_equal_ground_truth(tmp_path, capsys):
     trace = synth.generate(7, pcpus=4, steps=1500)
     path = tmp_path / "t.bin"
     trace.write(path)
-    assert main(["report", "--format", "json", str(path)]) == 0
+    assert main(["report", "--format", "json", "--by", "vcpu,addr", str(path)]) == 0
     doc = json.loads(capsys.readouterr().out)
     got = Counter()
     for r in doc["io"]:
@@ -97,7 +99,7 @@ def test_recording_is_reported_with_domain_names(tmp_path, capsys):
     w.write(b)
     w.add_lost(7)
     w.close()
-    assert main(["report", "--format", "json", str(tmp_path / "r.iotr")]) == 0
+    assert main(["report", "--format", "json", "--by", "vcpu,range", str(tmp_path / "r.iotr")]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["source"] == "recording" and doc["lost_records"] == 7
     assert doc["domains"] == {"3": "web", "5": "db"}
@@ -106,9 +108,10 @@ def test_recording_is_reported_with_domain_names(tmp_path, capsys):
     assert rows[(3, 0, "pio", "com1")]["service_seconds"]["avg"] == pytest.approx(2e-6)
     assert rows[(3, 1, "pci_config", "pci-config")]["service_seconds"] is None
     assert rows[(5, -1, "mmio", "vga-lowmem")]["count"] == 1
-    assert main(["report", str(tmp_path / "r.iotr")]) == 0
-    table = capsys.readouterr().out
-    assert "domain 3 (web): 3 requests" in table and "vCPU ?" in table
+    assert main(["report", "--by", "vcpu", str(tmp_path / "r.iotr")]) == 0
+    table = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["3", "web", "3"] == table[table.index(["per", "domain:"]) + 2][:3]
+    assert ["5", "db", "?", "1"] in [row[:4] for row in table]
 
 
 def test_config_overrides_range_names(tmp_path, capsys, real_xentrace):
@@ -204,9 +207,9 @@ def test_a_damaged_recording_reports_the_rest_and_says_what_was_skipped(
     assert warnings[0].count(str(path)) == 1
     table = run_cli(iotrace_exe, path)
     assert table.returncode == 0
-    head = table.stdout.splitlines()[0]
-    assert f"{kept} I/O requests" in head and f"{3000 - kept} decode errors" in head
-    assert ("1 damaged chunk(s) skipped" in head) == bool(skipped)
+    first, second = table.stdout.splitlines()[:2]
+    assert f"{3000 - kept} decode errors" in first and f"{kept} I/O requests" in second
+    assert ("1 damaged chunk(s) skipped" in first) == bool(skipped)
 
 
 def test_top_must_be_a_positive_count(iotrace_exe, real_xentrace):
@@ -242,15 +245,17 @@ def _json(exe, *args, **kw):
     return json.loads(res.stdout)
 
 
-def test_json_is_schema_2_and_names_its_grouping(iotrace_exe, real_xentrace):
+def test_json_is_schema_3_and_names_its_grouping(iotrace_exe, real_xentrace):
     doc = _json(iotrace_exe, real_xentrace)
-    assert doc["schema"] == 2 and doc["by"] == "range"
-    assert all("rip" not in r for r in doc["io"])
+    assert doc["schema"] == 3 and doc["by"] == ["range"]
+    assert doc["key"] == ["domid", "range", "type"]
+    assert all(set(r) >= {"domid", "domain", "range", "type", "count"} for r in doc["io"])
+    assert all(not {"rip", "vcpu", "addr", "dir"} & set(r) for r in doc["io"])
 
 
 def test_by_rip_names_the_instruction_behind_each_request(iotrace_exe, real_xentrace):
-    doc = _json(iotrace_exe, "--by", "rip", real_xentrace)
-    assert doc["schema"] == 2 and doc["by"] == "rip"
+    doc = _json(iotrace_exe, "--by", "vcpu,rip,addr", real_xentrace)
+    assert doc["by"] == ["vcpu", "addr", "rip"]
     io = doc["io"]
     assert sum(r["count"] for r in io) == 105 and all(r["rip"] for r in io)
     # d14v3's IDE command-block writes (0x1f1-0x1f7) all come from one instruction (the VMEXIT64
@@ -261,13 +266,17 @@ def test_by_rip_names_the_instruction_behind_each_request(iotrace_exe, real_xent
     assert {r["rip"] for r in writes if r["addr"] == 0x1F0} == {0xFFFFFFFF8C4E5A7A}
     # summed over RIPs, the rows are the default grouping's
     by_range = {(r["domid"], r["vcpu"], r["type"], r["dir"], r["addr"]): r["count"]
-                for r in _json(iotrace_exe, real_xentrace)["io"]}
+                for r in _json(iotrace_exe, "--by", "vcpu,addr", real_xentrace)["io"]}
     summed = Counter()
     for r in io:
         summed[(r["domid"], r["vcpu"], r["type"], r["dir"], r["addr"])] += r["count"]
     assert summed == by_range
     table = run_cli(iotrace_exe, "--by", "rip", real_xentrace).stdout
-    assert "RIP" in table and "0xffffffff8c4e54cd" in table and "vCPU 2: 72 requests" in table
+    assert "RIP" in table and "0xffffffff8c4e54cd" in table
+    # per RIP over every vCPU: the IDE command-block writes of all vCPUs, one row per range
+    rows = _json(iotrace_exe, "--by", "rip", real_xentrace)["io"]
+    assert sum(r["count"] for r in rows) == 105 and all("vcpu" not in r for r in rows)
+    assert len({(r["rip"], r["range"]) for r in rows}) == len(rows)
 
 
 def test_by_rip_on_a_recording_without_rips(tmp_path, capsys):
@@ -280,7 +289,8 @@ def test_by_rip_on_a_recording_without_rips(tmp_path, capsys):
     (row,) = json.loads(capsys.readouterr().out)["io"]
     assert row["rip"] == 0 and row["count"] == 3
     assert main(["report", "--by", "rip", str(tmp_path / "r.iotr")]) == 0
-    assert "                 ? com1" in capsys.readouterr().out
+    table = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["3", "dom3", "?", "com1", "pio", "3"] in [row[:6] for row in table]
 
 
 def test_events_lists_every_request(iotrace_exe, real_xentrace):
@@ -329,7 +339,7 @@ def test_recording_through_a_pipe(tmp_path, iotrace_exe):
     w.write(b)
     w.close()
     with open(tmp_path / "r.iotr", "rb") as fh:
-        doc = _json(iotrace_exe, "-", stdin=fh)
+        doc = _json(iotrace_exe, "--by", "addr", "-", stdin=fh)
     assert doc["source"] == "recording" and doc["domains"] == {"3": "web"}
     assert [(r["addr"], r["count"]) for r in doc["io"]] == [(0x60, 5)]
     with open(tmp_path / "r.iotr", "rb") as fh:
@@ -385,12 +395,13 @@ def test_keys_beyond_the_bound_are_reported_as_other(tmp_path, capsys):
     data = b"".join(body)
     path = tmp_path / "many.bin"
     path.write_bytes(synth.cpu_change(0, len(data)) + data)
-    assert main(["report", str(path)]) == 0
+    assert main(["report", "--by", "vcpu,addr", str(path)]) == 0
     out, err = capsys.readouterr()
     assert "65536 distinct (domain, vCPU, type, dir, address" in err
-    other = [line.split() for line in out.splitlines() if line.split()[:1] == ["other"]]
-    assert other == [["other", "mmio", "write", "other", "100", "0.2%", "-", "-", "-"]]
-    assert main(["report", "--format", "json", str(path)]) == 0
+    other = [line.split() for line in out.splitlines() if "other" in line.split()[3:]]
+    assert other == [["3", "dom3", "0", "other", "mmio", "write", "other", "100", "-", "0.2%",
+                      "-", "-", "-", "-", "-", "-"]]
+    assert main(["report", "--format", "json", "--by", "addr", str(path)]) == 0
     rows = json.loads(capsys.readouterr().out)["io"]
     assert sum(r["count"] for r in rows) == n
     assert [r["count"] for r in rows if r["addr"] == 2**64 - 1] == [100]

@@ -15,9 +15,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from iotrace.core.aggregate import N_SLOTS, Cell, Key
+from iotrace.core.aggregate import N_SLOTS, SLOT_UPPER_NS, Cell, Key
 from iotrace.core.events import DIR_NAMES, TYPE_MMIO, TYPE_NAMES, TYPE_PIO, empty
-from iotrace.core.metrics import BUCKET_EXPONENTS
+from iotrace.core.metrics import BUCKET_BOUNDS_NS
 from iotrace.core.source import SourceStats, columns_of, totals_columns
 from iotrace.serve.collector import IotraceCollector
 from iotrace.serve.render import Renderer
@@ -63,10 +63,9 @@ def truth(totals: dict, source: str, names: dict, vcpu_label: bool) -> dict:
         add("iotrace_ioreq_bytes_total", io, c.bytes)
         if c.service_n:
             h = dict(base, type=t, range=key.range)
-            cum = np.cumsum(c.hist)
-            for k in BUCKET_EXPONENTS:
-                add("iotrace_ioreq_service_seconds_bucket", dict(h, le=repr(2 ** k / 1e9)),
-                    int(cum[min(k, N_SLOTS - 1)]))
+            for b in BUCKET_BOUNDS_NS:          # the slots that end at or below the bound
+                add("iotrace_ioreq_service_seconds_bucket", dict(h, le=repr(b / 1e9)),
+                    int(c.hist[SLOT_UPPER_NS <= b].sum()))
             add("iotrace_ioreq_service_seconds_bucket", dict(h, le="+Inf"), c.service_n)
             add("iotrace_ioreq_service_seconds_count", h, c.service_n)
             add("iotrace_ioreq_service_seconds_sum", h, c.service_sum_ns)

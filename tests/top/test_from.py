@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from iotrace.core import events
-from iotrace.core.aggregate import Key, hist_quantile_ns
+from iotrace.core.aggregate import N_SLOTS, SLOT_LOWER_NS, Key, hist_quantile_ns
 from iotrace.core.errors import UserError
+from iotrace.core.metrics import BUCKET_BOUNDS_NS, BUCKET_BOUNDS_SECONDS
 from iotrace.offline.recording import RecordingWriter
 from iotrace.sources.remote import (
     DIR_ANY,
@@ -76,8 +77,11 @@ def test_parse_page_into_keys_and_cells():
     svc = p.totals[ks]
     assert (svc.count, svc.service_n, svc.service_sum_ns) == (0, 120, 1_200_000)
     assert int(svc.hist.sum()) == 120
-    # 100 in (4.096, 16.384] us -> slots 13, 14; 20 in (16.4, 65.5] us -> slots 15, 16
-    assert svc.hist[13] + svc.hist[14] == 100 and svc.hist[15] + svc.hist[16] == 20
+    # an older exporter's buckets (every second power of two) read as well: 100 in
+    # (4.096, 16.384] us, 20 in (16.4, 65.5] us, spread over the slots in between
+    lo = SLOT_LOWER_NS
+    assert svc.hist[(lo >= 4096) & (lo < 16384)].sum() == 100
+    assert svc.hist[(lo >= 16384) & (lo < 65536)].sum() == 20
     p50 = hist_quantile_ns(svc.hist, 0.5)
     assert 4096 <= p50 <= 16384
     assert {d: i.name for d, i in p.domains.items()} == {3: "web", 7: "idle7"}
@@ -88,11 +92,31 @@ def test_parse_page_into_keys_and_cells():
 
 
 def test_bucket_conversion():
-    assert le_slot(1.024e-06) == 10 and le_slot(17.179869184) == 34
-    h = buckets_to_hist([(1.024e-06, 3), (4.096e-06, 3), (1.6384e-05, 7),
-                         (float("inf"), 9)])
-    assert h[10] == 3 and h[13] + h[14] == 4 and h[15] == 2 and sum(h) == 9
-    assert buckets_to_hist([]) == [0] * 64
+    for le in BUCKET_BOUNDS_SECONDS:                 # every exported bound starts a slot
+        assert SLOT_LOWER_NS[le_slot(le)] == round(le * 1e9)
+    h = np.array(buckets_to_hist([(1.024e-06, 3), (1.28e-06, 5), (4.096e-06, 9),
+                                  (float("inf"), 12)]))
+    lo = SLOT_LOWER_NS
+    assert h[lo < 1024].sum() == 3 and h[lo >= 4096].sum() == 3 and h.sum() == 12
+    assert h[(lo >= 1024) & (lo < 1280)].tolist() == [1, 1]       # two slots of 128 ns
+    mid = h[(lo >= 1280) & (lo < 4096)]
+    assert mid.sum() == 4 and mid.max() == 1                       # spread, never piled up
+    assert h[lo >= 4096][0] == 3                                   # +Inf: the slot above
+    assert buckets_to_hist([]) == [0] * N_SLOTS
+
+
+def test_remote_quantiles_within_half_from_1us_to_1ms():
+    """The exporter's buckets read back: p50/p95 within 50% of the exact ones (module doc)."""
+    rng = np.random.default_rng(11)
+    for median in (1_500, 6_200, 40_000, 300_000):
+        ns = rng.lognormal(np.log(median), 0.3, 20_000).astype(np.int64)
+        ns = ns[(ns >= 1024) & (ns < 1 << 20)]
+        cum = [(b / 1e9, int((ns < b).sum())) for b in BUCKET_BOUNDS_NS] + \
+            [(float("inf"), len(ns))]
+        hist = np.array(buckets_to_hist(cum))
+        for q in (0.5, 0.95):
+            exact = np.sort(ns)[int(np.ceil(q * len(ns))) - 1]
+            assert abs(hist_quantile_ns(hist, q) - exact) <= 0.5 * exact, (median, q)
 
 
 @pytest.mark.parametrize("text, message", [

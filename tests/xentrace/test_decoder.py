@@ -473,7 +473,7 @@ def test_cells_equal_the_events_aggregated():
 
 
 def test_histogram_slots_are_the_aggregators():
-    from iotrace.core.aggregate import log2_slots
+    from iotrace.core.aggregate import hist_slots
     ns = [0, 1, 2, 3, 4, 1000, 65_265, 10**9, 2**40 + 5]
     recs = [run(1, 0, 1)]
     t = 10
@@ -484,7 +484,22 @@ def test_histogram_slots_are_the_aggregators():
     dec.feed(window(0, *recs))
     dec.finish()
     h = dec.cells().hist[0]
-    assert list(np.flatnonzero(h)) == sorted(set(log2_slots(np.array(ns)).tolist()))
+    assert list(np.flatnonzero(h)) == sorted(set(hist_slots(np.array(ns)).tolist()))
+
+
+def test_cells_in_place_equal_the_copy_and_outlive_the_decoder():
+    import gc
+    data = synth.generate(4, pcpus=3, steps=1200).data
+    dec = D.StreamDecoder(cpu_hz=HZ, events=False, cells=True)
+    dec.feed(data)
+    dec.finish()
+    copy, view = dec.cells(), dec.cells(in_place=True)
+    assert (copy.keys == view.keys).all() and (copy.vals == view.vals).all()
+    assert (copy.hist == view.hist).all() and copy.hist.sum() > 0
+    assert not view.hist.flags.writeable
+    del dec
+    gc.collect()
+    assert (copy.hist == view.hist).all()           # the view keeps the core's memory
 
 
 def test_rows_waiting_for_order_are_bounded():
