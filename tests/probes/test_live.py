@@ -399,3 +399,49 @@ def test_capabilities_of_the_systemd_unit_are_enough(bins, tmp_path, iotrace_exe
                             iotrace_exe, "probe-info", "--attach"], capture_output=True, text=True,
                            timeout=60)
         assert "attach:           entry ok, return ok" in r.stdout, r.stderr
+
+
+class _SlowConsumer(QemuProbeSource):
+    """Consumes each ring-buffer record 20 µs late: slower than a looping stand-in produces, as
+    a loaded Dom0's iotrace is under a guest's I/O storm."""
+    watchdog_fired = False
+
+    def _on_record(self, ctx, data, size):
+        time.sleep(0.00002)
+        if _SlowConsumer.watchdog_fired:
+            return -1                       # let a poll that never returned go, to fail cleanly
+        return super()._on_record(ctx, data, size)
+
+
+def test_a_flood_faster_than_the_consumer_does_not_hold_poll(bins, tmp_path):
+    """libbpf loops until the ring is empty: with a producer faster than the callback, one
+    poll() would never return (record's --duration, signals and disk-full check never ran: a CI
+    hang). poll(100) returns about on time with what it took, drain() within its budget."""
+    src = _SlowConsumer(binaries=[bins["7.2"]], defaults=False, strict=True, mode="events")
+    src.start()
+    p = start_standin(bins["7.2"], 923, tmp_path / "t.json", loop=True)
+
+    def fire(_sig, _frame):
+        _SlowConsumer.watchdog_fired = True
+
+    old = signal.signal(signal.SIGALRM, fire)
+    try:
+        assert wait_for(lambda: src.counters()["lost_events"] > 0, 20)   # the ring is full
+        took = []
+        signal.alarm(30)
+        for _ in range(5):
+            t0 = time.monotonic()
+            batch = src.poll(100)
+            took.append(time.monotonic() - t0)
+            assert len(batch) > 0 and set(batch["domid"].tolist()) == {923}
+        t0 = time.monotonic()
+        src.drain()
+        took.append(time.monotonic() - t0)
+        signal.alarm(0)
+        assert not _SlowConsumer.watchdog_fired, f"a poll/drain did not return: {took}"
+        assert max(took[:5]) < 5 and took[5] < 10, took
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        stop(p)
+        src.stop()
