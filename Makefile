@@ -51,6 +51,7 @@ xen-tracepoints/_xtcore.so: $(XTCORE_SRC) xen-tracepoints/xtcore.h
 # the sources (comments cite files of this repository or upstream sources).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	clang-format --dry-run -Werror $$(git ls-files '*.c' '*.h' 2>/dev/null || find probes xen-tracepoints -name '*.[ch]')
 	bash scripts/check-no-machine-paths.sh
 
 test: install lint

@@ -13,6 +13,7 @@ PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 libxen-dev xen-utils-4.17
       python3-prometheus-client python3-yaml python3-bcrypt python3-capstone
       python3-pyelftools  # also: the automatic resolver; its tests' .eh_frame oracle
       lintian debootstrap
+      clang-format   # make lint: the C style (.clang-format)
       qemu-system-x86 e2fsprogs)   # the VM harness (tests/vm, make test-kernels)
 
 missing=()

@@ -76,7 +76,7 @@ static void runstate(xt_state *s, xt_pcpu *p, const xt_row *r)
         close_exit(s, v, r->tsc); /* sched_runstate_process closes the exit */
     v->xa_seen_rs = 1;
     if (v->xa_rstate != -1 || new == XT_RUNNING)
-        v->xa_rstate = (int8_t)new; /* a lost vCPU stays lost until it runs */
+        v->xa_rstate = (int8_t) new; /* a lost vCPU stays lost until it runs */
     if (new == XT_RUNNING)
         p->xa_cur = i;
     else if (change && old == XT_RUNNING && p->xa_cur == i)

@@ -117,7 +117,8 @@ XT_API int64_t xt_take_notes(xt_state *s, xt_note_rec *out, int64_t cap)
     return n;
 }
 
-XT_API int64_t xt_export_cells(xt_state *s, xt_cell_key *k, xt_cell_val *v, uint64_t *h, int64_t cap)
+XT_API int64_t xt_export_cells(xt_state *s, xt_cell_key *k, xt_cell_val *v, uint64_t *h,
+                               int64_t cap)
 {
     int64_t n = s->ncell < cap ? s->ncell : cap;
     memcpy(k, s->ckey, (size_t)n * sizeof(xt_cell_key));
@@ -138,13 +139,20 @@ XT_API const uint64_t *xt_cells_hist(xt_state *s)
 XT_API int64_t xt_sizeof(int what)
 {
     switch (what) {
-    case 0: return sizeof(xt_stats);
-    case 1: return sizeof(xt_event);
-    case 2: return sizeof(xt_cell_key);
-    case 3: return sizeof(xt_cell_val);
-    case 4: return sizeof(xt_note_rec);
-    case 5: return XT_SLOTS;
-    case 6: return XT_MAX_CELLS;
+    case 0:
+        return sizeof(xt_stats);
+    case 1:
+        return sizeof(xt_event);
+    case 2:
+        return sizeof(xt_cell_key);
+    case 3:
+        return sizeof(xt_cell_val);
+    case 4:
+        return sizeof(xt_note_rec);
+    case 5:
+        return XT_SLOTS;
+    case 6:
+        return XT_MAX_CELLS;
     }
     return -1;
 }
@@ -153,14 +161,14 @@ XT_API int64_t xt_sizeof(int what)
 XT_API int64_t xt_constants(int64_t *out, int64_t cap)
 {
     static const int64_t c[] = {
-        XT_CPU_CHANGE_HEADER, XT_EVENT_MASK,   XT_LOST_RECORDS, XT_RUNSTATE_CHANGE,
-        XT_RUNSTATE_MASK,     XT_CONTINUE_RUNNING, XT_VMENTRY,  XT_VMX_EXIT,
-        XT_SVM_EXIT,          XT_64_FLAG,      XT_EXIT_ID_MASK, XT_IO_ID_MASK,
-        XT_IOPORT_READ,       XT_IOMEM_READ,   XT_IO_WRITE_BIT, XT_VGA_START,
-        XT_VGA_END,           XT_MAX_PCPU_ID,
+        XT_CPU_CHANGE_HEADER, XT_EVENT_MASK, XT_LOST_RECORDS, XT_RUNSTATE_CHANGE, XT_RUNSTATE_MASK,
+        XT_CONTINUE_RUNNING,  XT_VMENTRY,    XT_VMX_EXIT,     XT_SVM_EXIT,        XT_64_FLAG,
+        XT_EXIT_ID_MASK,      XT_IO_ID_MASK, XT_IOPORT_READ,  XT_IOMEM_READ,      XT_IO_WRITE_BIT,
+        XT_VGA_START,         XT_VGA_END,    XT_MAX_PCPU_ID,
     };
     static const uint32_t claim[] = XT_CLAIMING_IDS;
-    int64_t n = (int64_t)(sizeof(c) / sizeof(c[0])), m = (int64_t)(sizeof(claim) / sizeof(claim[0]));
+    int64_t n = (int64_t)(sizeof(c) / sizeof(c[0])),
+            m = (int64_t)(sizeof(claim) / sizeof(claim[0]));
     int64_t i;
     for (i = 0; i < n + m && i < cap; i++)
         out[i] = i < n ? c[i] : (int64_t)claim[i - n];

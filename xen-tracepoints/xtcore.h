@@ -24,36 +24,38 @@
 
 /* ---- ids (xen/include/public/trace.h); mirrored in catalogue.py, compared by a test ---- */
 #define XT_CPU_CHANGE_HEADER 0x2001f003u /* TRC_TRACE_CPU_CHANGE | 2 << 28 */
-#define XT_EVENT_MASK 0x0fffffffu
-#define XT_LOST_RECORDS 0x0001f001u
-#define XT_RUNSTATE_CHANGE 0x00021001u
-#define XT_RUNSTATE_MASK 0x0ffff00fu
-#define XT_CONTINUE_RUNNING 0x00021002u
-#define XT_VMENTRY 0x00081001u
-#define XT_VMX_EXIT 0x00081002u
-#define XT_SVM_EXIT 0x00081003u
-#define XT_64_FLAG 0x100u
-#define XT_EXIT_ID_MASK 0x0ffffeffu /* exit ids without TRC_64_FLAG */
-#define XT_IO_ID_MASK 0x0ffffcffu   /* I/O ids without TRC_64_FLAG and the write bit */
-#define XT_IOPORT_READ 0x00082016u
-#define XT_IOMEM_READ 0x00082017u
-#define XT_IO_WRITE_BIT 0x200u
-#define XT_RUNNING 0
-#define XT_RUNNABLE 1
-#define XT_VGA_START 0xa0000u /* xenalyze.c MMIO_VGA_START / MMIO_VGA_END ('<') */
-#define XT_VGA_END 0xbffffu
-#define XT_MAX_PCPU_ID 65535 /* window headers naming a pCPU above this are corrupt */
+#define XT_EVENT_MASK        0x0fffffffu
+#define XT_LOST_RECORDS      0x0001f001u
+#define XT_RUNSTATE_CHANGE   0x00021001u
+#define XT_RUNSTATE_MASK     0x0ffff00fu
+#define XT_CONTINUE_RUNNING  0x00021002u
+#define XT_VMENTRY           0x00081001u
+#define XT_VMX_EXIT          0x00081002u
+#define XT_SVM_EXIT          0x00081003u
+#define XT_64_FLAG           0x100u
+#define XT_EXIT_ID_MASK      0x0ffffeffu /* exit ids without TRC_64_FLAG */
+#define XT_IO_ID_MASK        0x0ffffcffu /* I/O ids without TRC_64_FLAG and the write bit */
+#define XT_IOPORT_READ       0x00082016u
+#define XT_IOMEM_READ        0x00082017u
+#define XT_IO_WRITE_BIT      0x200u
+#define XT_RUNNING           0
+#define XT_RUNNABLE          1
+#define XT_VGA_START         0xa0000u /* xenalyze.c MMIO_VGA_START / MMIO_VGA_END ('<') */
+#define XT_VGA_END           0xbffffu
+#define XT_MAX_PCPU_ID       65535 /* window headers naming a pCPU above this are corrupt */
 /* Handlers that claim xenalyze's per-exit post-process slot before an I/O record can
  * (hvm_set_postprocess callers in xenalyze.c: pf_xen, cr_write, msr_read, msr_write, vmcall):
  * TRC_HVM_PF_XEN, _PF_XEN64, _CR_WRITE, _CR_WRITE64, _MSR_READ, _MSR_WRITE, _VMMCALL. */
-#define XT_CLAIMING_IDS \
-    { 0x00082001u, 0x00082101u, 0x00082009u, 0x00082109u, 0x0008200cu, 0x0008200du, 0x00082012u }
+#define XT_CLAIMING_IDS                                                                            \
+    {                                                                                              \
+        0x00082001u, 0x00082101u, 0x00082009u, 0x00082109u, 0x0008200cu, 0x0008200du, 0x00082012u  \
+    }
 
 /* ---- flags of xt_new ---- */
-#define XT_F_EVENTS 1   /* keep event rows for xt_take_events */
-#define XT_F_CELLS 2    /* aggregate into cells */
+#define XT_F_EVENTS   1 /* keep event rows for xt_take_events */
+#define XT_F_CELLS    2 /* aggregate into cells */
 #define XT_F_CELL_RIP 4 /* cells keyed by guest RIP too */
-#define XT_F_COMPAT 8   /* xenalyze's counting rules instead of the default ones */
+#define XT_F_COMPAT   8 /* xenalyze's counting rules instead of the default ones */
 
 /* ---- row kinds: what the machines are fed, per pCPU in TSC order ---- */
 enum {
@@ -68,8 +70,8 @@ enum {
 };
 #define IO_MMIO 1
 #define IO_READ 2
-#define IO_REP 4 /* data words omitted: data_is_ptr */
-#define IO_64 8
+#define IO_REP  4 /* data words omitted: data_is_ptr */
+#define IO_64   8
 
 typedef struct {
     uint64_t tsc;
@@ -106,9 +108,9 @@ typedef struct {
 /* Service-time histogram slots, as iotrace.core.aggregate's (and probes/bpf/iotrace_bpf.h's):
  * below 16 ns one slot per ns, then 8 slots per power of two [2^(e-1), 2^e) up to 2^34 ns; the
  * last slot also takes anything longer. */
-#define XT_SUB_BITS 3
-#define XT_MAX_EXP 34
-#define XT_SLOTS ((XT_MAX_EXP - XT_SUB_BITS + 1) << XT_SUB_BITS) /* 256 */
+#define XT_SUB_BITS  3
+#define XT_MAX_EXP   34
+#define XT_SLOTS     ((XT_MAX_EXP - XT_SUB_BITS + 1) << XT_SUB_BITS) /* 256 */
 #define XT_MAX_CELLS 65536 /* distinct keys kept exactly (xtout.c: the rest fold into "other") */
 #define XT_KEY_OTHER UINT64_MAX /* addr / rip of the cells that gather keys beyond the bound */
 
@@ -121,9 +123,9 @@ typedef struct {
     uint64_t gap_lb;   /* the same for pCPUs not seen yet whose ids lie after this one's */
     xt_row *q;         /* rows not yet merged: ring buffer */
     int64_t qhead, qlen, qcap;
-    int32_t owner;    /* default machine: vCPU table index of the current vCPU, -1 unknown */
-    int32_t xa_cur;   /* compat machine: vCPU table index, -1 none */
-    int32_t pseudo;   /* vCPU table index standing for "owner unknown" on this pCPU */
+    int32_t owner;  /* default machine: vCPU table index of the current vCPU, -1 unknown */
+    int32_t xa_cur; /* compat machine: vCPU table index, -1 none */
+    int32_t pseudo; /* vCPU table index standing for "owner unknown" on this pCPU */
 } xt_pcpu;
 
 /* ---- per vCPU (domid << 16 | vcpu; pseudo vCPUs for unknown owners have key < 0) ---- */
@@ -158,31 +160,31 @@ typedef struct {
 
 /* Counters shared with Python as one int64 array (native.STATS names them, in this order). */
 typedef struct {
-    int64_t records;       /* complete records walked (window headers not counted) */
-    int64_t windows;       /* window headers */
-    int64_t decode_errors; /* junk ids, bad layouts, overruns, corrupt window headers */
-    int64_t lost_records;  /* sum of TRC_LOST_RECORDS counts */
-    int64_t io_records;    /* I/O records decoded (events produced in the default mode) */
-    int64_t started;       /* a valid window header was seen */
-    int64_t remain_words;  /* words the current window still announces */
-    int64_t skipping;      /* skipping the rest of a window after an overrun */
-    int64_t status;        /* 0 ok, 1 not a capture, 2 out of memory */
-    int64_t consumed;      /* absolute offset of the first byte not consumed */
-    int64_t forced_rows;   /* rows merged before the watermark passed them (queues full) */
-    int64_t late_rows;     /* rows that arrived below the watermark already passed */
-    int64_t queued_rows;   /* rows waiting in the queues now */
-    int64_t pending_io;    /* I/O records waiting for their exit's end now */
-    int64_t cells;         /* cells now */
+    int64_t records;           /* complete records walked (window headers not counted) */
+    int64_t windows;           /* window headers */
+    int64_t decode_errors;     /* junk ids, bad layouts, overruns, corrupt window headers */
+    int64_t lost_records;      /* sum of TRC_LOST_RECORDS counts */
+    int64_t io_records;        /* I/O records decoded (events produced in the default mode) */
+    int64_t started;           /* a valid window header was seen */
+    int64_t remain_words;      /* words the current window still announces */
+    int64_t skipping;          /* skipping the rest of a window after an overrun */
+    int64_t status;            /* 0 ok, 1 not a capture, 2 out of memory */
+    int64_t consumed;          /* absolute offset of the first byte not consumed */
+    int64_t forced_rows;       /* rows merged before the watermark passed them (queues full) */
+    int64_t late_rows;         /* rows that arrived below the watermark already passed */
+    int64_t queued_rows;       /* rows waiting in the queues now */
+    int64_t pending_io;        /* I/O records waiting for their exit's end now */
+    int64_t cells;             /* cells now */
     int64_t overflow_requests; /* requests counted in an "other" cell (keys beyond the bound) */
-    int64_t events_ready;  /* event rows ready for xt_take_events */
-    int64_t pcpus;         /* distinct pCPUs seen */
-    int64_t vcpus;         /* distinct vCPUs seen */
-    int64_t watermark;     /* TSC below which rows have been merged */
+    int64_t events_ready;      /* event rows ready for xt_take_events */
+    int64_t pcpus;             /* distinct pCPUs seen */
+    int64_t vcpus;             /* distinct vCPUs seen */
+    int64_t watermark;         /* TSC below which rows have been merged */
     int64_t oldest_pending_ns; /* ts_ns of the oldest I/O record still waiting (events mode;
                                   INT64_MAX: none): every event before it has been emitted */
     int64_t n_notes;
-    int64_t tsc_first;     /* lowest TSC of any record with one (-1: none yet) */
-    int64_t tsc_last;      /* highest: the capture's time span is tsc_last - tsc_first */
+    int64_t tsc_first; /* lowest TSC of any record with one (-1: none yet) */
+    int64_t tsc_last;  /* highest: the capture's time span is tsc_last - tsc_first */
 } xt_stats;
 
 typedef struct xt_state xt_state;

@@ -39,8 +39,8 @@ int xt_push_slow(xt_state *s, xt_pcpu *p, const xt_row *r)
             p->qhead = 0;
         } else {
             int64_t cap = p->qcap;
-            xt_row *nq = xt_grow(p->q, &cap, p->qcap + 1 > 1024 ? p->qcap + 1 : 1024,
-                                 sizeof(xt_row));
+            xt_row *nq =
+                xt_grow(p->q, &cap, p->qcap + 1 > 1024 ? p->qcap + 1 : 1024, sizeof(xt_row));
             if (!nq) {
                 xt_oom(s);
                 return -1;
@@ -115,9 +115,11 @@ static void sift(xt_state *s, int32_t *h, int32_t n, int32_t i)
 {
     for (;;) {
         int32_t l = 2 * i + 1, r = l + 1, m = i, t;
-        if (l < n && row_before(&s->pc[h[l]].q[s->pc[h[l]].qhead], &s->pc[h[m]].q[s->pc[h[m]].qhead]))
+        if (l < n &&
+            row_before(&s->pc[h[l]].q[s->pc[h[l]].qhead], &s->pc[h[m]].q[s->pc[h[m]].qhead]))
             m = l;
-        if (r < n && row_before(&s->pc[h[r]].q[s->pc[h[r]].qhead], &s->pc[h[m]].q[s->pc[h[m]].qhead]))
+        if (r < n &&
+            row_before(&s->pc[h[r]].q[s->pc[h[r]].qhead], &s->pc[h[m]].q[s->pc[h[m]].qhead]))
             m = r;
         if (m == i)
             return;

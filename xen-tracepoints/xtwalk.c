@@ -21,8 +21,15 @@
 static int class_known(uint32_t cls)
 {
     switch (cls) {
-    case 0x001: case 0x002: case 0x004: case 0x008: case 0x010:
-    case 0x020: case 0x040: case 0x080: case 0x800:
+    case 0x001:
+    case 0x002:
+    case 0x004:
+    case 0x008:
+    case 0x010:
+    case 0x020:
+    case 0x040:
+    case 0x080:
+    case 0x800:
         return 1;
     }
     return 0;
@@ -229,7 +236,7 @@ int64_t xt_walk(xt_state *s, const uint32_t *w, int64_t nw, int final)
     int32_t cpu = s->cur_cpu;
     xt_pcpu *p = cpu >= 0 ? &s->pc[cpu] : NULL;
 
-    (void)final;
+    (void) final;
     while (pos < nw && s->st.status == 0) {
         if (s->st.skipping) {
             int64_t take = remain < nw - pos ? remain : nw - pos;

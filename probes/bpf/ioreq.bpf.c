@@ -56,7 +56,7 @@ static __always_inline struct ioreq_stats *stats_for(struct ioreq_key *k)
 {
     struct ioreq_stats *s = stats.lookup(k);
     if (s)
-        return s;                       /* the hot path: one hash lookup */
+        return s; /* the hot path: one hash lookup */
     int idx = 0;
     struct ioreq_stats *zero = zero_stats.lookup(&idx);
     if (!zero)
@@ -121,7 +121,10 @@ int on_entry(struct pt_regs *ctx)
         u64 *w = &win[1] + (((dlt >> 3) - 1) & 7);
         u64 *rw = (u64 *)&req;
         ret = win[0];
-        rw[0] = w[0]; rw[1] = w[1]; rw[2] = w[2]; rw[3] = w[3];
+        rw[0] = w[0];
+        rw[1] = w[1];
+        rw[2] = w[2];
+        rw[3] = w[3];
     } else {
         if (bpf_probe_read_user(&req, sizeof(req), (void *)rq) != 0) {
             count(CNT_READ_ERRORS);
@@ -198,7 +201,7 @@ int on_return(struct pt_regs *ctx)
     struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
     struct inflight *in = inflight.task_storage_get(task, 0, 0);
     if (!in || !in->active) {
-        count(CNT_NO_ENTRY);            /* attached while a request was being served */
+        count(CNT_NO_ENTRY); /* attached while a request was being served */
         return 0;
     }
     in->active = 0;
@@ -209,8 +212,8 @@ int on_return(struct pt_regs *ctx)
     u64 data = in->data;
     if (in->k.dir == 1 && !in->data_is_ptr)
         bpf_probe_read_user(&data, sizeof(data), (void *)(in->req + 8));
-    emit(in->ts_ns, bpf_get_current_pid_tgid(), &in->k, data, in->count, in->data_is_ptr,
-         in->df, (s64)d);
+    emit(in->ts_ns, bpf_get_current_pid_tgid(), &in->k, data, in->count, in->data_is_ptr, in->df,
+         (s64)d);
 #else
     struct ioreq_stats *s = stats_for(&in->k);
     if (!s)

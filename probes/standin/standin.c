@@ -83,28 +83,28 @@ _Static_assert(sizeof(buffered_iopage_t) <= 4096, "buffered page fits a page");
 #define IOREQ_TYPE_VMWARE_PORT 3
 #endif
 
-#define MAX_VCPUS 128               /* one 4 KiB shared page of 32-byte slots, as Xen allocates */
+#define MAX_VCPUS 128 /* one 4 KiB shared page of 32-byte slots, as Xen allocates */
 
 /* ---- QEMU's XenIOState, field order of QEMU 7.2 (8.1 dropped shared_vmport_page) -------------- */
 typedef struct XenIOState {
-    uint16_t ioservid;                      /* ioservid_t */
+    uint16_t ioservid; /* ioservid_t */
     shared_iopage_t *shared_page;
 #ifndef STANDIN_QEMU81
-    void *shared_vmport_page;               /* shared_vmport_iopage_t *, gone in QEMU 8.1 */
+    void *shared_vmport_page; /* shared_vmport_iopage_t *, gone in QEMU 8.1 */
 #endif
     buffered_iopage_t *buffered_io_page;
-    void *fres;                             /* xenforeignmemory_resource_handle * */
-    void *buffered_io_timer;                /* QEMUTimer * */
-    void **cpu_by_vcpu_id;                  /* CPUState ** */
-    uint32_t *ioreq_local_port;             /* evtchn_port_t * */
+    void *fres;                 /* xenforeignmemory_resource_handle * */
+    void *buffered_io_timer;    /* QEMUTimer * */
+    void **cpu_by_vcpu_id;      /* CPUState ** */
+    uint32_t *ioreq_local_port; /* evtchn_port_t * */
     uint32_t bufioreq_remote_port;
     uint32_t bufioreq_local_port;
-    void *xce_handle;                       /* xenevtchn_handle * */
-    int send_vcpu;                          /* which vcpu we are serving */
+    void *xce_handle; /* xenevtchn_handle * */
+    int send_vcpu;    /* which vcpu we are serving */
     void *xenstore;
     /* QEMU has more fields after this point (memory listeners, ...); the stand-in's own follow. */
     int max_vcpus;
-    int pending_port;                       /* the "event channel": port Xen notified, -1 none */
+    int pending_port; /* the "event channel": port Xen notified, -1 none */
     struct devices *dev;
 } XenIOState;
 
@@ -123,14 +123,14 @@ __attribute__((used)) const uint32_t iotrace_send_vcpu_offset = offsetof(XenIOSt
 
 /* ---- fake devices: enough state that serving a request does some real work ------------------- */
 struct devices {
-    uint8_t pio[0x10000];                   /* one byte-wide latch per port */
-    uint8_t vga[0x20000];                   /* 0xa0000-0xbffff */
-    uint8_t mmio_misc[0x10000];             /* any other MMIO, folded */
-    uint8_t pcicfg[256][256];               /* config space of bus 0, per devfn */
+    uint8_t pio[0x10000];       /* one byte-wide latch per port */
+    uint8_t vga[0x20000];       /* 0xa0000-0xbffff */
+    uint8_t mmio_misc[0x10000]; /* any other MMIO, folded */
+    uint8_t pcicfg[256][256];   /* config space of bus 0, per devfn */
     uint8_t serial_fifo[16];
     unsigned serial_len;
-    uint64_t mix;                           /* device "work" accumulator */
-    uint64_t served[4];                     /* per type: pio, copy, pci_config, other */
+    uint64_t mix;       /* device "work" accumulator */
+    uint64_t served[4]; /* per type: pio, copy, pci_config, other */
 };
 
 /* ---- stream file: its layout is declared once, in stream_format.h (read by stream.py too) --- */
@@ -139,10 +139,10 @@ struct devices {
 static const char *prog = "iotrace-standin";
 int main(int argc, char **argv);
 static volatile sig_atomic_t stop_requested;
-static int layout_probe;                    /* -print-layout: remember handle_ioreq's callers */
+static int layout_probe; /* -print-layout: remember handle_ioreq's callers */
 static void *layout_ret[2];
 static int layout_ret_n;
-static int trace_ioreq;                     /* -trace-ioreq: 1 plain, 2 with -msg-timestamp */
+static int trace_ioreq; /* -trace-ioreq: 1 plain, 2 with -msg-timestamp */
 
 static void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 static void die(const char *fmt, ...)
@@ -179,7 +179,7 @@ static void cpu_ioreq_pio(struct devices *d, ioreq_t *req)
         uint64_t v = 0;
         for (uint32_t i = 0; i < req->size && i < 8; i++)
             v |= (uint64_t)d->pio[(uint16_t)(port + i)] << (8 * i);
-        if (port == 0x3fd)                  /* 16550 LSR: THR empty, data ready if fifo has bytes */
+        if (port == 0x3fd) /* 16550 LSR: THR empty, data ready if fifo has bytes */
             v = 0x60 | (d->serial_len ? 1 : 0);
         else if (port == 0x3f8 && d->serial_len)
             v = d->serial_fifo[--d->serial_len];
@@ -206,7 +206,8 @@ static void cpu_ioreq_move(struct devices *d, ioreq_t *req)
     d->served[1]++;
     uint32_t count = req->count ? req->count : 1;
     for (uint32_t c = 0; c < count; c++) {
-        uint64_t a = req->df ? req->addr - (uint64_t)c * req->size : req->addr + (uint64_t)c * req->size;
+        uint64_t a =
+            req->df ? req->addr - (uint64_t)c * req->size : req->addr + (uint64_t)c * req->size;
         if (req->dir == IOREQ_READ) {
             uint64_t v = 0;
             for (uint32_t i = 0; i < req->size && i < 8; i++)
@@ -228,7 +229,7 @@ static void cpu_ioreq_config(struct devices *d, ioreq_t *req)
     uint32_t devfn = (uint32_t)(req->addr >> 32) & 0xff;
     uint32_t reg = (uint32_t)req->addr & 0xff;
     d->served[2]++;
-    if (bus != 0) {                          /* nothing behind other buses: all ones */
+    if (bus != 0) { /* nothing behind other buses: all ones */
         if (req->dir == IOREQ_READ)
             req->data = req->size >= 8 ? ~0ULL : ((1ULL << (8 * req->size)) - 1);
         return;
@@ -255,7 +256,10 @@ static void cpu_ioreq_config(struct devices *d, ioreq_t *req)
 /* -DSTANDIN_TRACE_COLD: a call to a cold function makes GCC move the whole tracing branch into
  * handle_ioreq.cold (a separate .eh_frame entry, reached by a jump), as it does for branches it
  * judges cold: the resolver must follow the jump back to handle_ioreq. */
-static __attribute__((cold, noinline)) void trace_cold_path(void) { __asm__ __volatile__(""); }
+static __attribute__((cold, noinline)) void trace_cold_path(void)
+{
+    __asm__ __volatile__("");
+}
 #define TRACE_COLD_PATH() trace_cold_path()
 #else
 #define TRACE_COLD_PATH() ((void)0)
@@ -268,16 +272,18 @@ static inline __attribute__((always_inline)) void trace_handle_ioreq(ioreq_t *re
         if (trace_ioreq > 1) {
             struct timespec ts;
             clock_gettime(CLOCK_REALTIME, &ts);
-            fprintf(stderr, "%d@%zu.%06zu:handle_ioreq I/O=%p type=%d dir=%d df=%d ptr=%d "
-                    "port=0x%lx data=0x%lx count=%d size=%d\n", (int)getpid(), (size_t)ts.tv_sec,
-                    (size_t)(ts.tv_nsec / 1000), (void *)req, req->type, req->dir, req->df,
-                    req->data_is_ptr, (unsigned long)req->addr, (unsigned long)req->data,
-                    req->count, req->size);
+            fprintf(stderr,
+                    "%d@%zu.%06zu:handle_ioreq I/O=%p type=%d dir=%d df=%d ptr=%d "
+                    "port=0x%lx data=0x%lx count=%d size=%d\n",
+                    (int)getpid(), (size_t)ts.tv_sec, (size_t)(ts.tv_nsec / 1000), (void *)req,
+                    req->type, req->dir, req->df, req->data_is_ptr, (unsigned long)req->addr,
+                    (unsigned long)req->data, req->count, req->size);
         } else {
-            fprintf(stderr, "handle_ioreq I/O=%p type=%d dir=%d df=%d ptr=%d port=0x%lx data=0x%lx "
-                    "count=%d size=%d\n", (void *)req, req->type, req->dir, req->df,
-                    req->data_is_ptr, (unsigned long)req->addr, (unsigned long)req->data,
-                    req->count, req->size);
+            fprintf(stderr,
+                    "handle_ioreq I/O=%p type=%d dir=%d df=%d ptr=%d port=0x%lx data=0x%lx "
+                    "count=%d size=%d\n",
+                    (void *)req, req->type, req->dir, req->df, req->data_is_ptr,
+                    (unsigned long)req->addr, (unsigned long)req->data, req->count, req->size);
         }
     }
 }
@@ -288,30 +294,28 @@ static inline __attribute__((always_inline)) void trace_handle_ioreq(ioreq_t *re
  * without needing that header. */
 static inline __attribute__((always_inline)) void trace_handle_ioreq(ioreq_t *req)
 {
-    __asm__ __volatile__(
-        "990: nop\n"
-        ".pushsection .note.stapsdt,\"\",\"note\"\n"
-        ".balign 4\n"
-        ".4byte 992f-991f, 994f-993f, 3\n"
-        "991: .asciz \"stapsdt\"\n"
-        "992: .balign 4\n"
-        "993: .8byte 990b\n"
-        ".8byte _.stapsdt.base\n"
-        ".8byte 0\n"
-        ".asciz \"qemu\"\n"
-        ".asciz \"handle_ioreq\"\n"
-        ".asciz \"8@%0\"\n"
-        "994: .balign 4\n"
-        ".popsection\n"
-        ".ifndef _.stapsdt.base\n"
-        ".pushsection .stapsdt.base,\"aG\",\"progbits\",.stapsdt.base,comdat\n"
-        ".weak _.stapsdt.base\n"
-        ".hidden _.stapsdt.base\n"
-        "_.stapsdt.base: .space 1\n"
-        ".size _.stapsdt.base, 1\n"
-        ".popsection\n"
-        ".endif\n"
-        :: "r"(req));
+    __asm__ __volatile__("990: nop\n"
+                         ".pushsection .note.stapsdt,\"\",\"note\"\n"
+                         ".balign 4\n"
+                         ".4byte 992f-991f, 994f-993f, 3\n"
+                         "991: .asciz \"stapsdt\"\n"
+                         "992: .balign 4\n"
+                         "993: .8byte 990b\n"
+                         ".8byte _.stapsdt.base\n"
+                         ".8byte 0\n"
+                         ".asciz \"qemu\"\n"
+                         ".asciz \"handle_ioreq\"\n"
+                         ".asciz \"8@%0\"\n"
+                         "994: .balign 4\n"
+                         ".popsection\n"
+                         ".ifndef _.stapsdt.base\n"
+                         ".pushsection .stapsdt.base,\"aG\",\"progbits\",.stapsdt.base,comdat\n"
+                         ".weak _.stapsdt.base\n"
+                         ".hidden _.stapsdt.base\n"
+                         "_.stapsdt.base: .space 1\n"
+                         ".size _.stapsdt.base, 1\n"
+                         ".popsection\n"
+                         ".endif\n" ::"r"(req));
 }
 #endif
 
@@ -370,7 +374,8 @@ static STANDIN_NOIPA int handle_buffered_iopage(XenIOState *state)
         if (two)
             req.data |= (uint64_t)page->buf_ioreq[(rd + 1) % IOREQ_BUFFER_SLOT_NUM].data << 32;
         handle_ioreq(state, &req);
-        if (req.state != STATE_IOREQ_READY || req.count != 1 || req.dir != IOREQ_WRITE || req.data_is_ptr)
+        if (req.state != STATE_IOREQ_READY || req.count != 1 || req.dir != IOREQ_WRITE ||
+            req.data_is_ptr)
             die("handle_buffered_iopage: malformed buffered request at slot %u", rd);
         __atomic_add_fetch(&page->read_pointer, two + 1, __ATOMIC_RELEASE);
         handled++;
@@ -437,7 +442,7 @@ static void xen_send_sync(XenIOState *s, const struct stream_key *k, const struc
     slot->type = k->type;
     __atomic_thread_fence(__ATOMIC_RELEASE);
     slot->state = STATE_IOREQ_READY;
-    s->pending_port = (int)slot->vp_eport;     /* notify the event channel */
+    s->pending_port = (int)slot->vp_eport; /* notify the event channel */
     cpu_handle_ioreq(s);
     if (slot->state != STATE_IORESP_READY)
         die("vcpu %d: device model did not answer", k->vcpu);
@@ -449,7 +454,7 @@ static void xen_send_buffered(XenIOState *s, const struct stream_key *k, const s
     buffered_iopage_t *page = s->buffered_io_page;
     int two = r->size == 8;
     if (page->write_pointer - page->read_pointer + (uint32_t)two + 1 > IOREQ_BUFFER_SLOT_NUM)
-        handle_buffered_io(s);                 /* ring full: qemu drains it (Xen would wait) */
+        handle_buffered_io(s); /* ring full: qemu drains it (Xen would wait) */
     buf_ioreq_t *slot = &page->buf_ioreq[page->write_pointer % IOREQ_BUFFER_SLOT_NUM];
     memset(slot, 0, sizeof(*slot));
     slot->type = k->type;
@@ -472,7 +477,7 @@ struct stream {
     struct stream_header h;
     struct stream_key *keys;
     struct stream_rec *recs;
-    uint64_t *issued;                          /* per key */
+    uint64_t *issued; /* per key */
 };
 
 static void load_stream(const char *path, struct stream *st)
@@ -482,7 +487,8 @@ static void load_stream(const char *path, struct stream *st)
         die("%s: cannot open stream: %s", path, strerror(errno));
     if (fread(&st->h, sizeof(st->h), 1, f) != 1 || memcmp(st->h.magic, STREAM_MAGIC, 8) != 0)
         die("%s: not an iotrace stream file (bad magic at offset 0); give a .stream or a CSV via "
-            "`iotrace standin`", path);
+            "`iotrace standin`",
+            path);
     if (st->h.version != STREAM_VERSION)
         die("%s: stream version %u, this stand-in reads version %d", path, st->h.version,
             STREAM_VERSION);
@@ -519,7 +525,8 @@ static void load_stream(const char *path, struct stream *st)
     }
     for (uint64_t i = 0; i < st->h.n_recs; i++) {
         const struct stream_rec *r = &st->recs[i];
-        if (r->key >= st->h.n_keys || (r->size != 1 && r->size != 2 && r->size != 4 && r->size != 8))
+        if (r->key >= st->h.n_keys ||
+            (r->size != 1 && r->size != 2 && r->size != 4 && r->size != 8))
             die("%s: bad record %llu (key %u, size %u)", path, (unsigned long long)i, r->key,
                 r->size);
         if (((r->flags & STREAM_REC_BUFFERED) != 0) != (st->keys[r->key].vcpu == -1))
@@ -532,13 +539,20 @@ static void load_stream(const char *path, struct stream *st)
 static const char *type_name(uint8_t t)
 {
     switch (t) {
-    case IOREQ_TYPE_PIO: return "pio";
-    case IOREQ_TYPE_COPY: return "mmio";
-    case IOREQ_TYPE_PCI_CONFIG: return "pci_config";
-    case IOREQ_TYPE_VMWARE_PORT: return "vmware_port";
-    case IOREQ_TYPE_TIMEOFFSET: return "timeoffset";
-    case IOREQ_TYPE_INVALIDATE: return "invalidate";
-    default: return "unknown";
+    case IOREQ_TYPE_PIO:
+        return "pio";
+    case IOREQ_TYPE_COPY:
+        return "mmio";
+    case IOREQ_TYPE_PCI_CONFIG:
+        return "pci_config";
+    case IOREQ_TYPE_VMWARE_PORT:
+        return "vmware_port";
+    case IOREQ_TYPE_TIMEOFFSET:
+        return "timeoffset";
+    case IOREQ_TYPE_INVALIDATE:
+        return "invalidate";
+    default:
+        return "unknown";
     }
 }
 
@@ -556,10 +570,12 @@ static void write_truth(const char *path, const struct stream *st, int domid)
         const struct stream_key *k = &st->keys[i];
         if (!st->issued[i])
             continue;
-        fprintf(f, "%s\n  {\"domid\": %d, \"vcpu\": %d, \"type\": \"%s\", \"dir\": \"%s\", "
-                "\"addr\": %llu, \"count\": %llu}", first ? "" : ",", domid, k->vcpu,
-                type_name(k->type), k->dir == IOREQ_READ ? "read" : "write",
-                (unsigned long long)k->addr, (unsigned long long)st->issued[i]);
+        fprintf(f,
+                "%s\n  {\"domid\": %d, \"vcpu\": %d, \"type\": \"%s\", \"dir\": \"%s\", "
+                "\"addr\": %llu, \"count\": %llu}",
+                first ? "" : ",", domid, k->vcpu, type_name(k->type),
+                k->dir == IOREQ_READ ? "read" : "write", (unsigned long long)k->addr,
+                (unsigned long long)st->issued[i]);
         first = 0;
     }
     fprintf(f, "\n]}\n");
@@ -603,11 +619,17 @@ static void check_bitfields(void)
 {
     ioreq_t r;
     memset(&r, 0, sizeof(r));
-    r.state = 0xf; r.data_is_ptr = 1; r.dir = 1; r.df = 1;
+    r.state = 0xf;
+    r.data_is_ptr = 1;
+    r.dir = 1;
+    r.df = 1;
     const uint8_t *b = (const uint8_t *)&r;
     buf_ioreq_t q;
     memset(&q, 0, sizeof(q));
-    q.type = 0xff; q.dir = 1; q.size = 3; q.addr = 0xfffff;
+    q.type = 0xff;
+    q.dir = 1;
+    q.size = 3;
+    q.addr = 0xfffff;
     uint32_t w0;
     memcpy(&w0, &q, 4);
     if (b[30] != 0x7f || w0 != 0xfffffeffu)
@@ -642,12 +664,15 @@ static int sleep_until(int64_t until)
     return 0;
 }
 
-struct phdr_query { uintptr_t vaddr; long long offset; };
+struct phdr_query {
+    uintptr_t vaddr;
+    long long offset;
+};
 
 static int phdr_cb(struct dl_phdr_info *info, size_t size, void *arg)
 {
     (void)size;
-    struct phdr_query *q = arg;   /* the first object is the executable itself */
+    struct phdr_query *q = arg; /* the first object is the executable itself */
     uintptr_t v = q->vaddr - info->dlpi_addr;
     q->vaddr = v;
     for (int i = 0; i < info->dlpi_phnum; i++) {
@@ -691,9 +716,9 @@ static void *call_site_return(const void *fn, const void *end)
 /* Where a function's code ends, at the latest: the next of this file's functions in memory. */
 static const void *function_end(const void *fn)
 {
-    const void *fns[] = {(void *)handle_ioreq, (void *)handle_buffered_iopage,
+    const void *fns[] = {(void *)handle_ioreq,       (void *)handle_buffered_iopage,
                          (void *)handle_buffered_io, (void *)cpu_get_ioreq,
-                         (void *)cpu_handle_ioreq, (void *)main};
+                         (void *)cpu_handle_ioreq,   (void *)main};
     const uint8_t *end = (const uint8_t *)fn + 4096;
     for (unsigned i = 0; i < sizeof(fns) / sizeof(fns[0]); i++)
         if ((const uint8_t *)fns[i] > (const uint8_t *)fn && (const uint8_t *)fns[i] < end)
@@ -708,8 +733,8 @@ static int print_layout(void)
 {
     void *ret_buf = call_site_return((void *)handle_buffered_iopage,
                                      function_end((void *)handle_buffered_iopage));
-    void *ret_sync = call_site_return((void *)cpu_handle_ioreq,
-                                      function_end((void *)cpu_handle_ioreq));
+    void *ret_sync =
+        call_site_return((void *)cpu_handle_ioreq, function_end((void *)cpu_handle_ioreq));
     if (!ret_buf || !ret_sync)
         die("print-layout: cannot find the call of handle_ioreq in %s",
             ret_buf ? "cpu_handle_ioreq" : "handle_buffered_iopage");
@@ -722,11 +747,12 @@ static int print_layout(void)
     struct stream_key ks = {0x3f8, 0, IOREQ_TYPE_PIO, IOREQ_WRITE, 0};
     struct stream_rec rs = {0, 0x41, 0, 1, 1, 0};
     xen_send_buffered(&s, &kb, &rb);
-    xen_send_sync(&s, &ks, &rs);          /* handle_buffered_iopage runs first, then the copy */
+    xen_send_sync(&s, &ks, &rs); /* handle_buffered_iopage runs first, then the copy */
     layout_probe = 0;
     if (layout_ret_n != 2)
         die("print-layout: expected 2 calls of handle_ioreq, saw %d", layout_ret_n);
-    int seen_ok = elf_location(layout_ret[0]).offset >= 0 && elf_location(layout_ret[1]).offset >= 0;
+    int seen_ok =
+        elf_location(layout_ret[0]).offset >= 0 && elf_location(layout_ret[1]).offset >= 0;
     if (seen_ok && (layout_ret[0] != ret_buf || layout_ret[1] != ret_sync))
         die("print-layout: return addresses seen (%p, %p) differ from the call sites (%p, %p)",
             layout_ret[0], layout_ret[1], ret_buf, ret_sync);
@@ -739,16 +765,17 @@ static int print_layout(void)
            "\"ret_buffered\": {\"vaddr\": %lu, \"file_offset\": %lld}, "
            "\"ret_sync\": {\"vaddr\": %lu, \"file_offset\": %lld}, "
            "\"checked_at_run_time\": %s}\n",
-           STANDIN_LAYOUT, offsetof(XenIOState, send_vcpu),
-           (unsigned long)h.vaddr, h.offset, (unsigned long)rbq.vaddr, rbq.offset,
-           (unsigned long)rsq.vaddr, rsq.offset, seen_ok ? "true" : "false");
+           STANDIN_LAYOUT, offsetof(XenIOState, send_vcpu), (unsigned long)h.vaddr, h.offset,
+           (unsigned long)rbq.vaddr, rbq.offset, (unsigned long)rsq.vaddr, rsq.offset,
+           seen_ok ? "true" : "false");
     return 0;
 }
 
 static void usage_error(const char *what)
 {
     die("%s (usage: %s -xen-domid N [-name NAME] -replay FILE [-speed X] [-loop] [-hold] "
-        "[-truth OUT.json] [-trace-ioreq [-msg-timestamp]] | -print-layout)", what, prog);
+        "[-truth OUT.json] [-trace-ioreq [-msg-timestamp]] | -print-layout)",
+        what, prog);
 }
 
 static long parse_long(const char *opt, const char *s, long lo, long hi)
@@ -773,7 +800,7 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (a[0] == '-' && a[1] == '-')
-            a++;                                   /* accept --opt as well as QEMU's -opt */
+            a++; /* accept --opt as well as QEMU's -opt */
         int has_val = i + 1 < argc;
         if (!strcmp(a, "-xen-domid") || !strcmp(a, "-name") || !strcmp(a, "-replay") ||
             !strcmp(a, "-speed") || !strcmp(a, "-truth") || !strcmp(a, "-machine")) {
@@ -784,7 +811,7 @@ int main(int argc, char **argv)
             }
             const char *v = argv[++i];
             if (!strcmp(a, "-xen-domid"))
-                domid = (int)parse_long("-xen-domid", v, 0, 0x7fef);   /* DOMID_FIRST_RESERVED */
+                domid = (int)parse_long("-xen-domid", v, 0, 0x7fef); /* DOMID_FIRST_RESERVED */
             else if (!strcmp(a, "-name"))
                 name = v;
             else if (!strcmp(a, "-replay"))
@@ -824,7 +851,7 @@ int main(int argc, char **argv)
         usage_error("-xen-domid N is required");
     if (!replay)
         usage_error("-replay FILE is required");
-    (void)name;                                    /* visible in argv, as with QEMU's -name */
+    (void)name; /* visible in argv, as with QEMU's -name */
 
     struct stream st;
     load_stream(replay, &st);
@@ -843,7 +870,7 @@ int main(int argc, char **argv)
     XenIOState state;
     state_init(&state, max_vcpu > 0 ? max_vcpu : 1);
 
-    const int64_t idle_flush_ns = 10 * 1000000LL;  /* QEMU's buffered_io_timer runs every 100 ms */
+    const int64_t idle_flush_ns = 10 * 1000000LL; /* QEMU's buffered_io_timer runs every 100 ms */
     do {
         int64_t start = now_ns();
         for (uint64_t i = 0; i < st.h.n_recs && !stop_requested; i++) {
@@ -852,7 +879,7 @@ int main(int argc, char **argv)
             if (speed > 0.0) {
                 int64_t due = start + (int64_t)((double)r->t_ns / speed);
                 if (due - now_ns() > idle_flush_ns)
-                    handle_buffered_io(&state);    /* an idle gap: the timer drains the ring */
+                    handle_buffered_io(&state); /* an idle gap: the timer drains the ring */
                 if (!sleep_until(due))
                     break;
             }
@@ -862,7 +889,7 @@ int main(int argc, char **argv)
                 xen_send_sync(&state, k, r);
             st.issued[r->key]++;
         }
-        if (speed > 0.0 && !stop_requested)             /* the stream lasts until its last t_ns */
+        if (speed > 0.0 && !stop_requested) /* the stream lasts until its last t_ns */
             sleep_until(start + (int64_t)((double)st.h.duration_ns / speed));
         handle_buffered_io(&state);
         if (truth)

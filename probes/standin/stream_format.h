@@ -9,30 +9,30 @@
 
 #include <stdint.h>
 
-#define STREAM_MAGIC "IOTSTRM\0"
-#define STREAM_VERSION 1
-#define STREAM_REC_BUFFERED 1               /* stream_rec.flags bit 0: a buffered request */
+#define STREAM_MAGIC        "IOTSTRM\0"
+#define STREAM_VERSION      1
+#define STREAM_REC_BUFFERED 1 /* stream_rec.flags bit 0: a buffered request */
 
 struct stream_header {
     char magic[8];
     uint32_t version, header_size, key_size, rec_size;
     uint32_t n_keys, reserved;
     uint64_t n_recs;
-    uint64_t duration_ns;                   /* time of the last record */
+    uint64_t duration_ns; /* time of the last record */
 };
-struct stream_key {                         /* a distinct (vcpu, type, dir, addr) */
+struct stream_key { /* a distinct (vcpu, type, dir, addr) */
     uint64_t addr;
-    int32_t vcpu;                           /* -1: buffered */
+    int32_t vcpu; /* -1: buffered */
     uint8_t type, dir;
     uint16_t pad;
 };
 struct stream_rec {
-    uint64_t t_ns;                          /* since the stream's start */
-    uint64_t data;                          /* value written (reads: ignored, the device answers) */
-    uint32_t key;                           /* index into the key table */
-    uint16_t count;                         /* rep count */
-    uint8_t size;                           /* bytes per access: 1, 2, 4, 8 */
-    uint8_t flags;                          /* STREAM_REC_BUFFERED */
+    uint64_t t_ns;  /* since the stream's start */
+    uint64_t data;  /* value written (reads: ignored, the device answers) */
+    uint32_t key;   /* index into the key table */
+    uint16_t count; /* rep count */
+    uint8_t size;   /* bytes per access: 1, 2, 4, 8 */
+    uint8_t flags;  /* STREAM_REC_BUFFERED */
 };
 _Static_assert(sizeof(struct stream_header) == 48, "stream header");
 _Static_assert(sizeof(struct stream_key) == 16, "stream key");
