@@ -116,3 +116,19 @@ def checked(flag: str, parse, text):
         return parse(text)
     except ValueError as exc:
         raise UserError(f"{flag}: {exc}") from None
+
+
+def add_filter_arguments(p, title: str) -> None:
+    """The request filters of ``top`` and ``report`` (iotrace.core.filters), one definition:
+    -D/--domain, --vcpu, --range, --type, --dir, each repeatable or comma-separated."""
+    g = p.add_argument_group(title)
+    g.add_argument("-D", "--domain", action="append", default=[], metavar="NAME|ID",
+                   help="only these domains (id, or name with shell wildcards)")
+    g.add_argument("--vcpu", action="append", default=[], metavar="N",
+                   help="only requests from these vCPUs (-1: unknown, e.g. buffered ioreqs)")
+    g.add_argument("--range", action="append", default=[], metavar="GLOB",
+                   help="only these named ranges (e.g. com1, 'ide-*', vga-lowmem, other)")
+    g.add_argument("--type", action="append", default=[], metavar="TYPE",
+                   help="only these request types: pio, mmio, pci_config, ...")
+    g.add_argument("--dir", action="append", default=[], metavar="DIR",
+                   help="only reads or only writes: read, write")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from iotrace.cli.args import argtype, count
+from iotrace.cli.args import add_filter_arguments, argtype, count
 from iotrace.cli.config import load_config
 from iotrace.core.errors import UserError
 from iotrace.core.filters import FilterError, make_filter
@@ -82,17 +82,7 @@ def add_arguments(p) -> None:
     p.add_argument("--events", action="store_true",
                    help="list every request (time, domain, vCPU, address, data, service time, "
                         "RIP) instead of the summary; the filters apply")
-    g = p.add_argument_group("filters (repeatable or comma-separated; as in iotrace top)")
-    g.add_argument("-D", "--domain", action="append", default=[], metavar="NAME|ID",
-                   help="only these domains (id, or name with shell wildcards)")
-    g.add_argument("--vcpu", action="append", default=[], metavar="N",
-                   help="only requests from these vCPUs (-1: unknown)")
-    g.add_argument("--range", action="append", default=[], metavar="GLOB",
-                   help="only these named ranges (e.g. com1, 'ide-*', vga-lowmem, other)")
-    g.add_argument("--type", action="append", default=[], metavar="TYPE",
-                   help="only these request types: pio, mmio, pci_config, ...")
-    g.add_argument("--dir", action="append", default=[], metavar="DIR",
-                   help="only reads or only writes: read, write")
+    add_filter_arguments(p, "filters (repeatable or comma-separated; as in iotrace top)")
     p.add_argument("--config", metavar="F", help="YAML address map overriding the PC default")
     p.add_argument("--cpu-hz", metavar="HZ", help="TSC frequency for xentrace timestamps "
                    "(default: xenalyze's default)")

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from iotrace.cli.args import argtype, count, duration, seconds
+from iotrace.cli.args import add_filter_arguments, argtype, count, duration, seconds
 from iotrace.cli.source_args import (
     add_source_arguments,
     build_remote,
@@ -75,17 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="batch output: table (default), csv or json (one object per line); "
                         "implies -b")
-    g = p.add_argument_group("filters (repeatable or comma-separated)")
-    g.add_argument("-D", "--domain", action="append", default=[], metavar="NAME|ID",
-                   help="only these domains (id, or name with shell wildcards)")
-    g.add_argument("--vcpu", action="append", default=[], metavar="N",
-                   help="only requests from these vCPUs (-1: unknown, e.g. buffered ioreqs)")
-    g.add_argument("--range", action="append", default=[], metavar="GLOB",
-                   help="only these named ranges (e.g. com1, 'ide-*', vga-lowmem, other)")
-    g.add_argument("--type", action="append", default=[], metavar="TYPE",
-                   help="only these request types: pio, mmio, pci_config, ...")
-    g.add_argument("--dir", action="append", default=[], metavar="DIR",
-                   help="only reads or only writes: read, write")
+    add_filter_arguments(p, "filters (repeatable or comma-separated)")
     p.add_argument("--sort", default="reqs", choices=SORT_ORDER,
                    help="sort domains by (default reqs = requests/s)")
     p.add_argument("--reverse", action="store_true", help="invert the sort order")
