@@ -9,7 +9,6 @@ import io
 import json
 import signal
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,22 +19,10 @@ from iotrace.core.events import TYPE_CODES
 from iotrace.offline.recording import read_recording
 from iotrace.probes.standin import runner as sr
 from iotrace.probes.standin import stream as st
+from support.procs import wait_line as _wait_line
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 DOMS = {961: "web", 962: "db"}
-
-
-def _wait_line(proc, needle, timeout=30):
-    end = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < end:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        if needle in line:
-            return
-    raise AssertionError(f"no {needle!r} in {seen}")
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,17 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
 from iotrace.probes import discovery
 from iotrace.probes.standin import runner as sr
-from support.prometheus import free_port, wait_http
+from support.exposition import samples as _samples
+from support.exposition import scrape as _scrape
+from support.exposition import start_serve, stop_serve
 
 
 def _wait(pred, timeout=30.0, interval=0.05):
@@ -92,46 +92,16 @@ def test_known_paths_include_upstream_xens_libexec_dirs():
 
 # -- the live source (root) ------------------------------------------------------------------------
 
-def _scrape(port) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        return r.read().decode()
-
-
-def _samples(text: str, name: str, **labels) -> list[float]:
-    out = []
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        lab, _, val = line.rpartition(" ")
-        if all(f'{k}="{v}"' in lab for k, v in labels.items()):
-            out.append(float(val))
-    return out
-
-
 def _total(text, domid) -> float:
     return sum(_samples(text, "iotrace_ioreqs_total", domid=str(domid)))
 
 
 def _serve(tmp_path, *args):
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w+")
-    p = subprocess.Popen([sys.executable, "-m", "iotrace", "serve", "--web.listen-address",
-                          f"127.0.0.1:{port}", "--source", "qemu", *args],
-                         stdout=subprocess.DEVNULL, stderr=log)
-    wait_http(f"http://127.0.0.1:{port}/metrics", timeout=120)
-    return p, port, log
+    return start_serve(tmp_path, *args)
 
 
 def _stop(p, log) -> str:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    log.seek(0)
-    text = log.read()
+    text = stop_serve(p, log)
     assert p.returncode == 0, text
     return text
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from collections import Counter
 
 import pytest
 
 from iotrace.probes.live import QemuProbeSource
 from iotrace.probes.standin import runner as sr
-from support.prometheus import free_port, wait_http
+from support.exposition import samples as _samples
+from support.exposition import scrape as _scrape
+from support.exposition import start_serve, stop_serve
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
@@ -50,22 +50,6 @@ def _wait(pred, timeout=30.0, interval=0.05):
             return v
         time.sleep(interval)
     return pred()
-
-
-def _scrape(port) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        return r.read().decode()
-
-
-def _samples(text: str, name: str, **labels) -> list[float]:
-    out = []
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        lab, _, val = line.rpartition(" ")
-        if all(f'{k}="{v}"' in lab for k, v in labels.items()):
-            out.append(float(val))
-    return out
 
 
 class Scrapes:
@@ -101,26 +85,11 @@ class Scrapes:
 def _serve(tmp_path, exe, grace):
     cfg = tmp_path / "iotrace.yaml"
     cfg.write_text(f"exporter:\n  domain_grace_seconds: {grace}\n")
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w+")
-    p = subprocess.Popen([sys.executable, "-m", "iotrace", "serve", "--web.listen-address",
-                          f"127.0.0.1:{port}", "--source", "qemu", "--binary", exe,
-                          "--config", str(cfg), "--log-level", "info"],
-                         stdout=subprocess.DEVNULL, stderr=log)
-    wait_http(f"http://127.0.0.1:{port}/metrics", timeout=120)
-    return p, port, log
+    return start_serve(tmp_path, "--binary", exe, "--config", str(cfg), "--log-level", "info")
 
 
 def _stop(p, log) -> str:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    log.seek(0)
-    return log.read()
+    return stop_serve(p, log)
 
 
 def test_a_killed_device_model_keeps_its_series_for_the_grace_period(tmp_path, standin):

@@ -23,6 +23,7 @@ from iotrace.probes.hook.resolve import resolve
 from iotrace.probes.live import QemuProbeSource, metrics_bucket
 from iotrace.probes.standin import runner as sr
 from iotrace.probes.standin import stream as st
+from support.procs import wait_line as _wait_line
 from support.uprobe import runtime_byte as _runtime_byte
 from support.uprobe import uprobe_lines as _uprobe_lines
 
@@ -253,19 +254,6 @@ def test_overload_in_event_mode_counts_lost(bins, tmp_path):
 def _iotrace(iotrace_exe, *args, stdout=subprocess.PIPE):
     return subprocess.Popen([iotrace_exe, *args], stdout=stdout, stderr=subprocess.PIPE,
                             text=True)
-
-
-def _wait_line(proc, needle, timeout=30):
-    end = time.monotonic() + timeout
-    lines = []
-    while time.monotonic() < end:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if needle in line:
-            return lines
-    raise AssertionError(f"no {needle!r} in {lines}")
 
 
 def test_record_cli_sigterm_flushes_everything(bins, tmp_path, iotrace_exe):

@@ -16,6 +16,7 @@ import pytest
 
 from iotrace.offline.recording import read_recording
 from iotrace.probes.standin import runner as sr
+from support.procs import wait_line as _wait_line
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +38,6 @@ def _counts(events, domid) -> Counter:
     return Counter(zip(e["domid"].tolist(), e["addr"].tolist(), e["dir"].tolist()))
 
 
-def _wait_line(proc, needle, timeout=60) -> list[str]:
-    end = time.monotonic() + timeout
-    lines = []
-    while time.monotonic() < end:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if needle in line:
-            return lines
-    raise AssertionError(f"no {needle!r} in {lines}")
-
-
 @pytest.mark.root
 @pytest.mark.integration
 def test_sigkill_after_a_burst_keeps_every_event(tmp_path, standin, iotrace_exe):
@@ -67,7 +55,7 @@ def test_sigkill_after_a_burst_keeps_every_event(tmp_path, standin, iotrace_exe)
         os.umask(old)
     dm = None
     try:
-        _wait_line(rec, "writing")
+        _wait_line(rec, "writing", timeout=60)
         dm = subprocess.Popen(sr.command(791, sr.BUNDLED_STREAM, exe=standin, name="burst",
                                          speed=0.0, hold=True, truth=truth),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

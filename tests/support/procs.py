@@ -1,0 +1,20 @@
+"""Waiting on a running command's stderr in tests, bounded."""
+from __future__ import annotations
+
+import time
+
+
+def wait_line(proc, needle: str, timeout: float = 30) -> list[str]:
+    """Read ``proc.stderr`` (text) line by line until one contains ``needle``: the lines read.
+    An AssertionError with what was read if it ends or ``timeout`` seconds pass first (checked
+    between lines)."""
+    end = time.monotonic() + timeout
+    lines = []
+    while time.monotonic() < end:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"no {needle!r} in {lines}")
