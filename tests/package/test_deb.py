@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.deb, pytest.mark.root, pytest.mark.integration, pytest
 
 DM = "/usr/libexec/xen-qemu-system-i386"
 DEBIAN12_DM_BUILD_ID = "c1a56521a4a247be10c1564f57d5f7598eb5500b"
-PACKAGED_VERBS = ["report", "serve", "top", "snoop", "record", "probe-info"]
+PACKAGED_VERBS = ["report", "serve", "top", "advise", "snoop", "record", "probe-info"]
 LEFT_OUT_VERBS = ["standin", "demo"]
 
 
@@ -163,9 +163,11 @@ def test_report_on_the_real_capture(chroot):
     assert dict(per_vcpu) == {1: 17, 2: 72, 3: 16}
     r = s.run("iotrace", "report", capture)
     assert r.returncode == 0 and "105 I/O requests" in r.stdout, r.stderr
-    # the compiled record walk of the package is the one in use (not the NumPy fallback)
-    r = s.run("python3", "-c", "from iotrace.xentrace import decoder; print(decoder.walker_name())")
-    assert r.stdout.strip() == "c", r.stderr
+    # the package's own compiled core is the one loaded (there is no fallback without it)
+    r = s.run("python3", "-c", "from iotrace.xentrace import native; native.constants(); "
+              "print(native.LIBRARY)")
+    assert r.stdout.strip() == "/usr/lib/python3/dist-packages/iotrace/xentrace/_xtcore.so", \
+        r.stderr
 
 
 def test_probe_info_on_debian_12_device_model(chroot):
