@@ -27,12 +27,11 @@ DOM0_PACKAGES = (
     "python3-bpfcc", "python3-numpy", "python3-yaml", "python3-prometheus-client",
     "python3-bcrypt", "python3-capstone", "python3-pyelftools",
 )
-# Xen's services on at boot (the packages enable them; say so again, a chroot may skip it), the
-# agent as a service (its unit is written by build-image.sh after this runs: link it by hand), a
-# root without password on the consoles, no documentation.
+# Xen's daemons come from Debian's SysV script /etc/init.d/xen (enabled by xen-utils-common;
+# systemd runs it as xen.service); xendomains (save/restore guests at shutdown) is masked. The
+# agent as a service (its unit is written by build-image.sh after this runs: linked by hand), root
+# without password on the consoles, the virtio and 9p modules in the initramfs, no documentation.
 DOM0_SETUP = """\
-systemctl enable xenstored.service xenconsoled.service xen-init-dom0.service \
-    xen-qemu-dom0-disk-backend.service 2>/dev/null || true
 mkdir -p /etc/systemd/system/multi-user.target.wants
 ln -sf /etc/systemd/system/iotrace-vm-agent.service \
     /etc/systemd/system/multi-user.target.wants/iotrace-vm-agent.service

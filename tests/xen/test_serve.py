@@ -12,7 +12,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from xen.window import Window
 
-pytestmark = [pytest.mark.xen, pytest.mark.timeout(1500)]
+# Found by this harness, not fixed (issue #15's report): in Dom0 (Debian 12, kernel 6.1, one
+# vCPU under TCG) `serve --source qemu` (and both) takes ~75% of the CPU with every guest paused
+# and its /metrics does not answer within 55-95 s; `serve --source xentrace` alone answers in
+# 0.1 s at 4% CPU. Strict: when it is fixed, these tests say so.
+pytestmark = [pytest.mark.xen, pytest.mark.timeout(1500),
+              pytest.mark.xfail(strict=True, reason="serve's qemu source starves /metrics in a "
+                                "real Dom0 (see the comment above)")]
+SERVE_READY_TIMEOUT = 240.0
 WINDOW_SECONDS = 10
 W = "/root/serve"
 PORT = 9878
@@ -43,7 +50,8 @@ def served(xen_host):
     with Window(xen_host, ["bs1", "bs2"], W) as w:
         w.spawn("serve", f"{IOTRACE} serve --source both --web.listen-address 127.0.0.1:{PORT}",
                 ready=f"{SCRAPE} | grep -q '^iotrace_source_up{{source=\"qemu\"}} 1' && "
-                      f"{SCRAPE} | grep -q '^iotrace_source_up{{source=\"xentrace\"}} 1'")
+                      f"{SCRAPE} | grep -q '^iotrace_source_up{{source=\"xentrace\"}} 1'",
+                timeout=SERVE_READY_TIMEOUT)
         before = xen_host.sh(SCRAPE, timeout=60)
         w.run(WINDOW_SECONDS)
         after = xen_host.sh(SCRAPE, timeout=60)
