@@ -30,7 +30,7 @@ from xen.guests import GUESTS, build_disk
 COSTS: list[str] = []     # printed at the end of the run (what each part took)
 XEN_ENABLED = os.environ.get("IOTRACE_XEN") == "1"
 HERE = Path(__file__).resolve().parent
-GUEST_DIR = "/root/guests"          # in Dom0: disks, configurations, serial logs
+GUEST_DIR = "/var/tmp/iotrace-guests"          # in Dom0: disks, configurations, serial logs
 GUEST_START_TIMEOUT = 120.0         # xl create to the loop's first bytes on the serial log
 
 

@@ -33,11 +33,11 @@ def test_boot_sector_assembles_with_its_port_io(name, tmp_path):
 
 
 def test_guest_config_is_hvm_with_its_serial_log_in_dom0():
-    cfg = GUESTS["bs2"].config("/root/guests")
+    cfg = GUESTS["bs2"].config("/var/tmp/iotrace-guests")
     assert 'type = "hvm"' in cfg and 'vga = "stdvga"' in cfg
-    assert 'serial = "file:/root/guests/bs2-serial.log"' in cfg
-    assert "target=/root/guests/bs2.img" in cfg
-    assert 'vga = "none"' in GUESTS["bs1"].config("/root")
+    assert 'serial = "file:/var/tmp/iotrace-guests/bs2-serial.log"' in cfg
+    assert "target=/var/tmp/iotrace-guests/bs2.img" in cfg
+    assert 'vga = "none"' in GUESTS["bs1"].config("/var/tmp")
     # one byte per loop iteration: what the window's truth counts
     assert all(len(g.loop_bytes) == 2 and b"\n" in g.loop_bytes for g in GUESTS.values())
 

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.xen, pytest.mark.timeout(1500),
                                 "real Dom0 (see the comment above)")]
 SERVE_READY_TIMEOUT = 240.0
 WINDOW_SECONDS = 10
-W = "/root/serve"
+W = "/var/tmp/iotrace-serve"
 PORT = 9878
 IOTRACE = "python3 /mnt/harness/iotrace_env.py /mnt/project --"
 SCRAPE = ("python3 -c \"import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("

@@ -22,7 +22,7 @@ from xen.window import Window
 # The first test pays for the boot (about 2 min), the guests and BCC compiling in Dom0 (1-2 min).
 pytestmark = [pytest.mark.xen, pytest.mark.timeout(1500)]
 WINDOW_SECONDS = 10
-W = "/root/window"
+W = "/var/tmp/iotrace-window"
 PIO, MMIO, PCI = E.TYPE_PIO, E.TYPE_MMIO, E.TYPE_PCI_CONFIG
 RD, WR = E.DIR_READ, E.DIR_WRITE
 IOTRACE = "python3 /mnt/harness/iotrace_env.py /mnt/project --"
