@@ -21,7 +21,9 @@ from xen.window import Window
 
 # The first test pays for the boot (about 2 min), the guests and BCC compiling in Dom0 (1-2 min).
 pytestmark = [pytest.mark.xen, pytest.mark.timeout(1500)]
-WINDOW_SECONDS = 10
+# IOTRACE_XEN_KEEP=DIR keeps the capture and its counts (a fixture: tests/data/xen/README.md);
+# its window is shorter, to keep the file small.
+WINDOW_SECONDS = 2 if os.environ.get("IOTRACE_XEN_KEEP") else 10
 W = "/var/tmp/iotrace-window"
 PIO, MMIO, PCI = E.TYPE_PIO, E.TYPE_MMIO, E.TYPE_PCI_CONFIG
 RD, WR = E.DIR_READ, E.DIR_WRITE
@@ -79,7 +81,7 @@ def test_nothing_lost_and_names_from_xenstore(window):
 def test_com1_loop_qemu_equals_xentrace_equals_guest(window):
     q, x = counts(window, "qemu"), counts(window, "xentrace")
     d, n = window["domid"]["bs1"], window["truth"]["bs1"]
-    assert n > 100, f"bs1 ran only {n} iterations in {WINDOW_SECONDS} s"
+    assert n > 10 * WINDOW_SECONDS, f"bs1 ran only {n} iterations in {WINDOW_SECONDS} s"
     for dir_, port in ((RD, 0x3fd), (WR, 0x3f8)):
         got = (pick(q, d, 0, PIO, dir_, port), pick(x, d, 0, PIO, dir_, port))
         assert got == (n, n), f"bs1 port {port:#x}: (qemu, xentrace) = {got}, guest {n}"
@@ -93,16 +95,16 @@ def test_com1_loop_qemu_equals_xentrace_equals_guest(window):
 def test_mixed_loop_forwarded_equal_internal_only_in_xentrace(window):
     q, x = counts(window, "qemu"), counts(window, "xentrace")
     d, n = window["domid"]["bs2"], window["truth"]["bs2"]
-    assert n > 50, f"bs2 ran only {n} iterations in {WINDOW_SECONDS} s"
+    assert n > 5 * WINDOW_SECONDS, f"bs2 ran only {n} iterations in {WINDOW_SECONDS} s"
     # COM1 (forwarded): the same in all three
     for dir_, port in ((RD, 0x3fd), (WR, 0x3f8)):
         got = (pick(q, d, 0, PIO, dir_, port), pick(x, d, 0, PIO, dir_, port))
         assert got == (n, n), f"bs2 port {port:#x}: (qemu, xentrace) = {got}, guest {n}"
-    # PCI config: Xen latches 0xcf8 itself and forwards 0xcfc as an IOREQ_TYPE_PCI_CONFIG
-    assert pick(x, d, 0, PIO, WR, 0xcf8) == n
-    assert pick(x, d, 0, PIO, RD, 0xcfc) == n
-    assert pick(q, d, 0, PCI, RD) == n
-    assert pick(q, d, typ=PIO, lo=0xcf8, hi=0xcff) == 0
+    # PCI config: the 0xcf8 write reaches qemu as port I/O, the 0xcfc read as an
+    # IOREQ_TYPE_PCI_CONFIG (address: bus/dev/fn/reg of 00:00.0 reg 0 = 0)
+    assert (pick(q, d, 0, PIO, WR, 0xcf8), pick(x, d, 0, PIO, WR, 0xcf8)) == (n, n)
+    assert (pick(q, d, 0, PCI, RD, 0), pick(x, d, 0, PIO, RD, 0xcfc)) == (n, n)
+    assert pick(q, d, typ=PIO, lo=0xcfc, hi=0xcff) == 0
     # emulated in Xen: only in xentrace
     for dir_, port, per in ((WR, 0x70, 1), (RD, 0x71, 1), (WR, 0x43, 1), (RD, 0x40, 2)):
         assert pick(x, d, 0, PIO, dir_, port) == per * n, f"bs2 port {port:#x}"
