@@ -48,10 +48,12 @@ def pick(c: Counter, domid=None, vcpu=None, typ=None, dir_=None, lo=None, hi=Non
 @pytest.fixture(scope="module")
 def window(xen_host):
     with Window(xen_host, ["bs1", "bs2"], W) as w:
-        w.spawn("xentrace", f"xentrace -D -S 256 -e hvm -e sched {W}/x.bin",
-                ready="test -e x.bin && sleep 2")
+        # record first (BCC compiles for a minute or two), then xentrace: its capture holds
+        # little more than the window
         w.spawn("record", f"{IOTRACE} record -o {W}/q.iotrec",
                 ready="grep -q 'uprobe(s) on' record.log")
+        w.spawn("xentrace", f"xentrace -D -S 256 -e hvm -e sched {W}/x.bin",
+                ready="test -e x.bin && sleep 2")
         w.run(WINDOW_SECONDS)
         w.stop_all()
     out = xen_host.sh(f"python3 /mnt/xenharness/inside/window_counts.py /mnt/project "
