@@ -38,6 +38,14 @@ def counts(doc, source) -> Counter:
     return c
 
 
+def near(got: int, n: int) -> bool:
+    """A window's edge can fall inside a loop iteration (xl pause stops a vCPU wherever it is,
+    also while it waits for qemu's answer to a read: qemu counts that read in this window, Xen
+    traces its completion in the next). The serial byte is the iteration's last request, so the
+    other requests of an iteration may count one more or one less at each edge."""
+    return n - 2 <= got <= n + 2
+
+
 def pick(c: Counter, domid=None, vcpu=None, typ=None, dir_=None, lo=None, hi=None) -> int:
     return sum(n for (d, v, t, r, a), n in c.items()
                if (domid is None or d == domid) and (vcpu is None or v == vcpu)
@@ -84,34 +92,37 @@ def test_com1_loop_qemu_equals_xentrace_equals_guest(window):
     q, x = counts(window, "qemu"), counts(window, "xentrace")
     d, n = window["domid"]["bs1"], window["truth"]["bs1"]
     assert n > 10 * WINDOW_SECONDS, f"bs1 ran only {n} iterations in {WINDOW_SECONDS} s"
-    for dir_, port in ((RD, 0x3fd), (WR, 0x3f8)):
-        got = (pick(q, d, 0, PIO, dir_, port), pick(x, d, 0, PIO, dir_, port))
-        assert got == (n, n), f"bs1 port {port:#x}: (qemu, xentrace) = {got}, guest {n}"
+    # the serial write: exact in both; the line-status read: within the window's edges
+    assert (pick(q, d, 0, PIO, WR, 0x3f8), pick(x, d, 0, PIO, WR, 0x3f8)) == (n, n)
+    got = (pick(q, d, 0, PIO, RD, 0x3fd), pick(x, d, 0, PIO, RD, 0x3fd))
+    assert all(near(g, n) for g in got), f"bs1 0x3fd: (qemu, xentrace) = {got}, guest {n}"
     # port 0x80: no exit at all under Xen (the HVM I/O bitmap lets it through)
     assert pick(q, d, lo=0x80) == 0 and pick(x, d, lo=0x80) == 0
     # nothing else from bs1 on any vCPU
-    assert sum(n2 for k, n2 in q.items() if k[0] == d) == 2 * n
-    assert sum(n2 for k, n2 in x.items() if k[0] == d) == 2 * n
+    assert near(sum(n2 for k, n2 in q.items() if k[0] == d) - n, n)
+    assert near(sum(n2 for k, n2 in x.items() if k[0] == d) - n, n)
 
 
 def test_mixed_loop_forwarded_equal_internal_only_in_xentrace(window):
     q, x = counts(window, "qemu"), counts(window, "xentrace")
     d, n = window["domid"]["bs2"], window["truth"]["bs2"]
     assert n > 5 * WINDOW_SECONDS, f"bs2 ran only {n} iterations in {WINDOW_SECONDS} s"
-    # COM1 (forwarded): the same in all three
-    for dir_, port in ((RD, 0x3fd), (WR, 0x3f8)):
-        got = (pick(q, d, 0, PIO, dir_, port), pick(x, d, 0, PIO, dir_, port))
-        assert got == (n, n), f"bs2 port {port:#x}: (qemu, xentrace) = {got}, guest {n}"
-    # PCI config: the 0xcf8 write reaches qemu as port I/O, the 0xcfc read as an
-    # IOREQ_TYPE_PCI_CONFIG (address: bus/dev/fn/reg of 00:00.0 reg 0 = 0)
-    assert (pick(q, d, 0, PIO, WR, 0xcf8), pick(x, d, 0, PIO, WR, 0xcf8)) == (n, n)
-    assert (pick(q, d, 0, PCI, RD, 0), pick(x, d, 0, PIO, RD, 0xcfc)) == (n, n)
+    # COM1 (forwarded): the serial write exact in all three, the rest within the window's edges
+    assert (pick(q, d, 0, PIO, WR, 0x3f8), pick(x, d, 0, PIO, WR, 0x3f8)) == (n, n)
+    want = {"qemu 0x3fd": pick(q, d, 0, PIO, RD, 0x3fd), "xentrace 0x3fd": pick(x, d, 0, PIO, RD, 0x3fd),
+            # PCI config: the 0xcf8 write reaches qemu as port I/O, the 0xcfc read as an
+            # IOREQ_TYPE_PCI_CONFIG (address: bus/dev/fn/reg of 00:00.0 reg 0 = 0)
+            "qemu 0xcf8": pick(q, d, 0, PIO, WR, 0xcf8), "xentrace 0xcf8": pick(x, d, 0, PIO, WR, 0xcf8),
+            "qemu pci_config": pick(q, d, 0, PCI, RD, 0), "xentrace 0xcfc": pick(x, d, 0, PIO, RD, 0xcfc),
+            # VGA text memory: one write per iteration (buffered towards qemu: no vCPU there)
+            "qemu vga": pick(q, d, typ=MMIO, dir_=WR, lo=0xb8000, hi=0xb8fff),
+            "xentrace vga": pick(x, d, 0, MMIO, WR, 0xb8000, 0xb8fff)}
+    assert all(near(v, n) for v in want.values()), f"bs2, guest {n}: {want}"
+    # writes are traced by Xen before dispatch and served at once by qemu: equal in both
+    for w in ("0xcf8", "vga"):
+        assert want[f"qemu {w}"] == want[f"xentrace {w}"], want
     assert pick(q, d, typ=PIO, lo=0xcfc, hi=0xcff) == 0
     # emulated in Xen: only in xentrace
     for dir_, port, per in ((WR, 0x70, 1), (RD, 0x71, 1), (WR, 0x43, 1), (RD, 0x40, 2)):
-        assert pick(x, d, 0, PIO, dir_, port) == per * n, f"bs2 port {port:#x}"
+        assert near(pick(x, d, 0, PIO, dir_, port), per * n), f"bs2 port {port:#x}"
         assert pick(q, d, lo=port) == 0, f"bs2 port {port:#x} reached the device model"
-    # VGA text memory: one write per iteration (buffered towards qemu: no vCPU there)
-    vga = (0xb8000, 0xb8fff)
-    assert pick(x, d, 0, MMIO, WR, *vga) == n
-    assert pick(q, d, typ=MMIO, dir_=WR, lo=vga[0], hi=vga[1]) == n
