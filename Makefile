@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 STAMP   := $(VENV)/.installed
 
-.PHONY: install testbed test test-kernels vm-images unit lint demo bench standin native xtcore deb test-deb clean
+.PHONY: install testbed test test-kernels test-xen xen-image vm-images unit lint demo bench standin native xtcore deb test-deb clean
 
 # The test bed: packages, venv, builds, and the machine state the tests need (testbed).
 install: $(STAMP) standin native testbed
@@ -63,6 +63,16 @@ test: install lint
 # tests/vm/README.md for what it costs, cold and warm.
 test-kernels: install
 	IOTRACE_VM=1 $(PY) -m pytest tests/vm $(PYTEST_ARGS)
+
+# A real Xen (issue #15): Xen 4.17 + a Debian 12 Dom0 under QEMU TCG, two HVM guests, both sources
+# against the guests' own counts, inside Dom0 (tests/xen/README.md: what it costs). As root. The
+# Dom0 image is cached in /var/cache/iotrace/vm like the kernel matrix's.
+test-xen: install
+	IOTRACE_XEN=1 $(PY) -m pytest tests/xen/test_harness_units.py tests/xen/test_window.py \
+	    tests/xen/test_serve.py $(PYTEST_ARGS)
+
+xen-image:
+	$(PY) tests/xen/dom0_image.py
 
 # Build (or find) the guest images only.
 vm-images:

@@ -148,11 +148,31 @@ def test_garbage_on_the_pipe_is_one_line_error():
 def test_default_command_reads_hvm_and_sched_to_stdout():
     cmd = default_command()
     assert cmd[0] == "xentrace"
-    # no output-file argument: xentrace writes to fd 1 (tools/xentrace/xentrace.c outfd = 1)
-    assert not [a for a in cmd[1:] if not a.startswith("-") and a not in ("hvm", "sched")]
+    # Xen 4.17's xentrace requires the output file as its last argument (parse_args:
+    # optind != argc-1 -> usage): /dev/stdout, the pipe
+    assert cmd[-1] == "/dev/stdout"
+    assert [a for a in cmd[1:-1] if not a.startswith("-")] == ["256", "hvm", "sched"]
     masks = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-e"]
     assert sorted(masks) == ["hvm", "sched"]
     assert "-D" in cmd
+
+
+def test_default_command_asks_for_256_pages_per_cpu():
+    cmd = default_command()
+    assert cmd[cmd.index("-S") + 1] == "256"
+    other = default_command("/usr/sbin/xentrace", tbuf_pages=64)
+    assert other[0] == "/usr/sbin/xentrace" and other[other.index("-S") + 1] == "64"
+    assert other[-1] == "/dev/stdout"
+
+
+def test_default_command_parses_like_xentrace_4_17():
+    """Xen 4.17's parse_args: getopt_long with "t:s:c:e:S:r:T:M:DxX?V", then exactly one operand
+    (the output file). The default command must leave exactly one, and every option it uses must
+    take its argument the way that optstring says."""
+    import getopt
+    opts, operands = getopt.getopt(default_command()[1:], "t:s:c:e:S:r:T:M:DxX?V")
+    assert operands == ["/dev/stdout"]
+    assert ("-S", "256") in opts and ("-D", "") in opts
 
 
 @pytest.mark.integration

@@ -1,0 +1,70 @@
+"""The HVM test guests: boot sectors assembled here (``as``/``ld``), their xl configurations, and
+what their serial output says they did.
+
+Each guest is a 1 MiB raw disk whose MBR is one of guests/*.S; SeaBIOS (through hvmloader) boots
+it. Each loop iteration prints exactly one byte on COM1, so the bytes a guest printed between two
+``xl pause`` points are its iteration count over that window: its own truth.
+
+    GUESTS["bs1"]   guests/com1_loop.S   IN 0x3fd, OUT 0x3f8, OUT 0x80 per iteration
+    GUESTS["bs2"]   guests/mixed_loop.S  RTC, PIT, PCI config, VGA text, COM1 per iteration
+"""
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DISK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Guest:
+    name: str
+    source: str
+    vga: str                       # "none", or "stdvga" for the VGA text writes
+    # per iteration: (type, dir, port) -> requests; type "pio"/"pci_config"/"mmio"
+    per_iteration: tuple[tuple[str, str, int, int], ...]
+    loop_bytes: bytes              # what one iteration prints (one of these)
+
+    def disk(self, dom0_dir: str) -> str:
+        return f"{dom0_dir}/{self.name}.img"
+
+    def serial_log(self, dom0_dir: str) -> str:
+        return f"{dom0_dir}/{self.name}-serial.log"
+
+    def config(self, dom0_dir: str) -> str:
+        """The xl configuration (HVM, the Debian device model, serial into a file in Dom0)."""
+        return "\n".join([
+            f'name = "{self.name}"', 'type = "hvm"', "memory = 32", "vcpus = 1",
+            f"disk = [ 'format=raw, vdev=hda, access=rw, target={self.disk(dom0_dir)}' ]",
+            'boot = "c"', f'serial = "file:{self.serial_log(dom0_dir)}"',
+            "vnc = 0", "sdl = 0", "nographic = 1", f'vga = "{self.vga}"',
+            'on_crash = "preserve"', 'device_model_version = "qemu-xen"', ""])
+
+
+GUESTS = {
+    "bs1": Guest("bs1", "com1_loop.S", "none",
+                 (("pio", "read", 0x3fd, 1), ("pio", "write", 0x3f8, 1),
+                  ("pio", "write", 0x80, 1)), b".\n"),
+    "bs2": Guest("bs2", "mixed_loop.S", "stdvga",
+                 (("pio", "write", 0x70, 1), ("pio", "read", 0x71, 1),
+                  ("pio", "write", 0x43, 1), ("pio", "read", 0x40, 2),
+                  ("pio", "write", 0xcf8, 1), ("pio", "read", 0xcfc, 1),
+                  ("mmio", "write", 0xb8000, 1),
+                  ("pio", "read", 0x3fd, 1), ("pio", "write", 0x3f8, 1)), b"+\n"),
+}
+
+
+def build_disk(guest: Guest, outdir: Path) -> Path:
+    """Assemble guests/<source> into a boot sector and a 1 MiB disk image in ``outdir``."""
+    src = HERE / "guests" / guest.source
+    obj, binary, disk = (outdir / f"{guest.name}{ext}" for ext in (".o", ".bin", ".img"))
+    subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True, capture_output=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-Ttext", "0x7c00", "--oformat", "binary",
+                    "-o", str(binary), str(obj)], check=True, capture_output=True)
+    sector = binary.read_bytes()
+    if len(sector) != 512 or sector[510:] != b"\x55\xaa":
+        raise RuntimeError(f"{src}: not a 512-byte boot sector ({len(sector)} bytes)")
+    disk.write_bytes(sector + bytes(DISK_BYTES - 512))
+    return disk

@@ -1,0 +1,30 @@
+/* Guest "bs1": a boot sector (SeaBIOS loads it at 0x7c00, real mode) looping on COM1 forever.
+ * Each iteration, exactly:
+ *     IN  0x3fd   (line status; forwarded to the device model)
+ *     OUT 0x3f8   (one byte to the serial line: '.', or '\n' every 64th iteration)
+ *     OUT 0x80    (POST code port)
+ * so the bytes it prints while it runs are its iteration count: the guest's own truth. */
+    .code16
+    .globl _start
+_start:
+    cli
+    xor  %ax, %ax
+    mov  %ax, %ds
+    mov  %ax, %ss
+    mov  $0x7c00, %sp
+    xor  %cx, %cx
+next:
+    mov  $0x3fd, %dx
+    inb  %dx, %al               /* IN 0x3fd */
+    inc  %cx
+    mov  $'.', %al
+    test $63, %cx
+    jnz  1f
+    mov  $'\n', %al
+1:  mov  $0x3f8, %dx
+    outb %al, %dx               /* OUT 0x3f8 */
+    outb %al, $0x80             /* OUT 0x80 */
+    jmp  next
+
+    .org 510
+    .word 0xaa55

@@ -1,0 +1,74 @@
+"""The Xen harness's parts that need no Xen (in the normal ``make test``): the guests' boot
+sectors and configurations, the Dom0 image spec, QEMU's command line for Xen."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from vm.image import Image
+
+from xen import dom0
+from xen.dom0_image import DOM0_SPEC, XEN_VERSION
+from xen.guests import DISK_BYTES, GUESTS, build_disk
+from xen.window import paused
+
+
+@pytest.mark.parametrize("name", sorted(GUESTS))
+def test_boot_sector_assembles_with_its_port_io(name, tmp_path):
+    if not (shutil.which("as") and shutil.which("ld")):
+        pytest.skip("binutils (as, ld) not installed")
+    disk = build_disk(GUESTS[name], tmp_path).read_bytes()
+    assert len(disk) == DISK_BYTES and disk[510:512] == b"\x55\xaa"
+    code = disk[:510]
+    # COM1: mov $0x3fd,%dx; inb (%dx) and mov $0x3f8,%dx; outb (%dx)
+    assert b"\xba\xfd\x03\xec" in code and b"\xba\xf8\x03\xee" in code
+    if name == "bs1":
+        assert b"\xe6\x80" in code                             # outb %al, $0x80
+    else:
+        for op in (b"\xe6\x70", b"\xe4\x71", b"\xe6\x43", b"\xe4\x40"):   # RTC, PIT
+            assert op in code
+        assert b"\x66\xef" in code and b"\x66\xed" in code     # outl/inl (%dx): 0xcf8/0xcfc
+        assert b"\x26\xc7\x05" in code                         # movw $imm, %es:(%di): VGA text
+
+
+def test_guest_config_is_hvm_with_its_serial_log_in_dom0():
+    cfg = GUESTS["bs2"].config("/var/tmp/iotrace-guests")
+    assert 'type = "hvm"' in cfg and 'vga = "stdvga"' in cfg
+    assert 'serial = "file:/var/tmp/iotrace-guests/bs2-serial.log"' in cfg
+    assert "target=/var/tmp/iotrace-guests/bs2.img" in cfg
+    assert 'vga = "none"' in GUESTS["bs1"].config("/var/tmp")
+    # one byte per loop iteration: what the window's truth counts
+    assert all(len(g.loop_bytes) == 2 and b"\n" in g.loop_bytes for g in GUESTS.values())
+
+
+def test_dom0_spec_has_xen_its_device_model_and_bcc():
+    pk = set(DOM0_SPEC.packages)
+    assert {f"xen-hypervisor-{XEN_VERSION}-amd64", f"xen-utils-{XEN_VERSION}", "qemu-system-xen",
+            "python3-bpfcc", "linux-headers-amd64", "systemd-sysv"} <= pk
+    assert "iotrace-vm-agent.service" in DOM0_SPEC.setup
+    assert DOM0_SPEC.key() == DOM0_SPEC.key() and len(DOM0_SPEC.key()) == 16
+
+
+def test_qemu_command_boots_xen_with_dom0_as_multiboot_modules(tmp_path):
+    img = Image(DOM0_SPEC, tmp_path)
+    m = dom0.machine(img, tmp_path / "xen", shares=[dom0.Share(tmp_path, "project")])
+    argv = m.command()
+    opt = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("-")}
+    assert opt["-kernel"] == str(tmp_path / "xen")
+    assert opt["-cpu"] == "EPYC,+svm,+npt,-smap,-monitor,-xsave" and opt["-smp"] == "1"
+    assert "sched=credit" in opt["-append"].split() and "console=com1" in opt["-append"]
+    mods = opt["-initrd"].split(",")
+    assert mods[0].startswith(f"{img.kernel} ") and "console=hvc0" in mods[0]
+    assert mods[1] == str(img.initrd)
+    assert any("mount_tag=project" in a for a in argv) and any("virtserialport" in a for a in argv)
+    shutil.rmtree(m.workdir)          # never started: nothing else to clean
+
+
+def test_paused_reads_xl_lists_state_column():
+    assert paused("bs1") == "xl list bs1 | awk 'NR == 2 {print $5}' | grep -q p"
+
+
+def test_guest_sources_exist_beside_the_harness():
+    here = Path(dom0.__file__).parent
+    assert {g.source for g in GUESTS.values()} <= {p.name for p in (here / "guests").glob("*.S")}
