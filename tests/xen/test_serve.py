@@ -10,15 +10,12 @@ from collections import Counter
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from xen.window import Window
+from xen.window import Window, near
 
-# Found by this harness, not fixed (issue #15's report): in Dom0 (Debian 12, kernel 6.1, one
-# vCPU under TCG) `serve --source qemu` (and both) takes ~75% of the CPU with every guest paused
-# and its /metrics does not answer within 55-95 s; `serve --source xentrace` alone answers in
-# 0.1 s at 4% CPU. Strict: when it is fixed, these tests say so.
-pytestmark = [pytest.mark.xen, pytest.mark.timeout(1500),
-              pytest.mark.xfail(strict=True, reason="serve's qemu source starves /metrics in a "
-                                "real Dom0 (see the comment above)")]
+# Found by this harness and fixed: BCC's items_lookup_batch() zeroed buffers for the stats map's
+# 65,536 entries (138 MB) on every read, so in Dom0 (one vCPU under TCG) serve's qemu source kept
+# ~75% of the CPU with every guest paused and /metrics did not answer (loader.lookup_batches).
+pytestmark = [pytest.mark.xen, pytest.mark.timeout(1500)]
 SERVE_READY_TIMEOUT = 150.0      # BCC compiled and serving in ~20 s when tried by hand
 WINDOW_SECONDS = 10
 W = "/var/tmp/iotrace-serve"
@@ -57,7 +54,7 @@ def served(xen_host):
     with Window(xen_host, ["bs1", "bs2"], W) as w:
         try:
             _start_serve(w)
-        except Exception as exc:        # an xfail hides it: say it in the run's output
+        except Exception as exc:        # said in the run's output too
             print(f"serve did not start: {exc}")
             raise
         before = xen_host.sh(SCRAPE, timeout=60)
@@ -89,9 +86,14 @@ def test_forwarded_ports_grew_by_the_guests_counts_in_both_sources(served):
     for dom in ("bs1", "bs2"):
         n = t[dom]
         assert n > 50, f"{dom} ran only {n} iterations"
-        for dir_ in ("read", "write"):
-            got = {src: g[(src, dom, "0", "pio", dir_, "com1")] for src in ("qemu", "xentrace")}
-            assert got == {"qemu": n, "xentrace": n}, f"{dom} com1 {dir_}: {got}, guest {n}"
+        # the serial write (the iteration's last request): exact in the qemu source; the live
+        # xentrace source may still hold the newest record behind its merge watermark when
+        # the guests are paused (seen: 1,469 of 1,470), and the line-status read falls within
+        # the window's edges (window.near says why)
+        got = {src: g[(src, dom, "0", "pio", "write", "com1")] for src in ("qemu", "xentrace")}
+        assert got["qemu"] == n and near(got["xentrace"], n), f"{dom} com1 write: {got}, guest {n}"
+        got = {src: g[(src, dom, "0", "pio", "read", "com1")] for src in ("qemu", "xentrace")}
+        assert all(near(v, n) for v in got.values()), f"{dom} com1 read: {got}, guest {n}"
 
 
 def test_ports_xen_emulates_grew_only_in_xentrace(served):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from iotrace.core import events as E
-from xen.window import Window
+from xen.window import Window, near
 
 # The first test pays for the boot (about 2 min), the guests and BCC compiling in Dom0 (1-2 min).
 pytestmark = [pytest.mark.xen, pytest.mark.timeout(1500)]
@@ -36,14 +36,6 @@ def counts(doc, source) -> Counter:
         d, v, t, r, a = k.split()
         c[(int(d), int(v), int(t), int(r), int(a, 16))] += n
     return c
-
-
-def near(got: int, n: int) -> bool:
-    """A window's edge can fall inside a loop iteration (xl pause stops a vCPU wherever it is,
-    also while it waits for qemu's answer to a read: qemu counts that read in this window, Xen
-    traces its completion in the next). The serial byte is the iteration's last request, so the
-    other requests of an iteration may count one more or one less at each edge."""
-    return n - 2 <= got <= n + 2
 
 
 def pick(c: Counter, domid=None, vcpu=None, typ=None, dir_=None, lo=None, hi=None) -> int:
