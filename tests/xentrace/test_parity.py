@@ -12,8 +12,6 @@
 """
 from __future__ import annotations
 
-import re
-import subprocess
 from collections import Counter
 
 import pytest
@@ -21,51 +19,13 @@ import pytest
 from iotrace.xentrace import decoder
 from iotrace.xentrace.testing import synth
 from iotrace.xentrace.testing.synth import record, runstate_event
-from support import require_tool
+from support.xenalyze import parse_xenalyze, run_xenalyze
 
 PIO, MMIO, R, W = synth.TYPE_PIO, synth.TYPE_MMIO, synth.DIR_READ, synth.DIR_WRITE
 SEEDS = [1, 2, 3]
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-def parse_xenalyze(text: str) -> Counter:
-    """(domid, vcpu, type, dir, addr) -> count from xenalyze's per-vCPU "IO address summary" and
-    "MMIO address summary" lists (hvm_io_address_summary: ``%8x:[r]`` then PRINT_SUMMARY's count).
-    The default domain (records of unknown owner) is only printed on request: not here."""
-    out, dom, vcpu, sec = Counter(), None, None, None
-    for line in text.splitlines():
-        m = re.match(r"\|-- Domain (\d+) --\|$", line)
-        if m:
-            dom, vcpu, sec = int(m.group(1)), None, None
-            continue
-        if line.startswith("|-- "):
-            dom = sec = None
-            continue
-        m = re.match(r"-- v(\d+) --$", line)
-        if m:
-            vcpu, sec = int(m.group(1)), None
-            continue
-        if line in ("IO address summary:", "MMIO address summary:"):
-            sec = PIO if line.startswith("IO") else MMIO
-            continue
-        m = re.match(r"\s*([0-9a-f]+)(?:@\s*[0-9a-f]+)?:\[([rw])\]\s+(\d+)\s", line)
-        if m and sec is not None and dom is not None and vcpu is not None:
-            d = R if m.group(2) == "r" else W
-            out[(dom, vcpu, sec, d, int(m.group(1), 16))] += int(m.group(3))
-        else:
-            sec = None
-    return out
-
-
-def run_xenalyze(path, *extra) -> Counter:
-    exe = require_tool("xenalyze")
-    r = subprocess.run([exe, "--summary", "--with-pio-enumeration", "--with-mmio-enumeration",
-                        *extra, str(path)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "FATAL" not in r.stderr, r.stderr[-2000:]
-    return parse_xenalyze(r.stdout)
-
 
 def counts(events, real_domains_only: bool = False) -> Counter:
     c = Counter()
