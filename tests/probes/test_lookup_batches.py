@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import time
+from pathlib import Path
 
 import pytest
 
@@ -12,16 +13,13 @@ from iotrace.probes.bpf import loader
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
-PROGRAM = """
-struct big { u64 a; u64 pad[255]; };
-BPF_HASH(h, u32, struct big, 65536);
-"""
+PROGRAM = str(Path(__file__).with_name("bpf") / "big_hash.bpf.c")
 
 
 @pytest.fixture(scope="module")
 def table():
     bcc = loader.import_bcc()
-    b = bcc.BPF(text=PROGRAM)
+    b = bcc.BPF(src_file=PROGRAM)
     t = b[b"h"]
     for i in range(5000):
         v = t.Leaf()
@@ -46,7 +44,7 @@ def test_the_copies_outlive_the_buffers(table):
 
 def test_an_empty_map_reads_empty():
     bcc = loader.import_bcc()
-    b = bcc.BPF(text=PROGRAM)
+    b = bcc.BPF(src_file=PROGRAM)
     try:
         assert loader.lookup_batches(b[b"h"]) == []
     finally:
