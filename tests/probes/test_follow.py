@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -23,17 +22,7 @@ from iotrace.probes.standin import runner as sr
 from support.exposition import samples as _samples
 from support.exposition import scrape as _scrape
 from support.exposition import start_serve, stop_serve
-
-
-def _wait(pred, timeout=30.0, interval=0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    return pred()
-
+from support.procs import wait_until as _wait
 
 # -- discovery (no root) ---------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from iotrace.probes.standin import runner as sr
 from support.exposition import samples as _samples
 from support.exposition import scrape as _scrape
 from support.exposition import start_serve, stop_serve
+from support.procs import wait_until as _wait
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
@@ -40,16 +41,6 @@ def _start(exe, domid, truth, name):
 
 def _truth_total(path) -> int:
     return sum(r["count"] for r in json.loads(path.read_text())["io"])
-
-
-def _wait(pred, timeout=30.0, interval=0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    return pred()
 
 
 class Scrapes:

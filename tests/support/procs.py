@@ -18,3 +18,15 @@ def wait_line(proc, needle: str, timeout: float = 30) -> list[str]:
         if needle in line:
             return lines
     raise AssertionError(f"no {needle!r} in {lines}")
+
+
+def wait_until(pred, timeout: float = 30.0, interval: float = 0.05):
+    """Call ``pred`` until it returns something true (returned), at most ``timeout`` seconds;
+    then its last answer."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    return pred()
