@@ -25,6 +25,13 @@ on a real Xen 4.17 host (tests/xen):
 * ``-D``: discard what the buffers already hold (records from before we started);
 * SIGINT/SIGTERM make it finish the current write, disable tracing and exit (close_handler).
 
+Which domains are alive: a domain is listed from its first record on; while xenstore lists it
+(``live_domids``, default ``xenstore-list /local/domain``, asked at most every ``LIVENESS_S`` from
+``domains()``) its ``last_seen`` is now, so an idle or paused guest keeps its series however long
+it makes no I/O; once it is destroyed ``last_seen`` stays at the last listing and the exporter
+drops its series after ``domain_grace_seconds``. Without xenstore, ``last_seen`` is the domain's
+last record (an idle domain then looks gone).
+
 A command that exits (or cannot start) while the source runs sets ``stats().up`` False and
 ``stats().error`` to one line with its exit status and last stderr line.
 """
@@ -40,12 +47,13 @@ from collections import deque
 
 import numpy as np
 
-from iotrace.core.domains import DOMID_IDLE, display_name, domain_name
+from iotrace.core.domains import DOMID_IDLE, display_name, domain_name, xenstore_domids
 from iotrace.core.errors import InputError, UserError
 from iotrace.core.source import DomainInfo, EventSource
 from iotrace.xentrace.decoder import StreamDecoder
 
 READ_SIZE = 1 << 16
+LIVENESS_S = 5.0                  # at most one xenstore listing per this many seconds
 
 
 DEFAULT_TBUF_PAGES = 256          # per pCPU; see the module doc (-S)
@@ -60,8 +68,11 @@ class XentraceLiveSource(EventSource):
     name = "xentrace"
 
     def __init__(self, addrmap=None, command=None, cpu_hz: float | None = None, *,
-                 keep_addr: bool = False, read_size: int = READ_SIZE):
+                 keep_addr: bool = False, read_size: int = READ_SIZE,
+                 live_domids=xenstore_domids, clock=time.time):
         super().__init__(addrmap, keep_addr=keep_addr)
+        self._live_domids, self._clock = live_domids, clock
+        self._listed_at: float | None = None
         self.command = list(command) if command else default_command()
         if not self.command:
             raise UserError("xentrace source: empty command")
@@ -164,8 +175,22 @@ class XentraceLiveSource(EventSource):
             if line:
                 self._stderr_tail.append(line)
 
+    def domains(self):
+        """The domains seen so far; ``last_seen`` now for those xenstore still lists."""
+        now = self._clock()
+        if self._live_domids is not None and (self._listed_at is None or
+                                              now - self._listed_at >= LIVENESS_S):
+            self._listed_at = now
+            live = self._live_domids()          # outside the lock: a subprocess
+            if live is not None:
+                with self._lock:
+                    for d, info in self._domains.items():
+                        if d in live:
+                            info.last_seen = max(info.last_seen, now)
+        return super().domains()
+
     def _ingest(self, batch: np.ndarray) -> None:
-        now = time.time()
+        now = self._clock()
         dec = self._decoder
         seen = np.unique(batch["domid"]) if len(batch) else ()
         # Names of domains seen for the first time, looked up outside the lock (xenstore).

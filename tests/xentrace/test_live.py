@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 
 from iotrace.core.errors import UserError
+from iotrace.xentrace import live as live_module
 from iotrace.xentrace.decoder import StreamDecoder
 from iotrace.xentrace.live import XentraceLiveSource, default_command
 from iotrace.xentrace.testing import synth
@@ -187,3 +188,62 @@ def test_real_xentrace_without_hypervisor_reports_its_error():
     assert st.error.startswith("xentrace exited with status ")
     assert "hypervisor" in st.error.lower() or "xen" in st.error.lower()
     assert st.events == 0
+
+
+class Clock:
+    def __init__(self, t: float):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_liveness_comes_from_xenstore_not_from_the_last_record(tmp_path):
+    """A guest that makes no I/O (idle, paused) stays alive while xenstore lists it; a destroyed
+    one keeps the time it was last listed, so the exporter's grace period counts from there."""
+    t = synth.generate(24, steps=600)
+    path = tmp_path / "cap.bin"
+    t.write(path)
+    doms = sorted({k[0] for k in t.truth if k[0] >= 0})
+    assert len(doms) >= 2
+    listed = set(doms)
+    calls = []
+
+    def live():
+        calls.append(clock.t)
+        return set(listed)
+
+    clock = Clock(1000.0)
+    src = XentraceLiveSource(None, command=standin(path), live_domids=live, clock=clock)
+    src.start()
+    try:
+        assert src.wait(30)
+    finally:
+        src.stop()
+    assert {d: i.last_seen for d, i in src.domains().items()} == {d: 1000.0 for d in doms}
+    clock.t = 1600.0                         # ten minutes without a record from anyone
+    gone = doms[0]
+    listed.discard(gone)                     # ... and one domain destroyed
+    seen = src.domains()
+    assert seen[gone].last_seen == 1000.0
+    assert all(seen[d].last_seen == 1600.0 for d in doms[1:])
+    clock.t = 1602.0                         # within LIVENESS_S: xenstore is not asked again
+    src.domains()
+    assert calls == [1000.0, 1600.0]
+    clock.t = 1600.0 + live_module.LIVENESS_S
+    assert src.domains()[doms[1]].last_seen == clock.t and len(calls) == 3
+
+
+def test_without_xenstore_the_last_record_is_the_last_sign_of_life(tmp_path):
+    t = synth.generate(25, steps=300)
+    path = tmp_path / "cap.bin"
+    t.write(path)
+    clock = Clock(50.0)
+    src = XentraceLiveSource(None, command=standin(path), live_domids=lambda: None, clock=clock)
+    src.start()
+    try:
+        assert src.wait(30)
+    finally:
+        src.stop()
+    clock.t = 500.0
+    assert {i.last_seen for i in src.domains().values()} == {50.0}
