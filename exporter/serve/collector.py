@@ -139,9 +139,10 @@ class IotraceCollector(Collector):
 
         views = [self._read(s) for s in self.sources]
         now = self.clock()
+        hidden: set[tuple[str, int]] = set()       # (source, domid) past the grace period
         with self._lock:
             for src, view in zip(self.sources, views):
-                self._collect_source(src, view, now, vcpu_label, fam)
+                hidden |= self._collect_source(src, view, now, vcpu_label, fam)
                 st = view.stats
                 n = (view.name,)
                 fam["iotrace_source_up"].add(n, 1 if (st is not None and st.up and
@@ -154,14 +155,16 @@ class IotraceCollector(Collector):
                     fam["iotrace_input_damage"].add((view.name, kind), damage.get(kind, 0))
                 fam["iotrace_source_events"].add(n, st.events if st else 0)
         if self.analysis is not None:
-            self._collect_analysis(fam)
+            self._collect_analysis(fam, hidden)
         fam["iotrace_build_info"].add((self.version,), 1)
         self.last_duration = time.perf_counter() - t0
         fam["iotrace_scrape_duration_seconds"].add((), self.last_duration)
         return list(fam.values())
 
-    def _collect_analysis(self, fam) -> None:
-        """The analysis' latest per-domain results (see iotrace.analysis.live)."""
+    def _collect_analysis(self, fam, hidden=frozenset()) -> None:
+        """The analysis' latest per-domain results (see iotrace.analysis.live), except for the
+        domains whose series went with the grace period (``hidden``: (source, domid)): a source
+        keeps a gone domain's totals, and so the analysis keeps analysing it."""
         busy = None
         settings = self.analysis.settings
         for name, a in sorted(self.analysis.latest().items()):
@@ -169,6 +172,8 @@ class IotraceCollector(Collector):
                 busy = a.host.busy_ratio
             for r in [a.dom0] + [r for _, r in sorted(a.domains.items())]:
                 sig = r.signals
+                if (name, sig.domid) in hidden:
+                    continue
                 labels = (name, sig.name, str(sig.domid))
                 for cls in CLASSES:
                     if sig.domid == 0 and cls not in ("dom0-starved", "normal"):
@@ -239,7 +244,8 @@ class IotraceCollector(Collector):
         self._layouts[name] = lay
         return lay, None
 
-    def _collect_source(self, src, view, now, vcpu_label, fam):
+    def _collect_source(self, src, view, now, vcpu_label, fam) -> set[tuple[str, int]]:
+        """The source's rows into ``fam``; returns the (source, domid) pairs it hid."""
         name = view.name
         for domid in view.domains:
             self._listed_at[(name, domid)] = now
@@ -287,6 +293,7 @@ class IotraceCollector(Collector):
             if has_probes and domid in view.domains:
                 fam["iotrace_probes_attached"].add((name, dn, ds),
                                                    view.domains[domid].probes_attached)
+        return {(name, d) for d, v in visible.items() if not v}
 
 
 def worst_case_series_per_domain(addrmap: AddressMap, vcpus: int,

@@ -102,3 +102,35 @@ def test_a_source_that_fails_does_not_stop_the_analysis():
     la.clock.t = 1.0
     la.step()
     assert set(la.latest()) == {"qemu"}
+
+
+def test_a_gone_domain_leaves_the_analysis_families_with_its_grace_period():
+    """The source keeps a destroyed domain's totals (so the analysis keeps a row for it); the
+    exporter drops every series of it once the grace period is over, these included."""
+    from iotrace.serve.settings import ExporterSettings
+    src = FedSource()
+    src.start()
+    src.add_domain(3, "web", last_seen=1000.0)
+    src.add_domain(4, "db", last_seen=1000.0)
+    clock = Clock()
+    la = LiveAnalysis([src], AdviseSettings(interval=10.0), clock=clock)
+    now = [1000.0]
+    col = IotraceCollector([src], ExporterSettings(domain_grace_seconds=60), clock=lambda: now[0],
+                           analysis=la)
+    la.step()
+    src.feed(batch(2000, 3, 0, ev.TYPE_PIO, 0x1F0, service_ns=500_000))
+    src.feed(batch(2000, 4, 0, ev.TYPE_PIO, 0x1F0, service_ns=500_000))
+    clock.t = 10.0
+    la.step()
+
+    def domids(got, family):
+        return {lb["domid"] for lb, _ in got.get(family, [])}
+    got = samples(col)
+    assert domids(got, "iotrace_domain_class") == {"0", "3", "4"}
+    src.add_domain(4, "db", last_seen=1100.0)          # db still alive, web not seen since 1000
+    now[0] = 1100.0
+    got = samples(col)
+    for family in ("iotrace_ioreqs_total", "iotrace_domain_io_wait_ratio"):
+        assert domids(got, family) == {"4"}, family
+    for family in ("iotrace_domain_class", "iotrace_advised_weight"):
+        assert domids(got, family) == {"0", "4"}, family
