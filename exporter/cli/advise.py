@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-import threading
 import time
 
 from iotrace.cli.args import argtype, count, seconds
 from iotrace.cli.source_args import add_source_arguments, build_remote, check_source_arguments
+from iotrace.cli.stopsignals import interrupt_on_stop_signals
 from iotrace.core.errors import UserError
 
 HELP = "advise domain priorities from their I/O (dry run), or apply them (xl, cgroup)"
@@ -314,7 +313,7 @@ def run_live(args, settings, knob) -> int:
                    dry_why=f"{knobs.why}; weights from the default" if hasattr(knobs, "why")
                    else "")
     keep = _domain_filter(args.domain)
-    _interrupt_on_term()
+    interrupt_on_stop_signals()
     changed = 0
     try:
         registry.start(src)
@@ -369,14 +368,7 @@ def _names(src) -> dict:
     return {d: i.name for d, i in src.domains().items()}
 
 
-def _on_term(signum, frame):
-    raise KeyboardInterrupt
 
-
-def _interrupt_on_term() -> None:
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _on_term)
 
 
 def run(args) -> int:

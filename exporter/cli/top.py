@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 import time
 
 from iotrace.cli.args import add_filter_arguments, argtype, count, duration, seconds
@@ -20,6 +18,7 @@ from iotrace.cli.source_args import (
     build_remote,
     check_source_arguments,
 )
+from iotrace.cli.stopsignals import interrupt_on_stop_signals
 from iotrace.core.errors import UserError
 from iotrace.core.filters import FilterError, make_filter
 from iotrace.sources import registry
@@ -166,7 +165,7 @@ def run_source(args, src, filt=None) -> int:
         for what in group:
             if what not in model.expand_all:
                 model.toggle_all(what)
-    _interrupt_on_term()
+    interrupt_on_stop_signals()
     try:
         if not args.batch:     # compiling probes takes a moment; the view replaces this line
             print(f"iotrace top: starting the {getattr(src, 'name', '')} source...",
@@ -241,17 +240,7 @@ def _check_privileges(src) -> None:
                     "or watch the host's 'iotrace serve' with --from URL")
 
 
-def _on_term(signum, frame):
-    raise KeyboardInterrupt
 
-
-def _interrupt_on_term() -> None:
-    """SIGTERM/SIGHUP (a supervisor, ``iotrace demo``, a closed ssh session) end top like Ctrl-C:
-    through the ``finally`` that stops the source (detaching its uprobes) and restores the
-    terminal."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _on_term)
 
 
 def _run_batch(model: Model, take, args) -> int:

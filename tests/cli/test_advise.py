@@ -262,3 +262,26 @@ def test_from_a_remote_exporter(tmp_path, iotrace_exe):
     assert web["signals"]["rate"] == pytest.approx(300, rel=0.3)
     # the remote page's histograms have no vCPU: every request's service time counts
     assert web["signals"]["io_wait_ratio"] == pytest.approx(0.015, rel=0.5)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("verb", ["advise", "top"])
+def test_sigint_stops_it_even_when_started_with_sigint_ignored(tmp_path, iotrace_exe, verb):
+    """``iotrace advise ... &`` from a script (or nohup) starts with SIGINT ignored; ``kill -INT``
+    must stop it all the same (found in Dom0: advise ran on for a minute after SIGINT)."""
+    import signal
+    rec = _recording(tmp_path / "two.iotrec")
+    extra = ["--knob", "xl", "--format", "json"] if verb == "advise" else ["-b"]
+    proc = subprocess.Popen([iotrace_exe, verb, "1", "--replay", str(rec), "--speed", "0.01",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        first = proc.stdout.readline()              # it runs: one interval printed
+        assert first.strip(), proc.stderr.read() if proc.poll() is not None else "no output"
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc in (0, 130), proc.stderr.read()
