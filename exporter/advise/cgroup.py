@@ -272,15 +272,27 @@ class CgroupBackend:
         return g
 
     def _enable_cpu(self, parent: str, where: Where) -> None:
-        ctl = os.path.join(parent, "cgroup.subtree_control")
-        try:
-            if "cpu" in _read(ctl).split():
-                return
-            _write(ctl, "+cpu")
-        except OSError as exc:
-            why = ("it holds processes of its own (cgroup v2 'no internal process' rule)"
-                   if exc.errno == errno.EBUSY else exc.strerror)
-            raise CgroupError(f"cannot enable the cpu controller below {parent}: {why}") from None
+        """The cpu controller enabled in ``parent``'s subtree_control, and so first in each of
+        its ancestors' from the mount point down (cgroup v2 offers a child only what its parent
+        enabled: writing +cpu below a parent without it fails with ENOENT). Debian 12's systemd
+        enables cpu nowhere unless a unit asks for CPUWeight=, so a device model libxl started
+        from a service (system.slice/x.service) needs it on the root and on system.slice. The
+        controller stays enabled after a rollback (systemd may also take it away again on a
+        reload: it owns the tree)."""
+        root = os.path.realpath(where.mount)
+        chain = [os.path.realpath(parent)]
+        while chain[-1] != root and chain[-1].startswith(root + os.sep):
+            chain.append(os.path.dirname(chain[-1]))
+        for d in reversed(chain):
+            ctl = os.path.join(d, "cgroup.subtree_control")
+            try:
+                if "cpu" in _read(ctl).split():
+                    continue
+                _write(ctl, "+cpu")
+            except OSError as exc:
+                why = ("it holds processes of its own (cgroup v2 'no internal process' rule)"
+                       if exc.errno == errno.EBUSY else exc.strerror)
+                raise CgroupError(f"cannot enable the cpu controller below {d}: {why}") from None
 
     def _move(self, pid: int, d: str) -> None:
         try:

@@ -160,3 +160,32 @@ def test_a_device_model_that_went_away(v1, standin):
     assert not os.path.exists(g.dir)                           # its empty group removed
     with pytest.raises(CG.CgroupError, match="gone"):
         be.prepare(s.pid, domid)
+
+
+def test_v2_cpu_controller_enabled_from_the_root_down(tmp_path, monkeypatch):
+    """cgroup v2 offers a child only the controllers its parent enabled: +cpu goes into the
+    root's subtree_control first, then each level down to the parent of the new group (Debian
+    12's Dom0: a device model in system.slice/x.service, cpu enabled nowhere; seen on real Xen:
+    'cannot enable the cpu controller below /sys/fs/cgroup/system.slice')."""
+    root = tmp_path / "cg"
+    parent = root / "system.slice"
+    parent.mkdir(parents=True)
+    for d in (root, parent):
+        (d / "cgroup.subtree_control").write_text("memory pids\n" if d == root else "")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "cgroup.subtree_control").write_text("")
+    order = []
+
+    def write(path, text):
+        order.append((os.path.relpath(path, tmp_path), text))
+        with open(path, "a") as f:          # a real subtree_control adds to what it lists
+            f.write(" cpu")
+    monkeypatch.setattr(CG, "_write", write)
+    where = CG.Where("v2", str(root), "/system.slice/x.service", str(parent / "x.service"))
+    CG.CgroupBackend()._enable_cpu(str(parent), where)
+    assert order == [("cg/cgroup.subtree_control", "+cpu"),
+                     ("cg/system.slice/cgroup.subtree_control", "+cpu")]
+    order.clear()
+    CG.CgroupBackend()._enable_cpu(str(parent), where)        # already enabled: nothing written
+    assert order == []
+    assert (tmp_path / "elsewhere" / "cgroup.subtree_control").read_text() == ""
