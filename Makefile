@@ -69,7 +69,7 @@ test-kernels: install
 # Dom0 image is cached in /var/cache/iotrace/vm like the kernel matrix's.
 test-xen: install
 	IOTRACE_XEN=1 $(PY) -m pytest tests/xen/test_harness_units.py tests/xen/test_window.py \
-	    tests/xen/test_serve.py $(PYTEST_ARGS)
+	    tests/xen/test_serve.py tests/xen/test_advise.py $(PYTEST_ARGS)
 
 xen-image:
 	$(PY) tests/xen/dom0_image.py

@@ -7,8 +7,9 @@ when IOTRACE_XEN=1 (``make test-xen`` sets it), as root, and are skipped otherwi
                (tests/xen/dom0.Dom0) with the project at /mnt/project (read-only), a scratch
                directory at /mnt/out (read-write; ``.out`` on the host), this folder at
                /mnt/xenharness, the guests bs1 and bs2 created and paused (tests unpause them
-               inside their windows: tests/xen/window.py); shut down (guests destroyed, QEMU
-               killed) at the end of the run, whatever the tests did
+               inside their windows: tests/xen/window.py), Dom0's network up with its port
+               EXPORTER_PORT reachable from the host at 127.0.0.1:``exporter_port``; shut down
+               (guests destroyed, QEMU killed) at the end of the run, whatever the tests did
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from vm.image import ensure
 from vm.machine import Share
 
 from support import REPO
+from support.prometheus import free_port
 from xen.dom0 import Dom0
 from xen.dom0_image import DOM0_SPEC, hypervisor
 from xen.guests import GUESTS, build_disk
@@ -32,6 +34,8 @@ XEN_ENABLED = os.environ.get("IOTRACE_XEN") == "1"
 HERE = Path(__file__).resolve().parent
 GUEST_DIR = "/var/tmp/iotrace-guests"          # in Dom0: disks, configurations, serial logs
 GUEST_START_TIMEOUT = 120.0         # xl create to the loop's first bytes on the serial log
+BOOT_GUESTS = ("bs1", "bs2")        # created at boot; the others by the tests that need them
+EXPORTER_PORT = 9878                # in Dom0: what iotrace serve listens on, forwarded to the host
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,6 +51,7 @@ def pytest_collection_modifyitems(config, items):
 
 class XenHost(Dom0):
     out: Path
+    exporter_port: int              # on the host's 127.0.0.1: Dom0's EXPORTER_PORT
 
     def start_guest(self, name: str) -> int:
         g = GUESTS[name]
@@ -86,15 +91,18 @@ def xen_host():
         for g in GUESTS.values():
             build_disk(g, out)
         t0 = time.monotonic()
+        port = free_port()
         dom0 = Dom0.boot(image, xen, shares=[Share(REPO, "project"), Share(HERE, "xenharness"),
-                                             Share(out, "out", readonly=False)])
+                                             Share(out, "out", readonly=False)],
+                         forwards=[(port, EXPORTER_PORT)])
         host = XenHost(dom0.m)
-        host.out = out
+        host.out, host.exporter_port = out, port
         COSTS.append(f"xen: booted to the Dom0 agent in {dom0.m.boot_seconds:.1f} s")
         t0 = time.monotonic()
         host.wait_toolstack()
         COSTS.append(f"xen: toolstack ready {time.monotonic() - t0:.1f} s later")
-        for name in GUESTS:
+        host.up_network()
+        for name in BOOT_GUESTS:
             host.start_guest(name)
         yield host
     finally:

@@ -7,7 +7,10 @@ nested Xen needs under TCG (found on this machine kind; tests/xen/README.md says
 * ``-cpu EPYC,+svm,+npt,-smap,-monitor,-xsave``: AMD SVM with nested paging emulated by TCG; SMAP
   crashes the PV Dom0's ring-3 iretq, MONITOR/MWAIT makes Xen's idle loop take #GP, XSAVE made
   numpy die with SIGFPE in Dom0;
-* one pCPU and ``sched=credit``: with credit2 (the default) the host stalled under TCG;
+* one pCPU (with two, Xen's default scheduler credit2 stalled the host under TCG; with one it
+  runs, and ``xl sched-credit2`` is what iotrace advise drives);
+* a user-mode NIC with loopback forwards (``forwards``: host 127.0.0.1:PORT -> Dom0 PORT,
+  ``restrict=on``: nothing else reaches in or out), configured by ``up_network()``;
 * Dom0 on ``hvc0`` (Xen's console, which goes to com1 = QEMU's serial = ``console_log``).
 
 The harness agent (tests/vm/guest/agent.py) runs in Dom0 as a systemd service and answers over
@@ -24,7 +27,8 @@ from vm.machine import Machine, MachineError, Share, multiboot_modules
 
 CPU = "EPYC,+svm,+npt,-smap,-monitor,-xsave"
 XEN_ARGS = ("console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all "
-            "dom0_mem=1536M,max:1536M dom0_max_vcpus=1 sched=credit noreboot")
+            "dom0_mem=1536M,max:1536M dom0_max_vcpus=1 sched=credit2 noreboot")
+DOM0_IP = "10.0.2.15/24"          # QEMU user networking's guest address
 DOM0_ARGS = "root=/dev/vda rw console=hvc0 earlyprintk=xen systemd.show_status=1"
 BOOT_TIMEOUT = 420.0              # to the agent's hello: Xen + Dom0 + systemd (90-100 s measured)
 TOOLSTACK_TIMEOUT = 180.0
@@ -33,7 +37,16 @@ TOOLSTACK_TIMEOUT = 180.0
 SERVICES = ("xen.service",)
 
 
-def machine(image, hypervisor, shares=(), name: str = "xen") -> Machine:
+def netdev_args(forwards) -> list[str]:
+    """QEMU arguments: a virtio NIC on user networking, host 127.0.0.1:H forwarded to Dom0's G for
+    each (H, G) in ``forwards``; none without forwards."""
+    if not forwards:
+        return []
+    fwd = "".join(f",hostfwd=tcp:127.0.0.1:{int(h)}-:{int(g)}" for h, g in forwards)
+    return ["-netdev", f"user,id=n0,restrict=on{fwd}", "-device", "virtio-net-pci,netdev=n0"]
+
+
+def machine(image, hypervisor, shares=(), name: str = "xen", forwards=()) -> Machine:
     """The (unstarted) Machine booting ``hypervisor`` with Dom0 from ``image`` (vm.image.Image).
 
     QEMU's multiboot -initrd splits modules at commas, so Dom0's command line names one read-only
@@ -43,7 +56,7 @@ def machine(image, hypervisor, shares=(), name: str = "xen") -> Machine:
                    initrd=multiboot_modules([(image.kernel, f"{DOM0_ARGS} iotrace.ro=harness"),
                                              (image.initrd, "")]),
                    disks=[image.rootfs], shares=list(shares), cpu=CPU, smp=1, memory_mb=3072,
-                   name=name, boot_timeout=BOOT_TIMEOUT)
+                   name=name, boot_timeout=BOOT_TIMEOUT, extra_args=netdev_args(forwards))
 
 
 class Dom0:
@@ -51,9 +64,9 @@ class Dom0:
         self.m = machine
 
     @classmethod
-    def boot(cls, image, hypervisor, shares=(), name: str = "xen") -> "Dom0":
+    def boot(cls, image, hypervisor, shares=(), name: str = "xen", forwards=()) -> "Dom0":
         """Start QEMU and wait for the Dom0 agent's hello (bounded: BOOT_TIMEOUT)."""
-        m = machine(image, hypervisor, shares, name)
+        m = machine(image, hypervisor, shares, name, forwards)
         m.start()
         return cls(m)
 
@@ -85,6 +98,15 @@ class Dom0:
     def wait_toolstack(self, timeout: float = TOOLSTACK_TIMEOUT) -> None:
         self.wait_until("systemctl is-active " + " ".join(SERVICES) + " && xl list 0 && "
                         "xenstore-read /local/domain/0/name", timeout, "Xen's toolstack ready")
+
+    def up_network(self) -> str:
+        """Dom0's NIC (the one that is not lo) up at DOM0_IP; its name."""
+        dev = self.sh("ls /sys/class/net | grep -vx lo | head -n 1").strip()
+        if not dev:
+            raise self.error("Dom0 has no network interface (was the machine given forwards?)")
+        self.sh(f"ip link set {dev} up && {{ ip -o addr show {dev} | grep -q ' {DOM0_IP} ' || "
+                f"ip addr add {DOM0_IP} dev {dev}; }}")
+        return dev
 
     def xl_create(self, cfg: str, paused: bool = False, attempts: int = 4) -> None:
         """``xl create`` (paused with -p); the toolstack refuses it for a while after boot

@@ -6,7 +6,10 @@ it. Each loop iteration prints exactly one byte on COM1, so the bytes a guest pr
 ``xl pause`` points are its iteration count over that window: its own truth.
 
     GUESTS["bs1"]   guests/com1_loop.S   IN 0x3fd, OUT 0x3f8, OUT 0x80 per iteration
-    GUESTS["bs2"]   guests/mixed_loop.S  RTC, PIT, PCI config, VGA text, COM1 per iteration
+    GUESTS["bs2"]   guests/mixed_loop.S  RTC, PIT, PCI config, VGA text, rep outsb, COM1 per
+                    iteration
+    GUESTS["bs3"], GUESTS["bs4"]   bs1's loop again: guests created (and destroyed) while
+                    iotrace serve runs (tests/xen/test_serve.py)
 """
 from __future__ import annotations
 
@@ -52,8 +55,11 @@ GUESTS = {
                   ("pio", "write", 0x43, 1), ("pio", "read", 0x40, 2),
                   ("pio", "write", 0xcf8, 1), ("pio", "read", 0xcfc, 1),
                   ("mmio", "write", 0xb8000, 1),
+                  ("pio", "write", 0x3ff, 1),        # rep outsb x4: one request
                   ("pio", "read", 0x3fd, 1), ("pio", "write", 0x3f8, 1)), b"+\n"),
 }
+for _late in ("bs3", "bs4"):
+    GUESTS[_late] = Guest(_late, "com1_loop.S", "none", GUESTS["bs1"].per_iteration, b".\n")
 
 
 def build_disk(guest: Guest, outdir: Path) -> Path:

@@ -23,13 +23,14 @@ def test_boot_sector_assembles_with_its_port_io(name, tmp_path):
     code = disk[:510]
     # COM1: mov $0x3fd,%dx; inb (%dx) and mov $0x3f8,%dx; outb (%dx)
     assert b"\xba\xfd\x03\xec" in code and b"\xba\xf8\x03\xee" in code
-    if name == "bs1":
+    if GUESTS[name].source == "com1_loop.S":
         assert b"\xe6\x80" in code                             # outb %al, $0x80
     else:
         for op in (b"\xe6\x70", b"\xe4\x71", b"\xe6\x43", b"\xe4\x40"):   # RTC, PIT
             assert op in code
         assert b"\x66\xef" in code and b"\x66\xed" in code     # outl/inl (%dx): 0xcf8/0xcfc
         assert b"\x26\xc7\x05" in code                         # movw $imm, %es:(%di): VGA text
+        assert b"\xf3\x6e" in code                             # rep outsb
 
 
 def test_guest_config_is_hvm_with_its_serial_log_in_dom0():
@@ -57,12 +58,24 @@ def test_qemu_command_boots_xen_with_dom0_as_multiboot_modules(tmp_path):
     opt = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("-")}
     assert opt["-kernel"] == str(tmp_path / "xen")
     assert opt["-cpu"] == "EPYC,+svm,+npt,-smap,-monitor,-xsave" and opt["-smp"] == "1"
-    assert "sched=credit" in opt["-append"].split() and "console=com1" in opt["-append"]
+    assert "sched=credit2" in opt["-append"].split() and "console=com1" in opt["-append"]
     mods = opt["-initrd"].split(",")
     assert mods[0].startswith(f"{img.kernel} ") and "console=hvc0" in mods[0]
     assert mods[1] == str(img.initrd)
     assert any("mount_tag=project" in a for a in argv) and any("virtserialport" in a for a in argv)
+    assert "-netdev" not in argv              # no NIC unless asked for
     shutil.rmtree(m.workdir)          # never started: nothing else to clean
+
+
+def test_forwards_are_loopback_only_on_a_restricted_user_network(tmp_path):
+    img = Image(DOM0_SPEC, tmp_path)
+    m = dom0.machine(img, tmp_path / "xen", forwards=[(19878, 9878), (19879, 22)])
+    argv = m.command()
+    net = argv[argv.index("-netdev") + 1]
+    assert net == ("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:19878-:9878,"
+                   "hostfwd=tcp:127.0.0.1:19879-:22")
+    assert argv[argv.index("-device", argv.index("-netdev")) + 1] == "virtio-net-pci,netdev=n0"
+    shutil.rmtree(m.workdir)
 
 
 def test_paused_reads_xl_lists_state_column():

@@ -62,6 +62,10 @@ def window(xen_host):
     doc["truth"] = w.truth
     doc["domid"] = {g: xen_host.domid(g) for g in ("bs1", "bs2")}
     doc["logs"] = xen_host.sh(f"tail -n 3 {W}/record.log {W}/xentrace.log")
+    # iotrace report on both files, as an operator runs it in Dom0
+    doc["report"] = {f: json.loads(xen_host.sh(
+        f"{IOTRACE} report --format json --by domain,vcpu,addr --type pio --dir write "
+        f"--range com1 {W}/{f}", timeout=300)) for f in ("x.bin", "q.iotrec")}
     print(json.dumps({k: doc[k] for k in ("truth", "domid", "lost", "names")}))
     keep = os.environ.get("IOTRACE_XEN_KEEP")
     if keep:        # the capture and its counts, for a fixture (tests/data/xen/README.md)
@@ -108,13 +112,25 @@ def test_mixed_loop_forwarded_equal_internal_only_in_xentrace(window):
             "qemu pci_config": pick(q, d, 0, PCI, RD, 0), "xentrace 0xcfc": pick(x, d, 0, PIO, RD, 0xcfc),
             # VGA text memory: one write per iteration (buffered towards qemu: no vCPU there)
             "qemu vga": pick(q, d, typ=MMIO, dir_=WR, lo=0xb8000, hi=0xb8fff),
-            "xentrace vga": pick(x, d, 0, MMIO, WR, 0xb8000, 0xb8fff)}
+            "xentrace vga": pick(x, d, 0, MMIO, WR, 0xb8000, 0xb8fff),
+            # string I/O: rep outsb x4 from guest memory is one request (data_is_ptr, count 4)
+            "qemu 0x3ff": pick(q, d, 0, PIO, WR, 0x3ff), "xentrace 0x3ff": pick(x, d, 0, PIO, WR, 0x3ff)}
     assert all(near(v, n) for v in want.values()), f"bs2, guest {n}: {want}"
     # writes are traced by Xen before dispatch and served at once by qemu: equal in both
-    for w in ("0xcf8", "vga"):
+    for w in ("0xcf8", "vga", "0x3ff"):
         assert want[f"qemu {w}"] == want[f"xentrace {w}"], want
     assert pick(q, d, typ=PIO, lo=0xcfc, hi=0xcff) == 0
     # emulated in Xen: only in xentrace
     for dir_, port, per in ((WR, 0x70, 1), (RD, 0x71, 1), (WR, 0x43, 1), (RD, 0x40, 2)):
         assert near(pick(x, d, 0, PIO, dir_, port), per * n), f"bs2 port {port:#x}"
         assert pick(q, d, lo=port) == 0, f"bs2 port {port:#x} reached the device model"
+
+
+def test_report_on_the_real_capture_and_recording_counts_each_serial_write(window):
+    """``iotrace report`` in Dom0: per domain and vCPU, COM1 writes = the guest's truth, in the
+    xentrace capture and in the recording alike."""
+    for f, rep in window["report"].items():
+        rows = {(r["domid"], r["vcpu"]): r["count"] for r in rep["io"] if r["addr"] == 0x3f8}
+        want = {(window["domid"][g], 0): n for g, n in window["truth"].items()}
+        assert rows == want, (f, rows, want)
+        assert rep["lost_records"] == 0 and rep["decode_errors"] == 0, (f, rep)

@@ -4,6 +4,8 @@
  *     OUT 0x43, IN 0x40, IN 0x40 PIT latch counter 0, read lo/hi       - emulated by Xen
  *     OUT 0xcf8 (dword), IN 0xcfc (dword)  PCI config of 00:00.0 reg 0 - forwarded (PCI config)
  *     MOV word to 0xb8000+di     VGA text memory (stdvga)             - forwarded, buffered
+ *     REP OUTSB x4 to 0x3ff      COM1 scratch register, string I/O      - forwarded: one
+ *                                request of 4 bytes from guest memory (data_is_ptr)
  *     IN  0x3fd, OUT 0x3f8       COM1: one byte, '+' ('\n' every 64th) - forwarded
  * so its serial output counts its iterations. */
     .code16
@@ -34,6 +36,13 @@ next:
     movw $0x072b, %es:(%di)     /* VGA text: '+' grey on black */
     add  $2, %di
     and  $0x0fff, %di
+    push %cx
+    mov  $0x3ff, %dx
+    mov  $0x7c00, %si           /* 4 bytes of this sector (DS = 0) */
+    mov  $4, %cx
+    cld
+    rep outsb                   /* REP OUTSB x4 to 0x3ff */
+    pop  %cx
     mov  $0x3fd, %dx
     inb  %dx, %al               /* IN 0x3fd */
     inc  %cx
