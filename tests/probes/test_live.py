@@ -23,6 +23,7 @@ from iotrace.probes.hook.resolve import resolve
 from iotrace.probes.live import QemuProbeSource, metrics_bucket
 from iotrace.probes.standin import runner as sr
 from iotrace.probes.standin import stream as st
+from support.procs import terminate
 from support.procs import wait_line as _wait_line
 from support.uprobe import runtime_byte as _runtime_byte
 from support.uprobe import uprobe_lines as _uprobe_lines
@@ -47,13 +48,7 @@ def start_standin(exe, domid, truth, *, speed=0.0, hold=False, loop=False, name=
 
 
 def stop(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    terminate(proc, 10)
 
 
 def assert_clean_exit(proc, sig):

@@ -1,11 +1,11 @@
 """Reading an exporter's /metrics in tests: fetch it, pick samples by name and labels."""
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import urllib.request
 
+from support.procs import terminate
 from support.prometheus import free_port, wait_http
 
 
@@ -42,12 +42,6 @@ def start_serve(tmp_path, *args):
 
 def stop_serve(p, log) -> str:
     """SIGTERM (SIGKILL after 30 s) and the log's text."""
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    terminate(p, 30)
     log.seek(0)
     return log.read()

@@ -1,6 +1,8 @@
-"""Waiting on a running command's stderr in tests, bounded."""
+"""Waiting on a running command's stderr in tests, bounded; ending it."""
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 
 
@@ -30,3 +32,14 @@ def wait_until(pred, timeout: float = 30.0, interval: float = 0.05):
             return v
         time.sleep(interval)
     return pred()
+
+
+def terminate(proc, timeout: float) -> None:
+    """SIGTERM a still running ``proc``; SIGKILL if it has not exited after ``timeout`` s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

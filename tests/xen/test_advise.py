@@ -36,8 +36,9 @@ def weights(host) -> dict[str, int]:
     return out
 
 
-def audit(host) -> list[dict]:
-    text = host.run(f"cat {AUDIT}").stdout
+def audit(host, path: str = AUDIT) -> list[dict]:
+    """The audit log's records, read in Dom0 (none when it does not exist)."""
+    text = host.run(f"cat {path}").stdout
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -137,8 +138,7 @@ def advised_cgroup(xen_host, advised):
     with Window(xen_host, list(GUESTS), W + "-cgroup") as w:
         before = dm_cgroups(xen_host)
         log = advise_over(w, "cgroup", CG_AUDIT, CG_WINDOW_SECONDS)
-    records = [json.loads(line) for line in xen_host.sh(f"cat {CG_AUDIT} || true").splitlines()
-               if line.strip()]
+    records = audit(xen_host, CG_AUDIT)
     during = dm_cgroups(xen_host)
     files = {r["domain"]: xen_host.run(f"cat {r['cgroup']['file']}").stdout.strip()
              for r in records if r["action"] == "set"}
