@@ -10,9 +10,13 @@ it. Each loop iteration prints exactly one byte on COM1, so the bytes a guest pr
                     iteration
     GUESTS["bs3"], GUESTS["bs4"]   bs1's loop again: guests created (and destroyed) while
                     iotrace serve runs (tests/xen/test_serve.py)
+    GUESTS["bs5"]   guests/pci_bar_loop.S   a PCI config scan of bus 0 (32 devices), an MMIO
+                    write and read in the stdvga's BAR 2, COM1 per iteration; it prints what it
+                    found first (``discovery``)
 """
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +64,34 @@ GUESTS = {
 }
 for _late in ("bs3", "bs4"):
     GUESTS[_late] = Guest(_late, "com1_loop.S", "none", GUESTS["bs1"].per_iteration, b".\n")
+SCAN_DEVICES = 32                   # bs5 reads 00:00.0 .. 00:1f.0 per iteration
+BAR_REGISTER = 0x500                # bs5's MMIO offset in the BAR: the Bochs VBE ID register
+GUESTS["bs5"] = Guest("bs5", "pci_bar_loop.S", "stdvga",
+                      (("pio", "write", 0xcf8, SCAN_DEVICES), ("pio", "read", 0xcfc, SCAN_DEVICES),
+                       # at BAR 2 + BAR_REGISTER, the address the guest prints (discovery)
+                       ("mmio", "write", -1, 1), ("mmio", "read", -1, 1),
+                       ("pio", "read", 0x3fd, 1), ("pio", "write", 0x3f8, 1)), b"*\n")
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What bs5 found on its PCI bus before its loop: the devices that answered config reads
+    (bus 0, function 0) and the stdvga's BAR 2."""
+    devices: tuple[int, ...]
+    bar2: int
+
+
+DISCOVERY = re.compile(rb"P([0-9A-F]{8}) B([0-9A-F]{8})\n")
+
+
+def discovery(serial: bytes) -> Discovery:
+    """bs5's first line, ``P<device mask> B<BAR 2>`` (8 hex digits each), from its serial log
+    (SeaBIOS may have printed before it)."""
+    m = DISCOVERY.search(serial)
+    if m is None:
+        raise ValueError(f"no discovery line in {serial[:200]!r}")
+    mask, bar2 = int(m.group(1), 16), int(m.group(2), 16)
+    return Discovery(tuple(d for d in range(SCAN_DEVICES) if mask >> d & 1), bar2)
 
 
 def build_disk(guest: Guest, outdir: Path) -> Path:

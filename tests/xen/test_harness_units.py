@@ -10,7 +10,7 @@ from vm.image import Image
 
 from xen import dom0
 from xen.dom0_image import DOM0_SPEC, XEN_VERSION
-from xen.guests import DISK_BYTES, GUESTS, build_disk
+from xen.guests import DISK_BYTES, GUESTS, Discovery, build_disk, discovery
 from xen.window import paused
 
 
@@ -25,6 +25,11 @@ def test_boot_sector_assembles_with_its_port_io(name, tmp_path):
     assert b"\xba\xfd\x03\xec" in code and b"\xba\xf8\x03\xee" in code
     if GUESTS[name].source == "com1_loop.S":
         assert b"\xe6\x80" in code                             # outb %al, $0x80
+    elif GUESTS[name].source == "pci_bar_loop.S":
+        assert b"\x66\xef" in code and b"\x66\xed" in code     # outl/inl (%dx): 0xcf8/0xcfc
+        assert b"\x0f\x01\x16" in code                         # lgdt: unreal mode
+        assert b"\x64\x67\xc7\x06\xc5\xb0" in code             # movw $0xb0c5, %fs:(%esi)
+        assert b"\x64\x67\x8b\x06" in code                     # movw %fs:(%esi), %ax
     else:
         for op in (b"\xe6\x70", b"\xe4\x71", b"\xe6\x43", b"\xe4\x40"):   # RTC, PIT
             assert op in code
@@ -41,6 +46,15 @@ def test_guest_config_is_hvm_with_its_serial_log_in_dom0():
     assert 'vga = "none"' in GUESTS["bs1"].config("/var/tmp")
     # one byte per loop iteration: what the window's truth counts
     assert all(len(g.loop_bytes) == 2 and b"\n" in g.loop_bytes for g in GUESTS.values())
+
+
+def test_discovery_reads_bs5s_first_line_after_the_bios():
+    log = b"SeaBIOS (version 1.16.2)\nBooting from Hard Disk...\nP0000000F BF1000000\n****\n"
+    assert discovery(log) == Discovery((0, 1, 2, 3), 0xF1000000)
+    assert discovery(b"P80000001 B00000000\n*") == Discovery((0, 31), 0)
+    for bad in (b"", b"P0000000F\n", b"P0000000f Bf1000000\n", b"P0000000F BF10000\n"):
+        with pytest.raises(ValueError):
+            discovery(bad)
 
 
 def test_dom0_spec_has_xen_its_device_model_and_bcc():

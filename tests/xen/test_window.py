@@ -4,7 +4,10 @@ Debian 12's real device model) over one exact window, against what the guests th
 Per domain and vCPU: every forwarded request counted by the qemu source equals the xentrace
 count and the guest's own loop count (serial bytes printed in the window); the ports Xen emulates
 itself appear only in xentrace; port 0x80 appears in neither (Xen does not intercept it for HVM
-guests: no exit at all); the domain names come from xenstore.
+guests: no exit at all); the domain names come from xenstore. bs5 scans PCI config space: the
+device model answers the devices it has (one PCI config request each, at its BDF), Xen itself the
+absent ones; its MMIO accesses to the stdvga's BAR reach the device model at the address the
+guest found.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from iotrace.core import events as E
+from xen.conftest import COSTS, GUEST_DIR
+from xen.guests import BAR_REGISTER, GUESTS, SCAN_DEVICES, discovery
 from xen.window import Window, near
 
 # The first test pays for the boot (about 2 min), the guests and BCC compiling in Dom0 (1-2 min).
@@ -28,6 +33,7 @@ W = "/var/tmp/iotrace-window"
 PIO, MMIO, PCI = E.TYPE_PIO, E.TYPE_MMIO, E.TYPE_PCI_CONFIG
 RD, WR = E.DIR_READ, E.DIR_WRITE
 IOTRACE = "python3 /mnt/harness/iotrace_env.py /mnt/project --"
+WINDOW_GUESTS = ("bs1", "bs2", "bs5")
 
 
 def counts(doc, source) -> Counter:
@@ -47,7 +53,9 @@ def pick(c: Counter, domid=None, vcpu=None, typ=None, dir_=None, lo=None, hi=Non
 
 @pytest.fixture(scope="module")
 def window(xen_host):
-    with Window(xen_host, ["bs1", "bs2"], W) as w:
+    xen_host.start_guest("bs5")          # created (and paused) here; destroyed at the end
+    found = discovery(xen_host.run(f"cat {GUESTS['bs5'].serial_log(GUEST_DIR)}").stdout.encode())
+    with Window(xen_host, list(WINDOW_GUESTS), W) as w:
         # record first (BCC compiles for a minute or two), then xentrace: its capture holds
         # little more than the window
         w.spawn("record", f"{IOTRACE} record -o {W}/q.iotrec",
@@ -60,13 +68,17 @@ def window(xen_host):
                       f"--xentrace {W}/x.bin --recording {W}/q.iotrec", timeout=300)
     doc = json.loads(out)
     doc["truth"] = w.truth
-    doc["domid"] = {g: xen_host.domid(g) for g in ("bs1", "bs2")}
+    doc["domid"] = {g: xen_host.domid(g) for g in WINDOW_GUESTS}
+    doc["bs5_found"] = {"devices": list(found.devices), "bar2": found.bar2}
+    xen_host.sh("xl destroy bs5")
     doc["logs"] = xen_host.sh(f"tail -n 3 {W}/record.log {W}/xentrace.log")
     # iotrace report on both files, as an operator runs it in Dom0
     doc["report"] = {f: json.loads(xen_host.sh(
         f"{IOTRACE} report --format json --by domain,vcpu,addr --type pio --dir write "
         f"--range com1 {W}/{f}", timeout=300)) for f in ("x.bin", "q.iotrec")}
-    print(json.dumps({k: doc[k] for k in ("truth", "domid", "lost", "names")}))
+    print(json.dumps({k: doc[k] for k in ("truth", "domid", "lost", "names", "bs5_found")}))
+    COSTS.append(f"xen: window {w.seconds:.1f} s (asked {WINDOW_SECONDS} s): iterations "
+                 f"{w.truth}; bs5 found devices {list(found.devices)}, BAR 2 {found.bar2:#x}")
     keep = os.environ.get("IOTRACE_XEN_KEEP")
     if keep:        # the capture and its counts, for a fixture (tests/data/xen/README.md)
         xen_host.sh(f"gzip -9 -c {W}/x.bin > /mnt/out/window.bin.gz")
@@ -124,6 +136,40 @@ def test_mixed_loop_forwarded_equal_internal_only_in_xentrace(window):
     for dir_, port, per in ((WR, 0x70, 1), (RD, 0x71, 1), (WR, 0x43, 1), (RD, 0x40, 2)):
         assert near(pick(x, d, 0, PIO, dir_, port), per * n), f"bs2 port {port:#x}"
         assert pick(q, d, lo=port) == 0, f"bs2 port {port:#x} reached the device model"
+
+
+def test_pci_scan_and_bar_mmio_reach_the_device_model_for_devices_it_has(window):
+    q, x = counts(window, "qemu"), counts(window, "xentrace")
+    d, n = window["domid"]["bs5"], window["truth"]["bs5"]
+    devices, bar2 = window["bs5_found"]["devices"], window["bs5_found"]["bar2"]
+    reg = bar2 + BAR_REGISTER
+    # the host bridge (00:00.0) and the stdvga (whose BAR the guest read) answered; the BAR is
+    # one hvmloader put above 1 MiB, in the PCI hole below 4 GiB
+    assert 0 in devices and len(devices) < SCAN_DEVICES, devices
+    assert (1 << 20) <= bar2 < (1 << 32) and bar2 % 0x1000 == 0, hex(bar2)
+    assert n >= 3, f"bs5 ran only {n} iterations in {WINDOW_SECONDS} s"
+    assert (pick(q, d, 0, PIO, WR, 0x3f8), pick(x, d, 0, PIO, WR, 0x3f8)) == (n, n)
+    # the address writes reach qemu as port I/O, all 32 an iteration, the same in both sources
+    cf8 = (pick(q, d, 0, PIO, WR, 0xcf8), pick(x, d, 0, PIO, WR, 0xcf8))
+    assert cf8[0] == cf8[1] and near(cf8[0], n, SCAN_DEVICES), (cf8, n)
+    # the data reads: Xen sees every one as port I/O at 0xcfc; qemu gets a PCI config request
+    # (address: BDF << 32 | register) only for the devices it has: Xen answers the others
+    assert near(pick(x, d, 0, PIO, RD, 0xcfc), n, SCAN_DEVICES), (pick(x, d, 0, PIO, RD, 0xcfc), n)
+    per_dev = {dev: pick(q, d, 0, PCI, RD, dev << 35) for dev in range(SCAN_DEVICES)}
+    assert all(near(per_dev[dev], n) for dev in devices), (per_dev, n)
+    assert all(per_dev[dev] == 0 for dev in range(SCAN_DEVICES) if dev not in devices), per_dev
+    assert pick(q, d, typ=PCI) == sum(per_dev.values())
+    # the BAR: the write equal in both sources (traced before dispatch), the read within the edges
+    wr = (pick(q, d, 0, MMIO, WR, reg), pick(x, d, 0, MMIO, WR, reg))
+    rd = (pick(q, d, 0, MMIO, RD, reg), pick(x, d, 0, MMIO, RD, reg))
+    assert wr[0] == wr[1] and near(wr[0], n), (wr, n, hex(reg))
+    assert all(near(v, n) for v in rd), (rd, n, hex(reg))
+    # nothing else from bs5, in either source
+    expected = {(PIO, WR, 0xcf8), (PIO, RD, 0xcfc), (MMIO, WR, reg), (MMIO, RD, reg),
+                (PIO, RD, 0x3fd), (PIO, WR, 0x3f8)}
+    assert {(t, r, a) for (dd, _v, t, r, a) in x if dd == d} == expected, x
+    assert {(t, r, a) for (dd, _v, t, r, a) in q if dd == d} == \
+        (expected - {(PIO, RD, 0xcfc)}) | {(PCI, RD, dev << 35) for dev in devices}, q
 
 
 def test_report_on_the_real_capture_and_recording_counts_each_serial_write(window):
