@@ -64,6 +64,9 @@ class HostSample:
     dm_ident: dict = field(default_factory=dict)   # domid -> "dm:<pid>:<start ticks>"
     xen: dict | None = None                    # domid -> XenDomain; None: no Xen here
     dm_wait: dict = field(default_factory=dict)    # domid -> device-model run delay seconds
+    # domid -> UUID when this sample's xl listing failed: the last one xl gave, for a domain
+    # whose device model is still the same process (LocalHost.sample)
+    uuids: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         out = {"t": self.t}
@@ -83,6 +86,8 @@ class HostSample:
             out["xen"] = {str(d.domid): {"name": d.name, "vcpus": d.vcpus,
                                          "cpu_seconds": d.cpu_seconds, "uuid": d.uuid}
                           for d in self.xen.values()}
+        if self.uuids:
+            out["uuids"] = {str(k): v for k, v in self.uuids.items()}
         return out
 
     @classmethod
@@ -102,7 +107,8 @@ class HostSample:
             return cls(float(obj["t"]), cpu, obj.get("ncpu"), obj.get("pressure_us"),
                        {int(k): float(v) for k, v in (obj.get("dm_cpu") or {}).items()},
                        {int(k): str(v) for k, v in (obj.get("dm_ident") or {}).items()}, xen,
-                       {int(k): float(v) for k, v in (obj.get("dm_wait") or {}).items()})
+                       {int(k): float(v) for k, v in (obj.get("dm_wait") or {}).items()},
+                       {int(k): str(v) for k, v in (obj.get("uuids") or {}).items()})
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"bad host sample: {type(exc).__name__}: {exc}") from None
 
@@ -239,6 +245,7 @@ class LocalHost:
         self.proc = proc
         self.use_xen = is_dom0(proc) if use_xen is None else use_xen
         self.xl = xl
+        self._uuids: dict[int, tuple[str, str]] = {}   # domid -> (dm identity, UUID) xl gave
 
     def device_models(self) -> dict[int, int]:
         """domid -> pid of every device model running here."""
@@ -267,4 +274,17 @@ class LocalHost:
                     s.dm_wait[domid] = wait
         if self.use_xen:
             s.xen = read_xl_list(self.xl)
+            self._carry_uuids(s)
         return s
+
+    def _carry_uuids(self, s: HostSample) -> None:
+        """A domain keeps the UUID xl last gave while its device model is the same process:
+        one failed or timed-out ``xl list`` (a starved Dom0) must not make it look like a new
+        domain to the analysis and advise (seen under TCG: advise forgot a guest's original
+        weight and doubled it twice)."""
+        if s.xen is not None:
+            self._uuids = {d: (s.dm_ident[d], x.uuid) for d, x in s.xen.items()
+                           if x.uuid and d in s.dm_ident}
+            return
+        s.uuids = {d: uuid for d, (ident, uuid) in self._uuids.items()
+                   if s.dm_ident.get(d) == ident}

@@ -153,12 +153,15 @@ def host_signals(prev: HostSample | None, cur: HostSample | None, dt: float) -> 
 
 
 def identity_of(domid: int, host: HostSample | None) -> tuple[str, str | None]:
-    """(identity, uuid) of a domain: its UUID where Xen tells it, else its device-model process
-    (pid + start time), else its domid."""
+    """(identity, uuid) of a domain: its UUID where Xen tells it (or told it, while its device
+    model is the same process), else its device-model process (pid + start time), else its
+    domid."""
     if host is not None:
         if host.xen and domid in host.xen and host.xen[domid].uuid:
             uuid = host.xen[domid].uuid
             return f"uuid:{uuid}", uuid
+        if domid in host.uuids:              # xl failed this time; same device model
+            return f"uuid:{host.uuids[domid]}", host.uuids[domid]
         if domid in host.dm_ident:
             return host.dm_ident[domid], None
     return f"domid:{domid}", None

@@ -123,3 +123,32 @@ def test_local_host_samples_a_real_device_model():
     assert b.dm_cpu[4731] > a.dm_cpu[4731]              # it replays flat out: it burns CPU
     assert b.dm_wait.get(4731, 0.0) >= a.dm_wait.get(4731, 0.0)
     assert a.xen is None and b.cpu is not None and b.ncpu == os.cpu_count()
+
+
+def test_a_failed_xl_listing_keeps_the_uuid_while_the_device_model_is_the_same(tmp_path):
+    """xl answers once, then fails (a starved Dom0: timeouts): the domain keeps its UUID
+    identity as long as its device model is the same process, and loses it with a new one."""
+    from iotrace.analysis.signals import identity_of
+    uuid = "8300c3de-fb3b-4bd0-b988-e2e53aa4db58"
+    listing = tmp_path / "listing"
+    listing.write_text(_xl_list_text([("Domain-0", 0, 1024, 1, "r-----", 5.0,
+                                       "00000000-0000-0000-0000-000000000000"),
+                                      ("bs1", 7, 32, 1, "-b----", 1.5, uuid)]))
+    calls = tmp_path / "calls"
+    xl = tmp_path / "xl"                # answers the first call only (xl cannot run here)
+    xl.write_text(f"#!/bin/sh\necho x >> {calls}\n[ $(wc -l < {calls}) -eq 1 ] || exit 1\n"
+                  f"cat {listing}\n")
+    xl.chmod(0o755)
+    lh = H.LocalHost(use_xen=True, xl=str(xl))
+    me = {7: os.getpid()}               # this process stands for bs1's device model
+    a = lh.sample(1.0, me)
+    assert a.xen[7].uuid == uuid and a.uuids == {}
+    assert identity_of(7, a) == (f"uuid:{uuid}", uuid)
+    b = lh.sample(2.0, me)              # xl failed
+    assert b.xen is None and b.uuids == {7: uuid}
+    assert identity_of(7, b) == (f"uuid:{uuid}", uuid)
+    assert H.HostSample.from_json(b.to_json()) == b
+    c = lh.sample(3.0, {7: os.getppid()})   # another device model: not the same domain
+    assert c.uuids == {} and identity_of(7, c)[0].startswith(f"dm:{os.getppid()}:")
+    d = lh.sample(4.0, me)              # the first process again (pid + start time): bs1
+    assert d.uuids == {7: uuid}
