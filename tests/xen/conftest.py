@@ -56,8 +56,12 @@ class XenHost(Dom0):
     def start_guest(self, name: str) -> int:
         g = GUESTS[name]
         cfg = f"{GUEST_DIR}/{name}.cfg"
+        cin, cout, log = g.com1_in(GUEST_DIR), g.com1_out(GUEST_DIR), g.serial_log(GUEST_DIR)
+        # COM1's output copied into the serial log by a cat that ends with the device model
         self.sh(f"mkdir -p {GUEST_DIR} && cp /mnt/out/{name}.img {g.disk(GUEST_DIR)} && "
-                f"rm -f {g.serial_log(GUEST_DIR)} && cat > {cfg} <<'CFG'\n{g.config(GUEST_DIR)}CFG")
+                f"rm -f {log} {cin} {cout} && mkfifo -m 666 {cin} {cout} && : > {log} && "
+                f"{{ nohup setsid cat {cout} >> {log} 2> /dev/null < /dev/null & }} && "
+                f"cat > {cfg} <<'CFG'\n{g.config(GUEST_DIR)}CFG")
         self.xl_create(cfg)
         t0 = time.monotonic()
         # the loop runs once its bytes keep coming (SeaBIOS prints first)

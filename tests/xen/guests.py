@@ -3,7 +3,9 @@ what their serial output says they did.
 
 Each guest is a 1 MiB raw disk whose MBR is one of guests/*.S; SeaBIOS (through hvmloader) boots
 it. Each loop iteration prints exactly one byte on COM1, so the bytes a guest printed between two
-``xl pause`` points are its iteration count over that window: its own truth.
+``xl pause`` points are its iteration count over that window: its own truth. COM1 is a qemu
+``pipe:`` chardev: Dom0 copies its output (``com1_out``) into the serial log and writes commands
+into ``com1_in`` ('S' stop, 'G' go, read by the guest between two iterations: guests/hold.inc).
 
     GUESTS["bs1"]   guests/com1_loop.S   IN 0x3fd, OUT 0x3f8, OUT 0x80 per iteration
     GUESTS["bs2"]   guests/mixed_loop.S  RTC, PIT, PCI config, VGA text, rep outsb, COM1 per
@@ -40,12 +42,23 @@ class Guest:
     def serial_log(self, dom0_dir: str) -> str:
         return f"{dom0_dir}/{self.name}-serial.log"
 
+    def com1_pipe(self, dom0_dir: str) -> str:
+        """qemu's ``pipe:`` path: it reads COM1's input from PATH.in, writes its output to
+        PATH.out (FIFOs made before xl create)."""
+        return f"{dom0_dir}/{self.name}-com1"
+
+    def com1_in(self, dom0_dir: str) -> str:
+        return self.com1_pipe(dom0_dir) + ".in"
+
+    def com1_out(self, dom0_dir: str) -> str:
+        return self.com1_pipe(dom0_dir) + ".out"
+
     def config(self, dom0_dir: str) -> str:
-        """The xl configuration (HVM, the Debian device model, serial into a file in Dom0)."""
+        """The xl configuration (HVM, the Debian device model, COM1 on a pipe in Dom0)."""
         return "\n".join([
             f'name = "{self.name}"', 'type = "hvm"', "memory = 32", "vcpus = 1",
             f"disk = [ 'format=raw, vdev=hda, access=rw, target={self.disk(dom0_dir)}' ]",
-            'boot = "c"', f'serial = "file:{self.serial_log(dom0_dir)}"',
+            'boot = "c"', f'serial = "pipe:{self.com1_pipe(dom0_dir)}"',
             "vnc = 0", "sdl = 0", "nographic = 1", f'vga = "{self.vga}"',
             'on_crash = "preserve"', 'device_model_version = "qemu-xen"', ""])
 
@@ -98,7 +111,8 @@ def build_disk(guest: Guest, outdir: Path) -> Path:
     """Assemble guests/<source> into a boot sector and a 1 MiB disk image in ``outdir``."""
     src = HERE / "guests" / guest.source
     obj, binary, disk = (outdir / f"{guest.name}{ext}" for ext in (".o", ".bin", ".img"))
-    subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True, capture_output=True)
+    subprocess.run(["as", "--32", "-I", str(src.parent), "-o", str(obj), str(src)], check=True,
+                   capture_output=True)
     subprocess.run(["ld", "-m", "elf_i386", "-Ttext", "0x7c00", "--oformat", "binary",
                     "-o", str(binary), str(obj)], check=True, capture_output=True)
     sector = binary.read_bytes()

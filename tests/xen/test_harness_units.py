@@ -2,12 +2,17 @@
 sectors and configurations, the Dom0 image spec, QEMU's command line for Xen."""
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from vm.image import Image
 
+from support import require_tool
+from support.procs import terminate, wait_until
 from xen import dom0
 from xen.dom0_image import DOM0_SPEC, XEN_VERSION
 from xen.guests import DISK_BYTES, GUESTS, Discovery, build_disk, discovery
@@ -23,6 +28,9 @@ def test_boot_sector_assembles_with_its_port_io(name, tmp_path):
     code = disk[:510]
     # COM1: mov $0x3fd,%dx; inb (%dx) and mov $0x3f8,%dx; outb (%dx)
     assert b"\xba\xfd\x03\xec" in code and b"\xba\xf8\x03\xee" in code
+    # hold.inc: the line status kept (mov %al,%bl), IVT[0x0c] set, IRQ4 only, STI; HLT
+    assert b"\x88\xc3" in code and b"\xc7\x06\x30\x00" in code and b"\xe6\x21" in code
+    assert b"\xfb\xf4" in code
     if GUESTS[name].source == "com1_loop.S":
         assert b"\xe6\x80" in code                             # outb %al, $0x80
     elif GUESTS[name].source == "pci_bar_loop.S":
@@ -41,7 +49,11 @@ def test_boot_sector_assembles_with_its_port_io(name, tmp_path):
 def test_guest_config_is_hvm_with_its_serial_log_in_dom0():
     cfg = GUESTS["bs2"].config("/var/tmp/iotrace-guests")
     assert 'type = "hvm"' in cfg and 'vga = "stdvga"' in cfg
-    assert 'serial = "file:/var/tmp/iotrace-guests/bs2-serial.log"' in cfg
+    # COM1 on qemu's pipe chardev: PATH.in for commands, PATH.out copied into the serial log
+    assert 'serial = "pipe:/var/tmp/iotrace-guests/bs2-com1"' in cfg
+    g = GUESTS["bs2"]
+    assert (g.com1_in("/d"), g.com1_out("/d"), g.serial_log("/d")) == \
+        ("/d/bs2-com1.in", "/d/bs2-com1.out", "/d/bs2-serial.log")
     assert "target=/var/tmp/iotrace-guests/bs2.img" in cfg
     assert 'vga = "none"' in GUESTS["bs1"].config("/var/tmp")
     # one byte per loop iteration: what the window's truth counts
@@ -99,3 +111,59 @@ def test_paused_reads_xl_lists_state_column():
 def test_guest_sources_exist_beside_the_harness():
     here = Path(dom0.__file__).parent
     assert {g.source for g in GUESTS.values()} <= {p.name for p in (here / "guests").glob("*.S")}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["bs1", "bs2", "bs5"])
+def test_stop_and_go_between_iterations_on_plain_qemu(name, tmp_path):
+    """The guests' COM1 commands (guests/hold.inc) under plain QEMU (TCG, SeaBIOS, the same
+    16550 and chardev as the Xen device model): 'S' ends with a '!' after a whole iteration and
+    nothing more is printed while the guest holds; 'G' makes it loop again."""
+    qemu = require_tool("qemu-system-x86_64")
+    if not (shutil.which("as") and shutil.which("ld")):
+        pytest.skip("binutils (as, ld) not installed")
+    g = GUESTS[name]
+    disk = build_disk(g, tmp_path)
+    pipe, log = tmp_path / "com1", tmp_path / "serial.log"
+    for end in (".in", ".out"):
+        os.mkfifo(f"{pipe}{end}")
+    with open(log, "wb") as out:
+        cat = subprocess.Popen(["cat", f"{pipe}.out"], stdout=out)
+    vm = subprocess.Popen([qemu, "-accel", "tcg", "-m", "32", "-display", "none", "-vga", "std",
+                           "-monitor", "none", "-drive", f"file={disk},format=raw,if=ide",
+                           "-serial", f"pipe:{pipe}"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    loop = set(g.loop_bytes)
+
+    def text() -> bytes:
+        return log.read_bytes()
+
+    def tell(command: bytes) -> None:
+        with open(f"{pipe}.in", "wb") as f:
+            f.write(command)
+
+    def held(n: int):
+        t = text()
+        return t.endswith(b"!") and t.count(b"!") == n
+
+    try:
+        assert wait_until(lambda: sum(b in loop for b in text()) >= 20, 60), text()[-200:]
+        if name == "bs5":       # plain QEMU has the stdvga too; SeaBIOS places its BAR
+            found = discovery(text())
+            assert 0 in found.devices and found.bar2 >= 1 << 20, found
+        tell(b"S")
+        assert wait_until(lambda: held(1), 30), text()[-200:]
+        first = len(text())
+        time.sleep(1.0)
+        assert len(text()) == first                      # holding: nothing at all
+        tell(b"G")
+        assert wait_until(lambda: len(text()) > first + 20, 30)
+        tell(b"S")
+        assert wait_until(lambda: held(2), 30), text()[-200:]
+        between = text()[first:-1]
+        assert between and set(between) <= loop, between[:100]
+        tell(b"GS")                                      # from holding: go, then hold again
+        assert wait_until(lambda: held(3), 30), text()[-200:]
+    finally:
+        terminate(vm, 10)
+        terminate(cat, 10)

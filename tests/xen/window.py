@@ -10,6 +10,14 @@
 A guest prints one byte per loop iteration on COM1: what its serial log grew by between the
 unpause and the pause is its iteration count over the window, and the observers were attached for
 all of it (they start before the unpause and stop after the pause and a drain).
+
+``xl pause`` stops a vCPU wherever it is: inside an iteration, or waiting for qemu's answer to a
+read (qemu counts it in this window, Xen traces its completion in the next). ``Window(...,
+exact=True)`` ends windows between iterations instead: the guests are told to stop on COM1
+(guests/hold.inc) and hold, without any I/O, before the observers start; ``run`` tells them to
+go, and after the seconds to stop again, and waits for each one's '!'. Every request of the
+window then belongs to a whole iteration or to that go and stop (``STOP_AND_GO``): counts are
+exact, reads included.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import time
 
 from vm.machine import MachineError
 
+from iotrace.core import events as E
 from xen.conftest import GUEST_DIR
 from xen.guests import GUESTS
 
@@ -25,6 +34,14 @@ ATTACH_TIMEOUT = 300.0      # BCC compiles in Dom0 in 65-90 s under TCG
 STOP_TIMEOUT = 60.0
 DRAIN_SECONDS = 3.0
 GONE = 99                   # exit status of a readiness check whose process has exited
+HOLD_TIMEOUT = 120          # a guest's '!' after its 'S' (seconds)
+HELD = "!"                  # what a guest prints when it holds (guests/hold.inc)
+# (vcpu, type, dir, addr) -> requests of one go and one stop (guests/hold.inc): the command reads,
+# the interrupt handler's line status read, the interrupt enable writes, the '!'; the EOI goes
+# to Xen's PIC (xentrace only)
+STOP_AND_GO = {(0, E.TYPE_PIO, E.DIR_READ, 0x3F8): 2, (0, E.TYPE_PIO, E.DIR_READ, 0x3FD): 1,
+               (0, E.TYPE_PIO, E.DIR_WRITE, 0x3F9): 2, (0, E.TYPE_PIO, E.DIR_WRITE, 0x3F8): 1}
+STOP_AND_GO_XEN = {(0, E.TYPE_PIO, E.DIR_WRITE, 0x20): 1}
 
 
 def paused(guest: str) -> str:
@@ -33,8 +50,8 @@ def paused(guest: str) -> str:
 
 
 class Window:
-    def __init__(self, host, guests, workdir: str):
-        self.host, self.guests, self.dir = host, list(guests), workdir
+    def __init__(self, host, guests, workdir: str, exact: bool = False):
+        self.host, self.guests, self.dir, self.exact = host, list(guests), workdir, exact
         self.pids: dict[str, int] = {}
         self.truth: dict[str, int] = {}
         self.seconds: float | None = None
@@ -42,16 +59,54 @@ class Window:
     def __enter__(self) -> "Window":
         self.host.sh(f"rm -rf {self.dir} && mkdir -p {self.dir}")
         self.pause()
+        if self.exact:
+            self.hold()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop_all(check=False)
-        self.host.run(" ; ".join(f"{{ {paused(g)} || xl pause {g}; }}" for g in self.guests),
-                      timeout=60)
+        self.host.run(self._pause_all(), timeout=60)
+        if self.exact:      # they go on at their next unpause (the 'G' waits in the UART)
+            self.host.run(" ; ".join(self._tell(g, "G") for g in self.guests), timeout=60)
+
+    def _pause_all(self) -> str:
+        """Shell: pause every guest not paused (Xen counts pauses: one unpause per pause)."""
+        return " ; ".join(f"{{ {paused(g)} || xl pause {g}; }}" for g in self.guests)
+
+    def _tell(self, guest: str, command: str) -> str:
+        return f"printf {command} > {GUESTS[guest].com1_in(GUEST_DIR)}"
+
+    def _held(self, guest: str, holds: int) -> str:
+        """A shell test: the guest's serial log holds ``holds`` '!' and ends with one."""
+        log = GUESTS[guest].serial_log(GUEST_DIR)
+        return (f"[ \"$(tail -c 1 {log})\" = '{HELD}' ] && "
+                f"[ $(tr -cd '{HELD}' < {log} | wc -c) -eq {holds} ]")
+
+    def _holds(self) -> dict[str, int]:
+        return {g: int(self.host.sh(f"tr -cd '{HELD}' < {GUESTS[g].serial_log(GUEST_DIR)} | "
+                                    "wc -c").strip()) for g in self.guests}
+
+    def _wait_held(self, want: dict[str, int]) -> str:
+        """Shell: wait (bounded) until every guest printed its next '!'; exit 1 if one did not."""
+        every = " && ".join(self._held(g, n) for g, n in want.items())
+        return (f"for i in $(seq {HOLD_TIMEOUT * 5}); do {{ {every}; }} && break; sleep 0.2; "
+                f"done; {every}")
+
+    def hold(self) -> None:
+        """Tell every guest to go and then stop ("GS": whether it runs, holds, or holds with a
+        'G' waiting, it ends up holding after one more '!'), wait until each holds, pause."""
+        want = {g: n + 1 for g, n in self._holds().items()}
+        r = self.host.run(" && ".join(self._tell(g, "GS") for g in self.guests) + " && " +
+                          " && ".join(f"xl unpause {g}" for g in self.guests) +
+                          " && { " + self._wait_held(want) + " ; } ; rc=$? ; " +
+                          self._pause_all() + " ; exit $rc",
+                          timeout=HOLD_TIMEOUT + 60)
+        if not r.ok:
+            raise self.host.error(f"guests {self.guests} did not all hold within "
+                                  f"{HOLD_TIMEOUT} s of 'S'", r.stdout + r.stderr)
 
     def pause(self) -> None:
-        # Xen counts pauses (one unpause per pause): pause only what runs
-        self.host.sh(" && ".join(f"{{ {paused(g)} || xl pause {g}; }}" for g in self.guests))
+        self.host.sh(self._pause_all())
 
     def spawn(self, name: str, cmd: str, ready: str, timeout: float = ATTACH_TIMEOUT) -> None:
         """``cmd`` in the background in Dom0 (output in WORKDIR/NAME.log); wait until ``ready``
@@ -81,24 +136,40 @@ class Window:
         wait = f"sleep {seconds}"
         if until is not None:
             extra = max(0, int(most - seconds))
-            wait += (f" && for i in $(seq {extra}); do ( cd {self.dir} && {until} ) && break; "
-                     "sleep 1; done")
+            wait += (f" && end=$(( $(date +%s) + {extra} )) && while [ $(date +%s) -lt $end ]; "
+                     f"do ( cd {self.dir} && {until} ) && break; sleep 1; done")
+        go = stop = ""
+        if self.exact:
+            holds = self._holds()
+            go = " && " + " && ".join(self._tell(g, "G") for g in self.guests)
+            stop = (" && " + " && ".join(self._tell(g, "S") for g in self.guests) + " && { " +
+                    self._wait_held({g: n + 1 for g, n in holds.items()}) + " ; }")
         script = (f"echo {sizes}; " + " && ".join(f"xl unpause {g}" for g in self.guests) +
-                  f" && {wait} && " + " && ".join(f"xl pause {g}" for g in self.guests) +
-                  f" && echo {sizes}")
+                  f"{go} && {wait}{stop} ; rc=$? ; " +
+                  self._pause_all() + f" ; echo {sizes} ; exit $rc")
         t0 = time.monotonic()
-        out = self.host.sh(script, timeout=max(seconds, most) + 120).split("\n")
+        r = self.host.run(script, timeout=max(seconds, most) + HOLD_TIMEOUT + 120)
         self.seconds = time.monotonic() - t0
+        out = r.stdout.split("\n")
+        if not r.ok:
+            raise self.host.error(f"window on {self.guests} failed (rc {r.rc}"
+                                  + (f": a guest did not hold within {HOLD_TIMEOUT} s of 'S'"
+                                     if self.exact else "") + ")",
+                                  r.stdout + r.stderr + self.host.run(
+                                      " ; ".join(f"tail -c 200 {logs[g]}; echo"
+                                                 for g in self.guests)).stdout)
         before, after = ([int(x) for x in line.split()] for line in out[:2])
         for g, b, a in zip(self.guests, before, after):
-            # only loop bytes in the window, else the truth would be wrong
+            # only loop bytes in the window (and, exact, the '!' it ends with), else the truth
+            # would be wrong
+            tail = int(self.exact)
             tr_set = shlex.quote(GUESTS[g].loop_bytes.decode())
-            other = self.host.sh(f"tail -c +{b + 1} {logs[g]} | head -c {a - b} | "
+            other = self.host.sh(f"tail -c +{b + 1} {logs[g]} | head -c {a - b - tail} | "
                                  f"tr -d {tr_set} | wc -c").strip()
             if other != "0":
                 raise self.host.error(f"guest {g} printed {other} byte(s) other than its loop's "
                                       "in the window")
-            self.truth[g] = a - b
+            self.truth[g] = a - b - tail
         time.sleep(DRAIN_SECONDS)
 
     def stop_all(self, check: bool = True) -> None:

@@ -7,7 +7,8 @@
  *     REP OUTSB x4 to 0x3ff      COM1 scratch register, string I/O      - forwarded: one
  *                                request of 4 bytes from guest memory (data_is_ptr)
  *     IN  0x3fd, OUT 0x3f8       COM1: one byte, '+' ('\n' every 64th) - forwarded
- * so its serial output counts its iterations. */
+ * so its serial output counts its iterations. A command from Dom0 on COM1 ('S' stop, 'G' go:
+ * hold.inc) is read after a whole iteration. */
     .code16
     .globl _start
 _start:
@@ -16,6 +17,7 @@ _start:
     mov  %ax, %ds
     mov  %ax, %ss
     mov  $0x7c00, %sp
+    call serial_setup
     mov  $0xb800, %ax
     mov  %ax, %es
     xor  %cx, %cx
@@ -45,6 +47,7 @@ next:
     pop  %cx
     mov  $0x3fd, %dx
     inb  %dx, %al               /* IN 0x3fd */
+    mov  %al, %bl
     inc  %cx
     mov  $'+', %al
     test $63, %cx
@@ -52,7 +55,10 @@ next:
     mov  $'\n', %al
 1:  mov  $0x3f8, %dx
     outb %al, %dx               /* OUT 0x3f8 */
+    call poll                   /* a command from Dom0? */
     jmp  next
+
+    .include "hold.inc"
 
     .org 510
     .word 0xaa55

@@ -10,7 +10,8 @@
  *     MOVW to BAR2+0x500, MOVW from BAR2+0x500  the Bochs VBE ID register (size 2): MMIO
  *                                               forwarded to the device model
  *     IN  0x3fd, OUT 0x3f8        COM1: one byte, '*' ('\n' every 64th)
- * so its serial output counts its iterations. */
+ * so its serial output counts its iterations. A command from Dom0 on COM1 ('S' stop, 'G' go:
+ * hold.inc) is read after a whole iteration. */
     .code16
     .globl _start
 _start:
@@ -19,6 +20,7 @@ _start:
     mov  %ax, %ds
     mov  %ax, %ss
     mov  $0x7c00, %sp
+    call serial_setup
     xor  %ebp, %ebp             /* devices that answered */
     xor  %edi, %edi             /* the stdvga's BAR 2 */
     xor  %ebx, %ebx
@@ -75,12 +77,14 @@ next:
     movw %fs:(%esi), %ax        /* MMIO read */
     mov  $0x3fd, %dx
     inb  %dx, %al               /* IN 0x3fd */
+    mov  %al, %bl
     inc  %cx
     mov  $'*', %al
     test $63, %cx
     jnz  1f
     mov  $'\n', %al
 1:  call putc                   /* OUT 0x3f8 */
+    call poll                   /* a command from Dom0? */
     jmp  next
 
 /* The config dword of bus 0, function 0: eax holds the device number in bits 0-4 and the
@@ -120,6 +124,8 @@ putc:
     mov  $0x3f8, %dx
     outb %al, %dx
     ret
+
+    .include "hold.inc"
 
 gdt:
     .quad 0
