@@ -37,12 +37,18 @@ class Tmux:
         self.tmux("send-keys", "-t", "t", *keys)
 
     def wait_for(self, pred, timeout: float = 10.0, what: str = "") -> str:
+        """The screen once ``pred`` holds for it, and it is a whole frame: the same in two
+        captures 50 ms apart (a capture can fall inside curses' redraw: seen in CI, a new
+        header above the previous frame's rows)."""
         deadline = time.monotonic() + timeout
         text = ""
         while time.monotonic() < deadline:
             text = self.screen()
             if pred(text):
-                return text
+                time.sleep(0.05)
+                if self.screen() == text:
+                    return text
+                continue
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for {what or pred}; screen:\n{text}")
 
